@@ -1,0 +1,217 @@
+"""A whole network on crossbars: deploy any Flax model's Dense/Conv kernels onto tiles, run it.
+
+``deploy(key, model, params, device, config)`` programs every ``kernel`` of the parameter tree
+onto differential-pair tiles (conv kernels [kh, kw, C_in, C_out] are unrolled to
+[C_in·kh·kw, C_out], the im2col layout) and returns a :class:`Chip` pytree. ``apply(key, chip, x,
+t)`` runs the Flax model with every ``nn.Dense``/``nn.Conv`` call intercepted and replaced by the
+crossbar MVM of its tiles read at time ``t``; biases and everything else stay digital.
+
+Conv layers: inputs are turned into patches with ``lax.conv_general_dilated_patches`` and sent
+through the tiles as one batch of vectors. Supported: any strides and padding, no input/kernel
+dilation, feature_group_count 1.
+
+This module imports ``devices``, ``crossbar`` and flax.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from flax.traverse_util import flatten_dict
+
+from . import crossbar as xb
+from . import devices as dev_mod
+
+__all__ = ["Chip", "deploy", "apply", "kernel_matrix", "layer_names", "effective_params"]
+
+
+@struct.dataclass
+class Chip:
+    """A network deployed on crossbars (pytree).
+
+    Attributes:
+        tiles: dict layer name ('Dense_0', 'block/Conv_1', ...) → :class:`nvjax.crossbar.Tiles`.
+        params: the model's parameters (kernels are used only for their shapes; biases are
+            applied digitally from here).
+        device: the device model (pytree of physics parameters).
+        model: the Flax module (static).
+        config: the :class:`nvjax.crossbar.TileConfig` (static).
+    """
+    tiles: Dict[str, Any]
+    params: Any
+    device: Any
+    model: nn.Module = struct.field(pytree_node=False)
+    config: xb.TileConfig = struct.field(pytree_node=False)
+
+
+def _strip_params(params):
+    return params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+
+
+def kernel_matrix(kernel):
+    """A Dense kernel [n_in, n_out] as is; a Conv kernel [*window, C_in, C_out] → [C_in·Πwindow, C_out]
+    (channel-major, the feature order of ``lax.conv_general_dilated_patches``)."""
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim == 2:
+        return kernel
+    nd = kernel.ndim - 2
+    perm = (nd,) + tuple(range(nd)) + (nd + 1,)
+    return jnp.transpose(kernel, perm).reshape(-1, kernel.shape[-1])
+
+
+def layer_names(params) -> Tuple[str, ...]:
+    """Names ('/'-joined module paths) of every parametrized layer holding a ``kernel``."""
+    flat = flatten_dict(_strip_params(params))
+    return tuple("/".join(k[:-1]) for k in flat if k[-1] == "kernel")
+
+
+def deploy(key, model: nn.Module, params, device, config: xb.TileConfig = xb.TileConfig(), *,
+           calibration: Optional[jax.Array] = None) -> Chip:
+    """Program every Dense/Conv kernel of ``params`` onto crossbar tiles.
+
+    Args:
+        key: PRNG key; layer ``k`` (in ``layer_names`` order) uses ``fold_in(key, k)``.
+        model: the Flax module the parameters belong to.
+        params: its parameters (``{'params': ...}`` or the inner dict).
+        device: device model from :mod:`nvjax.devices`.
+        config: tile options.
+        calibration: optional model inputs used to calibrate per-column ADC ranges.
+
+    Returns:
+        :class:`Chip`.
+    """
+    if not isinstance(device, dev_mod._DEVICE_TYPES):
+        raise dev_mod._bad_device(device)
+    params = _strip_params(params)
+    flat = flatten_dict(params)
+    kernels = {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "kernel"}
+    if not kernels:
+        raise ValueError("deploy: the parameter tree has no 'kernel' leaves (Dense/Conv layers)")
+    layer_inputs = _layer_inputs(model, params, calibration) if calibration is not None else {}
+    tiles = {}
+    for i, (name, kernel) in enumerate(kernels.items()):
+        tiles[name] = xb.program_tiles(jax.random.fold_in(key, i), device, kernel_matrix(kernel),
+                                       config, calibration=layer_inputs.get(name))
+    return Chip(tiles=tiles, params=params, device=device, model=model, config=config)
+
+
+def _module_name(module: nn.Module) -> str:
+    return "/".join(module.path)
+
+
+def _as_rows(module, x):
+    """Inputs of a Dense/Conv call as a 2-D batch of row vectors, and a function to reshape back."""
+    if isinstance(module, nn.Dense):
+        lead = x.shape[:-1]
+        return x.reshape(-1, x.shape[-1]), lambda y: y.reshape(lead + (y.shape[-1],))
+    # nn.Conv
+    if getattr(module, "feature_group_count", 1) != 1:
+        raise NotImplementedError("chip: grouped convolutions are not supported")
+    ks = tuple(module.kernel_size)
+    nd = len(ks)
+    if any(d not in (None, 1) and d != (1,) * nd for d in (module.input_dilation, module.kernel_dilation)):
+        raise NotImplementedError("chip: dilated convolutions are not supported")
+    strides = module.strides or 1
+    strides = (strides,) * nd if isinstance(strides, int) else tuple(strides)
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = padding.upper()
+        if padding not in ("SAME", "VALID"):
+            raise NotImplementedError(f"chip: conv padding {padding!r} is not supported")
+    elif isinstance(padding, int):
+        padding = [(padding, padding)] * nd
+    else:
+        padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    batched = x.ndim == nd + 2
+    xb_ = x if batched else x[None]
+    spatial = "HWD"[:nd] if nd <= 3 else None
+    dn = ("N" + spatial + "C", "OI" + spatial, "N" + spatial + "C")
+    patches = jax.lax.conv_general_dilated_patches(xb_, ks, strides, padding, dimension_numbers=dn)
+    out_sp = patches.shape[1:-1]
+
+    def back(y):
+        y = y.reshape((xb_.shape[0],) + out_sp + (y.shape[-1],))
+        return y if batched else y[0]
+    return patches.reshape(-1, patches.shape[-1]), back
+
+
+def _layer_inputs(model, params, x):
+    """Record the 2-D input rows of every Dense/Conv layer for input ``x`` (ideal weights)."""
+    seen = {}
+
+    def rec(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
+            rows, _ = _as_rows(mod, args[0])
+            seen[_module_name(mod)] = rows
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(rec):
+        model.apply({"params": params}, x)
+    return seen
+
+
+def apply(key, chip: Chip, x, t, *, return_chip: bool = False):
+    """Run the model with every Dense/Conv layer on its crossbar tiles, read at time ``t``.
+
+    Args:
+        key: PRNG key; layer ``k`` uses ``fold_in(key, k)`` for its read and output noise.
+        chip: from :func:`deploy`.
+        x: model inputs (a batch).
+        t: time since programming, s.
+        return_chip: also return the chip with updated per-row read counters.
+
+    Returns:
+        Model outputs (and the updated chip when ``return_chip``).
+    """
+    names = list(chip.tiles)
+    new_tiles = dict(chip.tiles)
+
+    def intercept(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
+            return next_fun(*args, **kwargs)
+        name = _module_name(mod)
+        if name not in new_tiles:
+            raise KeyError(f"chip.apply: layer {name!r} was not deployed (deployed: {names})")
+        rows, back = _as_rows(mod, jnp.asarray(args[0]))
+        k = jax.random.fold_in(key, names.index(name))
+        y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, chip.config)
+        bias = mod.variables["params"].get("bias") if mod.use_bias else None
+        if bias is not None:
+            y = y + bias
+        return back(y)
+
+    with nn.intercept_methods(intercept):
+        out = chip.model.apply({"params": chip.params}, x)
+    if return_chip:
+        return out, chip.replace(tiles=new_tiles)
+    return out
+
+
+def effective_params(key, chip: Chip, t):
+    """The parameter tree with every kernel replaced by its drift-compensated read-out weights.
+
+    Equivalent to :func:`apply` when the periphery is ideal (no DAC/ADC/output noise), and cheaper
+    to reuse for several batches (one read of the conductances).
+    """
+    from flax.traverse_util import unflatten_dict
+    flat = flatten_dict(chip.params)
+    names = list(chip.tiles)
+    for i, name in enumerate(names):
+        tiles = chip.tiles[name]
+        k_read, _ = jax.random.split(jax.random.fold_in(key, i))  # as in crossbar.mvm
+        w_eff, alpha = xb.read_weights(k_read,
+                                       chip.device, tiles, t, chip.config)
+        path = tuple(name.split("/")) + ("kernel",)
+        kern = flat[path]
+        w = w_eff * alpha
+        if kern.ndim > 2:
+            nd = kern.ndim - 2
+            w = w.reshape((kern.shape[-2],) + kern.shape[:nd] + (kern.shape[-1],))
+            w = jnp.transpose(w, tuple(range(1, nd + 1)) + (0, nd + 1))
+        flat[path] = w
+    return unflatten_dict(flat)

@@ -1,0 +1,295 @@
+"""Crossbar tiles: a weight matrix on differential-pair conductance tiles and its analog MVM.
+
+Layout: a layer's weight ``W [n_in, n_out]`` (Flax kernel layout, ``y = x @ W``) sits on a grid
+of R × C tiles, rows (word lines) driven by the inputs, columns (bit lines) summing currents into
+outputs; row i of the weight is row i % R of row tile i // R. Column tiles need no special
+treatment (every column has its own ADC); row tiles produce partial sums that are digitized
+separately and added digitally.
+
+One MVM (DESIGN.md §5): DAC quantization of the inputs → cell read (drift and read noise of the
+device at time ``t``; one read-noise draw per MVM call) → per-tile column sums → output noise and
+ADC quantization per tile → digital sum of the partial sums over row tiles → global drift
+compensation (one digital scale per layer). Each MVM also counts, per row, the inputs for which
+that row was driven (non-zero input) — the activation that drives read disturb.
+
+Normalized units (as in aihwkit's periphery): a layer's input scale ``s_x`` is max|x| of each
+input vector (``dac_range='absmax'``) or ``dac_bound``; its weight scale is ``w_max`` =
+(g_max − g_min)/κ, the weight of a full-scale pair. ADC bounds and output noise are given in units
+of ``s_x·w_max``.
+
+This module imports ``devices`` and ``encoding``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from . import devices as dev_mod
+from . import encoding
+
+__all__ = ["TileConfig", "Tiles", "tile", "program_tiles", "mvm", "read_weights", "row_tiles",
+           "num_row_tiles", "quantize_symmetric"]
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Structural (static, hashable) options of a crossbar tile and its periphery.
+
+    Attributes:
+        rows, cols: tile size R × C (default 256 × 256).
+        dac_bits: input DAC bits (signed, 2^(b−1) − 1 steps per polarity); None = ideal.
+        dac_range: 'absmax' (per input vector, aihwkit's noise management) or 'fixed'.
+        dac_bound: fixed input range when dac_range='fixed'.
+        adc_bits: output ADC bits per tile column; None = ideal.
+        adc_range: 'fixed' (``adc_bound`` in normalized units), 'max' (per column, max |y| over
+            the calibration inputs, or over the current batch if none were given) or
+            'percentile' (per column, ``adc_percentile`` of |y|, likewise).
+        adc_bound: ADC range for 'fixed', in units of s_x·w_max (aihwkit default 12).
+        adc_percentile: percentile for 'percentile' calibration.
+        out_noise: σ of additive Gaussian output noise per tile column, units of s_x·w_max.
+        read_noise: apply the device's read noise / drift on every MVM (False reads programmed g).
+        drift_compensation: global drift compensation α = Σ|y_ref(0)|/Σ|y_ref(t)|, x_ref = ones.
+        per_column_scale: κ per column instead of per layer.
+        v_read: read voltage, V (cell voltage = x·v_read; used by IR drop and disturb models).
+    """
+    rows: int = 256
+    cols: int = 256
+    dac_bits: Optional[int] = None
+    dac_range: Literal["absmax", "fixed"] = "absmax"
+    dac_bound: float = 1.0
+    adc_bits: Optional[int] = None
+    adc_range: Literal["fixed", "max", "percentile"] = "fixed"
+    adc_bound: float = 12.0
+    adc_percentile: float = 99.9
+    out_noise: float = 0.0
+    read_noise: bool = True
+    drift_compensation: bool = True
+    per_column_scale: bool = False
+    v_read: float = 0.2
+
+    def __post_init__(self):
+        for name in ("rows", "cols"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TileConfig.{name} must be a positive int, got {v!r}")
+        for name in ("dac_bits", "adc_bits"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or not 2 <= v <= 24):
+                raise ValueError(f"TileConfig.{name} must be None or an int in 2..24, got {v!r}")
+        if self.dac_range not in ("absmax", "fixed"):
+            raise ValueError(f"TileConfig.dac_range must be 'absmax' or 'fixed', got {self.dac_range!r}")
+        if self.adc_range not in ("fixed", "max", "percentile"):
+            raise ValueError("TileConfig.adc_range must be 'fixed', 'max' or 'percentile', got "
+                             f"{self.adc_range!r}")
+        if not 0 < self.adc_percentile <= 100:
+            raise ValueError(f"TileConfig.adc_percentile must be in (0, 100], got {self.adc_percentile}")
+        for name in ("dac_bound", "adc_bound", "v_read"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TileConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.out_noise < 0:
+            raise ValueError(f"TileConfig.out_noise must be >= 0, got {self.out_noise}")
+
+    @property
+    def ideal_periphery(self) -> bool:
+        return self.dac_bits is None and self.adc_bits is None and self.out_noise == 0
+
+
+@struct.dataclass
+class Tiles:
+    """One layer programmed on crossbar tiles (a pytree; ``n_in``, ``n_out`` are static).
+
+    Conductances are stored as the full logical matrix [n_in, n_out]; the split into R × C tiles
+    is applied where it matters physically (partial sums per row tile before the ADC). Padding
+    cells of partly filled tiles hold no weight and are not simulated.
+
+    Attributes:
+        pos, neg: :class:`nvjax.devices.CellState` of the G⁺ and G⁻ devices, arrays [n_in, n_out].
+        kappa: µS per weight unit, scalar or [n_out] (per column).
+        ref0: Σ|x_ref·W(t=0)| of the programmed weights (drift-compensation reference).
+        adc_scale: calibrated ADC range per tile column [Ti, n_out] (weight units), or None.
+        reads: int32 [n_in], per-row read counters (inputs for which the row was driven).
+    """
+    pos: Any
+    neg: Any
+    kappa: Array
+    ref0: Array
+    adc_scale: Optional[Array]
+    reads: Array
+
+    @property
+    def n_in(self) -> int:
+        return self.pos.g.shape[-2]
+
+    @property
+    def n_out(self) -> int:
+        return self.pos.g.shape[-1]
+
+
+def num_row_tiles(n_in: int, config: TileConfig) -> int:
+    """Ti, the number of row tiles a layer with ``n_in`` inputs occupies."""
+    return -(-n_in // config.rows)
+
+
+def row_tiles(a: Array, config: TileConfig, axis: int = -2) -> Array:
+    """Zero-pad ``axis`` (rows, length n_in) to Ti·R and split it into [Ti, R]."""
+    a = jnp.asarray(a)
+    axis = axis % a.ndim
+    n = a.shape[axis]
+    ti = num_row_tiles(n, config)
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, ti * config.rows - n)
+    a = jnp.pad(a, pad)
+    return a.reshape(a.shape[:axis] + (ti, config.rows) + a.shape[axis + 1:])
+
+
+def tile(w: Array, device, config: TileConfig = TileConfig()):
+    """Target conductances of a weight matrix on differential pairs: (G⁺, G⁻, κ), [n_in, n_out]."""
+    w = _check_weight("tile", w)
+    g_min, g_max = dev_mod.g_range(device)
+    kappa = encoding.pair_scale(w, g_min, g_max, per="column" if config.per_column_scale else "layer")
+    gp, gm = encoding.to_pair(w, kappa, g_min, g_max)
+    return gp, gm, kappa
+
+
+def _check_weight(fn, w):
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"{fn}: expected a 2-D weight [n_in, n_out], got shape {tuple(w.shape)}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        w = w.astype(jnp.float32)
+    return w
+
+
+def program_tiles(key: Array, device, w: Array, config: TileConfig = TileConfig(), *,
+                  calibration: Optional[Array] = None) -> Tiles:
+    """Program a weight matrix onto differential-pair tiles (one-shot programming).
+
+    Args:
+        key: PRNG key.
+        device: device model from :mod:`nvjax.devices`.
+        w: weights [n_in, n_out].
+        config: tile options.
+        calibration: optional inputs [N, n_in] used to fix per-column ADC ranges
+            ('max'/'percentile'), computed with the target (noise-free) weights.
+
+    Returns:
+        :class:`Tiles`.
+    """
+    w = _check_weight("program_tiles", w)
+    tp, tm, kappa = tile(w, device, config)
+    k_pos, k_neg = jax.random.split(key)
+    pos = dev_mod.program(k_pos, device, tp)
+    neg = dev_mod.program(k_neg, device, tm)
+    ref0 = _ref_sum(pos.g - neg.g, kappa)
+    adc_scale = None
+    if calibration is not None and config.adc_range in ("max", "percentile"):
+        adc_scale = _calibrate_adc(w, calibration, config)
+    return Tiles(pos=pos, neg=neg, kappa=kappa, ref0=ref0, adc_scale=adc_scale,
+                 reads=jnp.zeros((w.shape[0],), jnp.int32))
+
+
+def _ref_sum(g_diff, kappa):
+    """Σ_j |Σ_i g_diff[i, j]|/κ_j: the drift-compensation readout with x_ref = ones."""
+    return jnp.sum(jnp.abs(jnp.sum(g_diff, axis=-2) / kappa))
+
+
+def _calibrate_adc(w, x, config: TileConfig):
+    x = jnp.asarray(x)
+    part = jnp.abs(jnp.einsum("bir,irc->bic", row_tiles(x, config, axis=1), row_tiles(w, config)))
+    if config.adc_range == "max":
+        s = jnp.max(part, axis=0)
+    else:
+        s = jnp.percentile(part, config.adc_percentile, axis=0)
+    return jnp.maximum(s, 1e-12)
+
+
+def quantize_symmetric(x: Array, scale, bits: int) -> Array:
+    """Round to 2^(bits−1) − 1 steps per polarity over [−scale, scale] (clipped)."""
+    n = 2 ** (bits - 1) - 1
+    step = scale / n
+    return jnp.clip(jnp.round(x / step), -n, n) * step
+
+
+def read_weights(key: Array, device, tiles: Tiles, t, config: TileConfig = TileConfig()):
+    """Effective weights read at time t: (W_eff [n_in, n_out], α).
+
+    W_eff = (G⁺(t) − G⁻(t))/κ in weight units (not yet drift-compensated) and α the global drift
+    compensation factor Σ|y_ref(0)|/Σ|y_ref(t)| (1 when disabled).
+    """
+    if config.read_noise:
+        k_p, k_m = jax.random.split(key)
+        gp = dev_mod.read(k_p, device, tiles.pos, t)
+        gm = dev_mod.read(k_m, device, tiles.neg, t)
+    else:
+        gp, gm = tiles.pos.g, tiles.neg.g
+    diff = gp - gm
+    if config.drift_compensation:
+        alpha = tiles.ref0 / jnp.maximum(_ref_sum(diff, tiles.kappa), 1e-30)
+    else:
+        alpha = jnp.ones((), diff.dtype)
+    return diff / tiles.kappa, alpha
+
+
+def mvm(key: Array, device, tiles: Tiles, x: Array, t, config: TileConfig = TileConfig()):
+    """Analog matrix-vector products ``y ≈ x @ W`` through the tiles, read at time ``t``.
+
+    Args:
+        key: PRNG key (read noise of this MVM call, output noise).
+        device: device the tiles were programmed with.
+        tiles: :class:`Tiles` from :func:`program_tiles`.
+        x: inputs [B, n_in] (or [n_in]).
+        t: time since programming, s.
+        config: the :class:`TileConfig` the tiles were built with.
+
+    Returns:
+        (y [B, n_out] (or [n_out]), tiles with the per-row read counters advanced).
+    """
+    x = jnp.asarray(x)
+    squeeze = x.ndim == 1
+    if squeeze:
+        x = x[None]
+    if x.ndim != 2 or x.shape[1] != tiles.n_in:
+        raise ValueError(f"mvm: expected inputs [B, {tiles.n_in}] (or [{tiles.n_in}]), got shape "
+                         f"{tuple(x.shape)}")
+    k_read, k_out = jax.random.split(key)
+    w_eff, alpha = read_weights(k_read, device, tiles, t, config)
+    tiles = tiles.replace(reads=tiles.reads + jnp.sum(x != 0, axis=0, dtype=jnp.int32))
+    y = _periphery_mvm(k_out, device, tiles.kappa, tiles.adc_scale, w_eff, x, config)
+    y = y * alpha
+    return (y[0] if squeeze else y), tiles
+
+
+def _periphery_mvm(key, device, kappa, adc_scale, w_eff, x, config: TileConfig):
+    """DAC → per-row-tile partial sums → output noise → ADC → digital sum. w_eff [n_in, n_out]."""
+    if config.dac_bits is not None:
+        s_x = (jnp.max(jnp.abs(x), axis=1, keepdims=True) if config.dac_range == "absmax"
+               else jnp.full((x.shape[0], 1), config.dac_bound, x.dtype))
+        s_x = jnp.where(s_x > 0, s_x, 1.0)
+        x = quantize_symmetric(x, s_x, config.dac_bits)
+    else:
+        s_x = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+    if config.ideal_periphery:
+        return x @ w_eff
+    part = jnp.einsum("bir,irc->bic", row_tiles(x, config, axis=1), row_tiles(w_eff, config))
+    g_min, g_max = dev_mod.g_range(device)
+    unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
+    if config.out_noise > 0:
+        part = part + config.out_noise * unit * jax.random.normal(key, part.shape, part.dtype)
+    if config.adc_bits is not None:
+        if config.adc_range == "fixed":
+            bound = config.adc_bound * unit
+        elif adc_scale is not None:
+            bound = adc_scale[None]
+        elif config.adc_range == "max":
+            bound = jnp.max(jnp.abs(part), axis=0, keepdims=True)
+        else:
+            bound = jnp.percentile(jnp.abs(part), config.adc_percentile, axis=0, keepdims=True)
+        part = quantize_symmetric(part, jnp.maximum(bound, 1e-12), config.adc_bits)
+    return jnp.sum(part, axis=1)

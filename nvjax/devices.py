@@ -1,0 +1,465 @@
+"""Device models: the conductance physics of one population of NVM cells.
+
+Every device is a frozen pytree dataclass whose numeric fields are array leaves (they can be swept
+with ``jax.vmap`` and differentiated) and a few pure functions that take a PRNG ``key`` first:
+
+* :func:`program` — one-shot programming of target conductances -> :class:`CellState`;
+* :func:`read` — the conductances read ``t`` seconds after programming (drift, relaxation and read
+  noise applied; the state itself is not changed);
+* :func:`drift`, :func:`programming_sigma` and a few physics helpers used by other modules.
+
+Models (DESIGN.md §3): D1 :func:`pcm`, D2 :func:`reram`, D3 :func:`levels`, D5 :func:`flash`,
+D6 stuck-at faults (:class:`StuckAt`, the ``faults`` field of every device) and :func:`ideal`.
+D4 (pulse response) lives with pulse programming and D7 (read disturb) in ``disturb``.
+
+Units: conductance µS, time s, voltage V. This module imports only jax, numpy and flax.struct.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+__all__ = [
+    "StuckAt", "PCM", "ReRAM", "Levels", "Flash", "Ideal", "Device", "CellState",
+    "pcm", "reram", "levels", "flash", "ideal", "program", "read", "drift",
+    "programming_sigma", "g_range", "check_conductances",
+]
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter pytrees
+# --------------------------------------------------------------------------------------------
+@struct.dataclass
+class StuckAt:
+    """D6 stuck-at faults: drawn once per chip instance at programming; programming cannot move them.
+
+    Attributes:
+        p_min: probability that a cell is stuck at ``g_min`` (stuck-OFF).
+        p_max: probability that a cell is stuck at ``g_max`` (stuck-ON).
+    """
+    p_min: Any = 0.0
+    p_max: Any = 0.0
+
+
+@struct.dataclass
+class PCM:
+    """D1 — IBM statistical PCM model (programming noise, drift, 1/f read noise).
+
+    References:
+        Nandakumar et al., "Phase-change memory models for deep learning training and inference",
+        ICECS 2019; Joshi et al., Nat. Commun. 11, 2473 (2020). The equations are those of the
+        published statistical model (also used by aihwkit's ``PCMLikeNoiseModel``).
+    """
+    g_max: Any = 25.0                      # µS, conductance that maps to ĝ = 1
+    prog_coeff: Any = (-1.1731, 1.9650, 0.26348)  # σ_p(ĝ) = (c2 ĝ² + c1 ĝ + c0)·g_max/25 µS
+    nu_mu: Any = (-0.0155, 0.0244, 0.049, 0.1)    # μ_ν = clip(a ln ĝ + b, lo, hi)
+    nu_sigma: Any = (-0.0125, -0.0059, 0.008, 0.045)  # σ_ν = clip(a ln ĝ + b, lo, hi)
+    t0: Any = 20.0                         # s, drift reference time
+    read_q: Any = 0.0088                   # 1/f read-noise amplitude
+    read_q_exp: Any = 0.65
+    read_q_max: Any = 0.2
+    t_read: Any = 250e-9                   # s, read pulse duration
+    g_min: Any = 0.0
+    faults: Optional[StuckAt] = None
+
+    name = "pcm"
+
+
+@struct.dataclass
+class ReRAM:
+    """D2 — ReRAM programming error fitted on Wan et al., Nature 608, 504 (2022).
+
+    σ(ĝ) = Σ_i c_i ĝ^i µS (ĝ = g_T/g_max) one second after programming (``coeff_1s``) and one day
+    after (``coeff_1d``). *Our model* of the time dependence (relaxation): each cell draws one
+    normal ξ_r at programming and, read at time t, has moved by
+    ``sqrt(σ_1d² − σ_1s²) · sqrt(clip(ln(t/1 s)/ln(86400), 0, ∞)) · ξ_r``, so that the total error
+    variance grows linearly in ln t from σ_1s² at 1 s to σ_1d² at 1 day.
+    """
+    g_max: Any = 40.0
+    coeff_1s: Any = (0.348, 16.030, -43.853, 45.393, -16.815)
+    coeff_1d: Any = (0.701, 22.086, -50.773, 47.095, -16.458)
+    g_min: Any = 0.0
+    faults: Optional[StuckAt] = None
+
+    name = "reram"
+
+
+@struct.dataclass
+class Levels:
+    """D3 — per-level Gaussian multi-level cell.
+
+    A cell at level ℓ of L = len(sigma) evenly spaced levels in [g_min, g_max] lands at
+    ``G_ℓ + σ_ℓ·(g_max − g_min)·ξ`` (no clamping, as in the closed-form analyses of Yan et al.).
+    """
+    sigma: Any = (0.1, 0.1, 0.1, 0.1)      # σ_ℓ, relative to (g_max − g_min), one per level
+    g_min: Any = 0.0
+    g_max: Any = 1.0
+    faults: Optional[StuckAt] = None
+
+    name = "levels"
+
+    @property
+    def num_levels(self) -> int:
+        return int(np.shape(self.sigma)[-1])
+
+
+@struct.dataclass
+class Flash:
+    """D5 — NOR-flash cell in sub-threshold: I = I0·exp((V_GS − V_th)/(n·V_T)).
+
+    A threshold-voltage spread σ_Vth makes the conductance log-normal around its target with
+    σ_ln = σ_Vth/(n·V_T). Default σ_Vth and n are placeholders to calibrate.
+    """
+    g_max: Any = 10.0
+    sigma_vth: Any = 0.01                  # V
+    n_slope: Any = 1.5                     # sub-threshold slope factor
+    v_thermal: Any = 0.02585               # V, kT/q at 300 K
+    i0: Any = 1.0                          # µA at V_GS = V_th
+    g_min: Any = 0.0
+    faults: Optional[StuckAt] = None
+
+    name = "flash"
+
+
+@struct.dataclass
+class Ideal:
+    """A perfect cell: programs exactly, never drifts, no read noise."""
+    g_max: Any = 25.0
+    g_min: Any = 0.0
+    faults: Optional[StuckAt] = None
+
+    name = "ideal"
+
+
+Device = Union[PCM, ReRAM, Levels, Flash, Ideal]
+_DEVICE_TYPES = (PCM, ReRAM, Levels, Flash, Ideal)
+
+
+class CellState(NamedTuple):
+    """Per-cell state after programming (all arrays of the target's shape, or None if unused).
+
+    Attributes:
+        g: programmed conductance, µS (at t = 0, before drift and read noise).
+        nu: PCM drift exponent per cell (None for devices that do not drift).
+        relax: ReRAM per-cell relaxation normal ξ_r (None otherwise).
+        stuck: int8 fault code per cell, 0 healthy, 1 stuck at g_min, 2 stuck at g_max
+            (None when the device has no ``faults``).
+    """
+    g: Array
+    nu: Optional[Array] = None
+    relax: Optional[Array] = None
+    stuck: Optional[Array] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Factories
+# --------------------------------------------------------------------------------------------
+def _faults(p_stuck_min, p_stuck_max):
+    if p_stuck_min is None and p_stuck_max is None:
+        return None
+    return StuckAt(p_min=0.0 if p_stuck_min is None else p_stuck_min,
+                   p_max=0.0 if p_stuck_max is None else p_stuck_max)
+
+
+def _check_known(kind, overrides, cls):
+    names = {f for f in cls.__dataclass_fields__ if f != "faults"}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise TypeError(f"{kind}(): unknown parameter(s) {bad}; valid: {sorted(names)} "
+                        "and p_stuck_min, p_stuck_max")
+
+
+def pcm(*, p_stuck_min=None, p_stuck_max=None, **overrides) -> PCM:
+    """D1 PCM device (defaults of DESIGN.md §3). Keyword overrides replace any field.
+
+    Example:
+        >>> dev = pcm(g_max=25.0)
+        >>> st = program(jax.random.key(0), dev, jnp.full((4,), 10.0))
+    """
+    _check_known("pcm", overrides, PCM)
+    return PCM(faults=_faults(p_stuck_min, p_stuck_max), **overrides)
+
+
+def reram(*, p_stuck_min=None, p_stuck_max=None, **overrides) -> ReRAM:
+    """D2 ReRAM device (Wan et al. 2022 fit, g_max = 40 µS)."""
+    _check_known("reram", overrides, ReRAM)
+    return ReRAM(faults=_faults(p_stuck_min, p_stuck_max), **overrides)
+
+
+def levels(*, bits: int = 2, sigma=0.1, nonuniform: float = 1.0, g_min=0.0, g_max=1.0,
+           p_stuck_min=None, p_stuck_max=None) -> Levels:
+    """D3 per-level Gaussian cell with ``2**bits`` levels.
+
+    Args:
+        bits: K, bits per cell (static).
+        sigma: σ, either a scalar (uniform table) or a table of ``2**bits`` values, relative to
+            (g_max − g_min).
+        nonuniform: factor s multiplying σ of the mid-range levels (all but the lowest and the
+            highest), e.g. 1, 2, 4, 6 (the "non-uniform" variants of Yan et al.).
+    """
+    if not isinstance(bits, int) or bits < 1 or bits > 8:
+        raise ValueError(f"levels(): bits must be an int in 1..8, got {bits!r}")
+    n = 2 ** bits
+    table = np.broadcast_to(np.asarray(sigma, np.float32), (n,)).copy() if np.ndim(sigma) == 0 \
+        else np.asarray(sigma, np.float32)
+    if table.shape != (n,):
+        raise ValueError(f"levels(): sigma table must have 2**bits = {n} entries, got shape "
+                         f"{table.shape}")
+    if np.any(table < 0):
+        raise ValueError(f"levels(): sigma must be >= 0, got {table}")
+    if nonuniform != 1.0 and n > 2:
+        table[1:-1] *= nonuniform
+    return Levels(sigma=jnp.asarray(table), g_min=g_min, g_max=g_max,
+                  faults=_faults(p_stuck_min, p_stuck_max))
+
+
+def flash(*, p_stuck_min=None, p_stuck_max=None, **overrides) -> Flash:
+    """D5 NOR-flash device (log-normal conductance from V_th variation)."""
+    _check_known("flash", overrides, Flash)
+    return Flash(faults=_faults(p_stuck_min, p_stuck_max), **overrides)
+
+
+def ideal(*, g_max=25.0, g_min=0.0, p_stuck_min=None, p_stuck_max=None) -> Ideal:
+    """An ideal device (optionally with stuck-at faults only)."""
+    return Ideal(g_max=g_max, g_min=g_min, faults=_faults(p_stuck_min, p_stuck_max))
+
+
+# --------------------------------------------------------------------------------------------
+# Physics helpers
+# --------------------------------------------------------------------------------------------
+def g_range(device: Device):
+    """(g_min, g_max) of a device, µS."""
+    return device.g_min, device.g_max
+
+
+def _poly(coeff, x):
+    """Σ_i coeff[i]·x^i by Horner's rule (coeff in increasing order)."""
+    acc = jnp.zeros_like(x) + coeff[-1]
+    for c in reversed(tuple(coeff)[:-1]):
+        acc = acc * x + c
+    return acc
+
+
+def programming_sigma(device: Device, g_target: Array, *, t: float = 1.0) -> Array:
+    """Standard deviation (µS) of one-shot programming at ``g_target``.
+
+    For D1 PCM σ_p(ĝ) = (−1.1731ĝ² + 1.9650ĝ + 0.26348)·g_max/25; for D2 ReRAM the fitted
+    polynomial at time ``t`` (1 s or ≥ 1 day; see :class:`ReRAM`); for D3 the level table
+    (nearest level); for flash the log-normal's standard deviation; 0 for the ideal device.
+    """
+    g_target = jnp.asarray(g_target)
+    if isinstance(device, PCM):
+        gh = g_target / device.g_max
+        c2, c1, c0 = device.prog_coeff
+        return (c0 + gh * (c1 + gh * c2)) * (device.g_max / 25.0)
+    if isinstance(device, ReRAM):
+        gh = g_target / device.g_max
+        s1 = _poly(device.coeff_1s, gh)
+        s2 = _poly(device.coeff_1d, gh)
+        f = _relax_fraction(t)
+        return jnp.sqrt(s1 ** 2 + jnp.maximum(s2 ** 2 - s1 ** 2, 0.0) * f)
+    if isinstance(device, Levels):
+        idx = _level_index(device, g_target)
+        return jnp.asarray(device.sigma)[idx] * (device.g_max - device.g_min)
+    if isinstance(device, Flash):
+        s = _flash_sigma_ln(device)
+        return g_target * jnp.sqrt(jnp.expm1(s ** 2)) * jnp.exp(s ** 2 / 2)
+    if isinstance(device, Ideal):
+        return jnp.zeros_like(g_target)
+    raise _bad_device(device)
+
+
+def _pcm_nu_params(device: PCM, g_target):
+    """Mean and spread of the PCM drift exponent at the target (ĝ floored at 1e-7)."""
+    lg = jnp.log(jnp.maximum(g_target / device.g_max, 1e-7))
+    a, b, lo, hi = device.nu_mu
+    mu = jnp.clip(a * lg + b, lo, hi)
+    a, b, lo, hi = device.nu_sigma
+    sd = jnp.clip(a * lg + b, lo, hi)
+    return mu, sd
+
+
+def _relax_fraction(t):
+    """ReRAM relaxation: fraction of the 1 s → 1 day variance growth reached at time t (our model)."""
+    t = jnp.asarray(t, jnp.float32)
+    return jnp.maximum(jnp.log(jnp.maximum(t, 1.0)) / math.log(86400.0), 0.0)
+
+
+def _flash_sigma_ln(device: Flash):
+    return device.sigma_vth / (device.n_slope * device.v_thermal)
+
+
+def _level_index(device: Levels, g):
+    n = device.num_levels
+    step = (device.g_max - device.g_min) / (n - 1)
+    return jnp.clip(jnp.round((g - device.g_min) / step), 0, n - 1).astype(jnp.int32)
+
+
+def drift(device: Device, g_prog: Array, nu: Optional[Array], t) -> Array:
+    """Deterministic conductance drift g(t) = g_prog·((t + t0)/t0)^(−ν) (PCM); identity otherwise.
+
+    Args:
+        g_prog: programmed conductance, µS, any shape.
+        nu: drift exponents, same shape (PCM), or None.
+        t: time since programming, s (scalar or broadcastable).
+    """
+    if isinstance(device, PCM):
+        t = jnp.asarray(t, g_prog.dtype)
+        return g_prog * jnp.exp(-nu * jnp.log((t + device.t0) / device.t0))
+    return g_prog
+
+
+def _pcm_read_noise_scale(device: PCM, g_prog, t):
+    """|g|-relative σ of the PCM 1/f read noise: Q_s·sqrt(ln((t + t_r)/(2 t_r)))."""
+    q = jnp.minimum(device.read_q / jnp.maximum((g_prog / device.g_max) ** device.read_q_exp, 1e-3),
+                    device.read_q_max)
+    t = jnp.asarray(t, g_prog.dtype)
+    arg = jnp.maximum(jnp.log((t + device.t_read) / (2.0 * device.t_read)), 0.0)
+    return q * jnp.sqrt(arg)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+def _bad_device(device):
+    return TypeError(f"expected a device from nvjax.devices ({', '.join(t.__name__ for t in _DEVICE_TYPES)}), "
+                     f"got {type(device).__name__}")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_conductances(name: str, g, device: Optional[Device] = None) -> None:
+    """Raise ValueError if concrete conductances are negative, non-finite or above g_max.
+
+    Traced values (inside ``jit``) cannot be checked and are accepted as they are.
+    """
+    if not _is_concrete(g):
+        return
+    a = np.asarray(g)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{name}: expected a floating-point conductance array (µS), got dtype {a.dtype}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: conductances must be finite; found {np.sum(~np.isfinite(a))} "
+                         "non-finite value(s)")
+    if np.any(a < 0):
+        raise ValueError(f"{name}: conductances must be >= 0 µS; found min {a.min():.4g} µS "
+                         f"({np.sum(a < 0)} negative value(s))")
+    if device is not None and _is_concrete(device.g_max):
+        gmax = np.max(np.asarray(device.g_max))
+        if np.any(a > gmax * (1 + 1e-5)):
+            raise ValueError(f"{name}: conductances must be <= g_max = {gmax:g} µS of the "
+                             f"{device.name} device; found max {a.max():.4g} µS")
+
+
+# --------------------------------------------------------------------------------------------
+# program / read
+# --------------------------------------------------------------------------------------------
+def _draw_faults(key, device, shape):
+    u = jax.random.uniform(key, shape)
+    p0, p1 = device.faults.p_min, device.faults.p_max
+    return jnp.where(u < p0, 1, jnp.where(u < p0 + p1, 2, 0)).astype(jnp.int8)
+
+
+def _apply_faults(device, g, stuck):
+    if stuck is None:
+        return g
+    return jnp.where(stuck == 1, jnp.asarray(device.g_min, g.dtype),
+                     jnp.where(stuck == 2, jnp.asarray(device.g_max, g.dtype), g))
+
+
+def program(key: Array, device: Device, g_target: Array) -> CellState:
+    """One-shot programming of target conductances (one draw of the programming noise).
+
+    Args:
+        key: PRNG key.
+        device: a device from this module.
+        g_target: target conductances, µS, any shape, within [0, g_max].
+
+    Returns:
+        :class:`CellState` whose ``g`` holds the programmed conductances (µS, shape of
+        ``g_target``), plus the per-cell drift exponents (PCM), relaxation normals (ReRAM) and
+        stuck-at codes (when the device has ``faults``).
+
+    References:
+        DESIGN.md §3 (D1, D2, D3, D5, D6).
+    """
+    if not isinstance(device, _DEVICE_TYPES):
+        raise _bad_device(device)
+    check_conductances("program(g_target)", g_target, device)
+    g_target = jnp.asarray(g_target)
+    if not jnp.issubdtype(g_target.dtype, jnp.floating):
+        g_target = g_target.astype(jnp.float32)
+    shape, dtype = g_target.shape, g_target.dtype
+    k_prog, k_aux, k_fault = jax.random.split(key, 3)
+    nu = relax = stuck = None
+    if isinstance(device, PCM):
+        sig = programming_sigma(device, g_target)
+        g = jnp.maximum(g_target + sig * jax.random.normal(k_prog, shape, dtype), 0.0)
+        mu, sd = _pcm_nu_params(device, g_target)
+        nu = jnp.abs(mu + sd * jax.random.normal(k_aux, shape, dtype))
+    elif isinstance(device, ReRAM):
+        sig = programming_sigma(device, g_target, t=1.0)
+        g = jnp.maximum(g_target + sig * jax.random.normal(k_prog, shape, dtype), 0.0)
+        relax = jax.random.normal(k_aux, shape, dtype)
+    elif isinstance(device, Levels):
+        idx = _level_index(device, g_target)
+        step = (device.g_max - device.g_min) / (device.num_levels - 1)
+        g_lvl = device.g_min + idx.astype(dtype) * step
+        sig = jnp.asarray(device.sigma, dtype)[idx] * (device.g_max - device.g_min)
+        g = g_lvl + sig * jax.random.normal(k_prog, shape, dtype)
+    elif isinstance(device, Flash):
+        g = g_target * jnp.exp(_flash_sigma_ln(device) * jax.random.normal(k_prog, shape, dtype))
+    else:  # Ideal
+        g = g_target
+    if device.faults is not None:
+        stuck = _draw_faults(k_fault, device, shape)
+        g = _apply_faults(device, g, stuck)
+        if nu is not None:
+            nu = jnp.where(stuck > 0, 0.0, nu)
+    return CellState(g=g, nu=nu, relax=relax, stuck=stuck)
+
+
+def read(key: Array, device: Device, state: CellState, t) -> Array:
+    """Conductances read ``t`` seconds after programming.
+
+    PCM: drift ``g_prog·((t + t0)/t0)^(−ν)`` then 1/f read noise
+    ``g + |g|·Q_s·sqrt(ln((t + t_r)/(2 t_r)))·ξ`` with Q_s from the programmed conductance, clamped
+    at 0. ReRAM: relaxation (see :class:`ReRAM`). Other devices: no change. Stuck cells read their
+    stuck value. The state is not modified.
+
+    Args:
+        key: PRNG key for the read noise.
+        device: the device the state was programmed with.
+        state: :class:`CellState` from :func:`program`.
+        t: time since programming, s (scalar, >= 0).
+
+    Returns:
+        Conductances, µS, shape of ``state.g``.
+    """
+    if not isinstance(device, _DEVICE_TYPES):
+        raise _bad_device(device)
+    if _is_concrete(t) and np.any(np.asarray(t) < 0):
+        raise ValueError(f"read(t): time since programming must be >= 0 s, got {t}")
+    g0 = state.g
+    if isinstance(device, PCM):
+        g = drift(device, g0, state.nu, t)
+        scale = _pcm_read_noise_scale(device, g0, t)
+        g = jnp.maximum(g + jnp.abs(g) * scale * jax.random.normal(key, g.shape, g.dtype), 0.0)
+    elif isinstance(device, ReRAM):
+        gh = jnp.clip(g0, 0.0, None) / device.g_max
+        s1 = _poly(device.coeff_1s, gh)
+        s2 = _poly(device.coeff_1d, gh)
+        amp = jnp.sqrt(jnp.maximum(s2 ** 2 - s1 ** 2, 0.0) * _relax_fraction(t))
+        g = jnp.maximum(g0 + amp * state.relax, 0.0)
+    else:
+        g = g0
+    return _apply_faults(device, g, state.stuck)
