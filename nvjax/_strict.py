@@ -194,7 +194,12 @@ def _build(data: Mapping, cls: type, path: str, source: str) -> Any:
         elif (f.default is dataclasses.MISSING
               and f.default_factory is dataclasses.MISSING):
             raise ConfigError(f"{source}: missing required key '{sub}'")
-    instance = cls(**kwargs)
+    try:
+        instance = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # checks in __post_init__
+        raise ConfigError(f"{source}: {_where(path)}: {e}") from e
     validate = getattr(instance, "validate", None)
     if callable(validate):
         try:

@@ -264,7 +264,7 @@ def programming_sigma(device: Device, g_target: Array, *, t: float = 1.0) -> Arr
         s1 = _poly(device.coeff_1s, gh)
         s2 = _poly(device.coeff_1d, gh)
         f = _relax_fraction(t)
-        return jnp.sqrt(s1 ** 2 + jnp.maximum(s2 ** 2 - s1 ** 2, 0.0) * f)
+        return _safe_sqrt(s1 ** 2 + jnp.maximum(s2 ** 2 - s1 ** 2, 0.0) * f)
     if isinstance(device, Levels):
         idx = _level_index(device, g_target)
         return jnp.asarray(device.sigma)[idx] * (device.g_max - device.g_min)
@@ -284,6 +284,12 @@ def _pcm_nu_params(device: PCM, g_target):
     a, b, lo, hi = device.nu_sigma
     sd = jnp.clip(a * lg + b, lo, hi)
     return mu, sd
+
+
+def _safe_sqrt(x):
+    """sqrt with a finite (zero) gradient at 0 (the "double where" trick)."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
 def _relax_fraction(t):
@@ -318,8 +324,9 @@ def drift(device: Device, g_prog: Array, nu: Optional[Array], t) -> Array:
 
 def _pcm_read_noise_scale(device: PCM, g_prog, t):
     """|g|-relative σ of the PCM 1/f read noise: Q_s·sqrt(ln((t + t_r)/(2 t_r)))."""
-    q = jnp.minimum(device.read_q / jnp.maximum((g_prog / device.g_max) ** device.read_q_exp, 1e-3),
-                    device.read_q_max)
+    # max(ĝ^e, 1e-3) written as max(ĝ, 1e-3^(1/e))^e: the same value, finite gradients at ĝ = 0.
+    gh = jnp.maximum(g_prog / device.g_max, 1e-3 ** (1.0 / device.read_q_exp))
+    q = jnp.minimum(device.read_q / gh ** device.read_q_exp, device.read_q_max)
     t = jnp.asarray(t, g_prog.dtype)
     arg = jnp.maximum(jnp.log((t + device.t_read) / (2.0 * device.t_read)), 0.0)
     return q * jnp.sqrt(arg)
@@ -458,7 +465,7 @@ def read(key: Array, device: Device, state: CellState, t) -> Array:
         gh = jnp.clip(g0, 0.0, None) / device.g_max
         s1 = _poly(device.coeff_1s, gh)
         s2 = _poly(device.coeff_1d, gh)
-        amp = jnp.sqrt(jnp.maximum(s2 ** 2 - s1 ** 2, 0.0) * _relax_fraction(t))
+        amp = _safe_sqrt(jnp.maximum(s2 ** 2 - s1 ** 2, 0.0) * _relax_fraction(t))
         g = jnp.maximum(g0 + amp * state.relax, 0.0)
     else:
         g = g0

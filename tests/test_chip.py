@@ -1,0 +1,92 @@
+"""Networks on chips: any Flax Dense/Conv model deploys and, with ideal cells, equals software."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvjax import chip as C
+from nvjax import crossbar as xb
+from nvjax import devices as D
+
+
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="SAME")(x))
+        x = nn.relu(nn.Conv(6, (3, 2), strides=(2, 1), padding="VALID")(x))
+        x = nn.Conv(3, (2, 2), strides=2, padding=1, use_bias=False)(x)
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(10)(x)
+
+
+class Nested(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(7, name="enc")(x)
+        return nn.Dense(3, name="head")(nn.tanh(x))
+
+
+def _init(model, shape, seed=0):
+    x = jax.random.uniform(jax.random.key(seed), shape)
+    return x, model.init(jax.random.key(seed + 1), x)
+
+
+@pytest.mark.parametrize("model,shape", [(ConvNet(), (5, 8, 8, 1)), (Nested(), (6, 11))])
+def test_ideal_chip_equals_software(model, shape):
+    x, params = _init(model, shape)
+    chip = C.deploy(jax.random.key(2), model, params, D.ideal(), xb.TileConfig(rows=16, cols=8))
+    out = C.apply(jax.random.key(3), chip, x, 0.0)
+    np.testing.assert_allclose(out, model.apply(params, x), rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_matrix_is_the_im2col_layout():
+    # A conv as a matmul of patches with kernel_matrix equals lax.conv (independent reference).
+    k = jax.random.normal(jax.random.key(0), (3, 2, 4, 5))
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
+    ref = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    p = jax.lax.conv_general_dilated_patches(x, (3, 2), (1, 1), "VALID",
+                                             dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    np.testing.assert_allclose(p @ C.kernel_matrix(k), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_effective_params_equal_apply_for_ideal_periphery():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+    chip = C.deploy(jax.random.key(2), model, params, D.pcm())
+    a = C.apply(jax.random.key(3), chip, x, 86400.0)
+    b = model.apply({"params": C.effective_params(jax.random.key(3), chip, 86400.0)}, x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a, model.apply(params, x), atol=1e-3)  # PCM noise acts
+
+
+def test_layer_names_and_read_counts():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+    assert C.layer_names(params) == ("enc", "head")
+    chip = C.deploy(jax.random.key(2), model, params, D.ideal())
+    _, chip2 = C.apply(jax.random.key(3), chip, x, 0.0, return_chip=True)
+    np.testing.assert_array_equal(chip2.tiles["enc"].reads, (np.asarray(x) != 0).sum(0))
+    enc = params["params"]["enc"]
+    h = np.tanh(np.asarray(x) @ np.asarray(enc["kernel"]) + np.asarray(enc["bias"]))
+    np.testing.assert_array_equal(chip2.tiles["head"].reads, (h != 0).sum(0))
+
+
+def test_deploy_is_deterministic_and_jittable():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+
+    def f(key):
+        chip = C.deploy(key, model, params, D.pcm())
+        return C.apply(key, chip, x, 3600.0)
+    a = f(jax.random.key(7))
+    np.testing.assert_array_equal(a, f(jax.random.key(7)))
+    np.testing.assert_allclose(jax.jit(f)(jax.random.key(7)), a, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a, f(jax.random.key(8)))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="no 'kernel'"):
+        C.deploy(jax.random.key(0), Nested(), {"params": {"a": {"bias": jnp.zeros(3)}}}, D.ideal())
+    with pytest.raises(TypeError, match="expected a device"):
+        C.deploy(jax.random.key(0), Nested(), {}, "pcm")

@@ -1,0 +1,165 @@
+"""Crossbar tiles: ideal limit, periphery against an independent NumPy model, counters, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvjax import crossbar as xb
+from nvjax import devices as D
+
+
+def _w_x(n_in=300, n_out=40, batch=9, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(n_in, n_out)).astype(np.float32)
+    x = rng.uniform(0, 1, size=(batch, n_in)).astype(np.float32)
+    x[x < 0.3] = 0.0  # some rows not driven
+    return w, x
+
+
+@pytest.mark.parametrize("rows,cols,per_col", [(256, 256, False), (64, 16, False), (64, 16, True)])
+def test_ideal_equals_matmul(rows, cols, per_col):
+    w, x = _w_x()
+    cfg = xb.TileConfig(rows=rows, cols=cols, per_column_scale=per_col)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg)
+    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, cfg)
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-4)
+    # a single vector works too
+    y1, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x[0], 0.0, cfg)
+    np.testing.assert_allclose(y1, x[0] @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_ideal_device_with_pcm_noise_switched_off_is_exact():
+    # PCM with read noise disabled at t = 0 reads exactly the programmed conductances.
+    w, x = _w_x()
+    cfg = xb.TileConfig(read_noise=False, drift_compensation=False)
+    tiles = xb.program_tiles(jax.random.key(0), D.pcm(), w, cfg)
+    y, _ = xb.mvm(jax.random.key(1), D.pcm(), tiles, x, 0.0, cfg)
+    w_prog = (np.asarray(tiles.pos.g) - np.asarray(tiles.neg.g)) / float(tiles.kappa)
+    np.testing.assert_allclose(y, x @ w_prog, rtol=1e-5, atol=1e-4)
+
+
+def test_read_counters_count_driven_rows():
+    w, x = _w_x(n_in=10, n_out=3, batch=5)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w)
+    _, t1 = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0)
+    _, t2 = xb.mvm(jax.random.key(2), D.ideal(), t1, x[:2], 0.0)
+    expected = (x != 0).sum(0) + (x[:2] != 0).sum(0)
+    np.testing.assert_array_equal(t2.reads, expected)
+    assert t2.reads.dtype == jnp.int32
+
+
+def test_quantize_symmetric_hand_values():
+    # 3 bits: 3 steps per polarity over [-1, 1], step 1/3.
+    x = jnp.array([0.0, 0.1, 0.2, 0.5, -0.5, 0.99, 2.0, -2.0])
+    q = xb.quantize_symmetric(x, 1.0, 3)
+    np.testing.assert_allclose(q, [0, 0, 1 / 3, 2 / 3, -2 / 3, 1, 1, -1], atol=1e-7)
+
+
+def _numpy_periphery(x, w, cfg, kappa_span=1.0):
+    """Independent NumPy model of DAC → per-row-tile partial sums → fixed-bound ADC → sum."""
+    s_x = np.abs(x).max(1, keepdims=True)
+    n = 2 ** (cfg.dac_bits - 1) - 1
+    xq = np.clip(np.round(x / (s_x / n)), -n, n) * (s_x / n)
+    w_max = np.abs(w).max()
+    unit = s_x * w_max
+    m = 2 ** (cfg.adc_bits - 1) - 1
+    y = np.zeros((x.shape[0], w.shape[1]))
+    for r0 in range(0, w.shape[0], cfg.rows):
+        part = xq[:, r0:r0 + cfg.rows] @ w[r0:r0 + cfg.rows]
+        bound = cfg.adc_bound * unit
+        y += np.clip(np.round(part / (bound / m)), -m, m) * (bound / m)
+    return y
+
+
+def test_dac_adc_match_independent_numpy_model():
+    w, x = _w_x(n_in=150, n_out=12)
+    cfg = xb.TileConfig(rows=64, dac_bits=5, adc_bits=6, adc_bound=3.0, drift_compensation=False)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg)
+    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, cfg)
+    ref = _numpy_periphery(x.astype(np.float64), w.astype(np.float64), cfg)
+    # identical up to float rounding at quantization boundaries: compare most entries tightly
+    close = np.isclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
+    assert close.mean() > 0.99
+    step = cfg.adc_bound * np.abs(x).max() * np.abs(w).max() / (2 ** (cfg.adc_bits - 1) - 1)
+    assert np.max(np.abs(np.asarray(y) - ref)) <= 3 * step + 1e-4
+
+
+def test_output_noise_statistics():
+    # Ideal device, only output noise: y - x@W has σ = out_noise·s_x·w_max·sqrt(Ti).
+    w, x = _w_x(n_in=200, n_out=50, batch=400)
+    cfg = xb.TileConfig(rows=64, out_noise=0.05, drift_compensation=False)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg)
+    y, _ = xb.mvm(jax.random.key(3), D.ideal(), tiles, x, 0.0, cfg)
+    err = (np.asarray(y) - x @ w) / (np.abs(x).max(1, keepdims=True) * np.abs(w).max())
+    expected = 0.05 * np.sqrt(xb.num_row_tiles(200, cfg))
+    n = err.size
+    assert abs(err.std() - expected) < 4 * expected / np.sqrt(2 * n)
+    assert abs(err.mean()) < 4 * expected / np.sqrt(n)
+
+
+def test_drift_compensation_undoes_uniform_drift():
+    # All cells drift with the same exponent ν = 0.06 and no read noise: the drift is a uniform
+    # scale ((t + t0)/t0)^(−ν), which global drift compensation removes exactly.
+    dev = D.pcm(read_q=0.0, nu_mu=(0.0, 0.06, 0.06, 0.06), nu_sigma=(0.0, 0.0, 0.0, 0.0))
+    w, x = _w_x()
+    cfg = xb.TileConfig()
+    tiles = xb.program_tiles(jax.random.key(0), dev, w, cfg)
+    y0, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 0.0, cfg)
+    y1, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 3.15e7, cfg)
+    np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4)
+    no_comp = xb.TileConfig(drift_compensation=False)
+    y2, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 3.15e7, no_comp)
+    scale = ((3.15e7 + 20.0) / 20.0) ** -0.06
+    np.testing.assert_allclose(y2, np.asarray(y0) * scale, rtol=1e-4, atol=1e-4)
+
+
+def test_adc_calibration_by_max():
+    w, x = _w_x(n_in=100, n_out=8)
+    cfg = xb.TileConfig(rows=32, adc_bits=8, adc_range="max")
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg, calibration=x)
+    ref = np.stack([np.abs(x[:, r:r + 32] @ w[r:r + 32]).max(0) for r in range(0, 100, 32)])
+    np.testing.assert_allclose(tiles.adc_scale, ref, rtol=1e-5)
+    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, cfg)
+    step = ref.max() / 127
+    assert np.max(np.abs(np.asarray(y) - x @ w)) <= 4 * step
+
+
+def test_jit_and_vmap_consistency():
+    w, x = _w_x()
+    dev = D.pcm()
+    cfg = xb.TileConfig(dac_bits=7, adc_bits=9, out_noise=0.06)
+
+    def f(key):
+        k1, k2 = jax.random.split(key)
+        tiles = xb.program_tiles(k1, dev, w, cfg)
+        return xb.mvm(k2, dev, tiles, x, 86400.0, cfg)[0]
+    keys = jax.random.split(jax.random.key(0), 3)
+    eager = f(keys[1])
+    np.testing.assert_allclose(jax.jit(f)(keys[1]), eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(f)(keys)[1], eager, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_through_mvm_is_finite():
+    w, x = _w_x(n_in=20, n_out=4)
+    dev = D.pcm()
+
+    def loss(w):
+        tiles = xb.program_tiles(jax.random.key(0), dev, w)
+        return jnp.sum(xb.mvm(jax.random.key(1), dev, tiles, x, 100.0)[0] ** 2)
+    g = jax.grad(loss)(jnp.asarray(w))
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+def test_errors():
+    w, x = _w_x()
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w)
+    with pytest.raises(ValueError, match=r"mvm: expected inputs \[B, 300\]"):
+        xb.mvm(jax.random.key(1), D.ideal(), tiles, x[:, :10], 0.0)
+    with pytest.raises(ValueError, match="2-D weight"):
+        xb.program_tiles(jax.random.key(0), D.ideal(), w[0])
+    with pytest.raises(ValueError, match="dac_bits"):
+        xb.TileConfig(dac_bits=1)
+    with pytest.raises(ValueError, match="adc_range"):
+        xb.TileConfig(adc_range="median")
+    with pytest.raises(ValueError, match="rows"):
+        xb.TileConfig(rows=0)
