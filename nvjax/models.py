@@ -1,0 +1,344 @@
+"""Flax (linen) models to deploy on crossbars, their training, evaluation and (de)serialization.
+
+Models use only ``nn.Dense`` and ``nn.Conv`` (with bias) as parametrized layers, so that
+:mod:`nvjax.chip` can intercept every such call and map it onto crossbar tiles:
+
+* :class:`MLP` -- Dense layers with ReLU between them, e.g. ``MLP((64, 10))`` is the 64-64-10
+  digits network.
+* :class:`LeNet` -- a small LeNet-style CNN for 8x8x1 digit images.
+
+Parameters are the Flax variables dict ``{'params': {...}}`` returned by :func:`train`;
+:func:`accuracy` and :func:`save_params` also accept the inner ``params`` dict. Files are
+msgpack (:mod:`flax.serialization`), written atomically.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+import os
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from .data import Dataset
+
+__all__ = ["MLP", "LeNet", "MODELS", "train", "accuracy", "predict", "save_params",
+           "load_params", "get_trained"]
+
+Params = Any
+
+
+class MLP(nn.Module):
+    """Multilayer perceptron: Dense layers with ReLU between; the last layer gives logits.
+
+    Layers are named ``Dense_0``, ``Dense_1``, ... . Inputs are flattened per example, so both
+    ``[B, 64]`` and ``[B, 8, 8, 1]`` digits are accepted.
+
+    Attributes:
+        features: output width of each Dense layer; the last one is the number of classes.
+    """
+    features: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        """Logits ``[B, features[-1]]`` for inputs ``[B, ...]``."""
+        x = jnp.reshape(x, (x.shape[0], -1))
+        for i, f in enumerate(self.features):
+            x = nn.Dense(f)(x)
+            if i < len(self.features) - 1:
+                x = nn.relu(x)
+        return x
+
+
+class LeNet(nn.Module):
+    """Small LeNet-style CNN for 8x8x1 digits (NHWC).
+
+    ``Conv 3x3, 8 ch (SAME) -> ReLU -> avg-pool 2x2 -> Conv 3x3, 16 ch (SAME) -> ReLU ->
+    flatten (256) -> Dense 64 -> ReLU -> Dense num_classes``. Layers: ``Conv_0``, ``Conv_1``,
+    ``Dense_0``, ``Dense_1``.
+
+    Attributes:
+        num_classes: number of output logits.
+    """
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        """Logits ``[B, num_classes]`` for images ``[B, 8, 8, 1]`` (or flat ``[B, 64]``)."""
+        if x.ndim == 2:
+            x = jnp.reshape(x, (x.shape[0], 8, 8, 1))
+        x = nn.relu(nn.Conv(8, (3, 3), padding="SAME")(x))
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Conv(16, (3, 3), padding="SAME")(x))
+        x = jnp.reshape(x, (x.shape[0], -1))
+        x = nn.relu(nn.Dense(64)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+#: Names accepted by :func:`get_trained`: (constructor, flatten digits?, default epochs).
+MODELS = {
+    "mlp": (lambda: MLP(features=(64, 10)), True, 40),
+    "lenet": (lambda: LeNet(num_classes=10), False, 30),
+}
+
+
+def _variables(params: Params) -> Params:
+    """``{'params': ...}`` from either the variables dict or the inner params dict."""
+    if isinstance(params, dict) and set(params) == {"params"}:
+        return params
+    return {"params": params}
+
+
+def _as_key(key):
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    return key
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, variables, x):
+    return model.apply(variables, x)
+
+
+def predict(model: nn.Module, params: Params, x, *, batch_size: int = 2048) -> np.ndarray:
+    """Predicted class of each input.
+
+    Args:
+        model: a Flax module.
+        params: its variables ``{'params': ...}`` (or the inner dict).
+        x: inputs ``[N, ...]``.
+        batch_size: evaluation batch size (bounds memory).
+
+    Returns:
+        int32 array ``[N]``.
+    """
+    variables = _variables(params)
+    x = np.asarray(x)
+    out = [np.asarray(jnp.argmax(_logits(model, variables, x[i:i + batch_size]), -1))
+           for i in range(0, x.shape[0], batch_size)]
+    return np.concatenate(out).astype(np.int32) if out else np.zeros((0,), np.int32)
+
+
+def accuracy(model: nn.Module, params: Params, x, y, *, batch_size: int = 2048) -> float:
+    """Fraction of inputs classified correctly.
+
+    Args:
+        model: a Flax module.
+        params: its variables ``{'params': ...}`` (or the inner dict).
+        x: inputs ``[N, ...]``.
+        y: integer labels ``[N]``.
+        batch_size: evaluation batch size.
+
+    Returns:
+        Accuracy in ``[0, 1]`` as a Python float.
+    """
+    y = np.asarray(y)
+    if np.asarray(x).shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same length, got {np.asarray(x).shape[0]} "
+                         f"and {y.shape[0]}")
+    if y.shape[0] == 0:
+        raise ValueError("accuracy of an empty set (x has no rows)")
+    return float(np.mean(predict(model, params, x, batch_size=batch_size) == y))
+
+
+def _check_positive(name, value, integer):
+    kinds = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0 \
+            or not np.isfinite(value):
+        raise ValueError(f"{name} must be a positive {'int' if integer else 'number'}, "
+                         f"got {value!r}")
+
+
+def train(key, model: nn.Module, data: Dataset, *, epochs: int, batch_size: int = 64,
+          learning_rate: float = 1e-3, weight_decay: float = 0.0,
+          progress: bool = False) -> Tuple[Params, Dict[str, List[float]]]:
+    """Train ``model`` on ``data`` with Adam(W) and softmax cross-entropy.
+
+    Each epoch visits the training set in a random order (drawn from ``key``) in minibatches of
+    ``batch_size``; the last ``N_train mod batch_size`` samples of each permutation are skipped
+    (different ones every epoch). One epoch is one jitted ``lax.scan`` over the minibatches.
+    The result is deterministic for a given key on a given backend.
+
+    Args:
+        key: JAX PRNG key (or an int seed) for initialization and shuffling.
+        model: a Flax module mapping inputs ``[B, ...]`` to logits ``[B, C]``.
+        data: a :class:`~nvjax.data.Dataset`; labels in ``0..C-1``.
+        epochs: number of passes over the training set, ``>= 1``.
+        batch_size: minibatch size, ``1 <= batch_size <= N_train``.
+        learning_rate: Adam step size, ``> 0``.
+        weight_decay: decoupled (AdamW) weight decay, ``>= 0`` (0 is plain Adam).
+        progress: print one line per epoch.
+
+    Returns:
+        ``(params, history)``: the variables ``{'params': ...}`` and a dict with per-epoch lists
+        ``'train_loss'`` (mean minibatch loss), ``'test_accuracy'`` and ``'time_s'``
+        (cumulative wall time, including compilation).
+
+    Raises:
+        ValueError: on a bad argument; the message names it.
+    """
+    _check_positive("epochs", epochs, True)
+    _check_positive("batch_size", batch_size, True)
+    _check_positive("learning_rate", learning_rate, False)
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) \
+            or not np.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    x_train = jnp.asarray(data.x_train, jnp.float32)
+    y_train = jnp.asarray(data.y_train, jnp.int32)
+    n = x_train.shape[0]
+    if y_train.shape != (n,):
+        raise ValueError(f"data.y_train must have shape ({n},), got {tuple(y_train.shape)}")
+    if batch_size > n:
+        raise ValueError(f"batch_size must be <= the number of training samples ({n}), "
+                         f"got {batch_size}")
+    steps = n // batch_size
+
+    key = _as_key(key)
+    init_key, shuffle_key = jax.random.split(key)
+    variables = model.init(init_key, x_train[:1])
+    tx = optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay > 0 \
+        else optax.adam(learning_rate)
+    opt_state = tx.init(variables)
+
+    def loss_fn(v, xb, yb):
+        logits = model.apply(v, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def step(carry, idx):
+        v, s = carry
+        loss, grads = jax.value_and_grad(loss_fn)(v, x_train[idx], y_train[idx])
+        updates, s = tx.update(grads, s, v)
+        return (optax.apply_updates(v, updates), s), loss
+
+    @jax.jit
+    def epoch(v, s, k):
+        perm = jax.random.permutation(k, n)[: steps * batch_size].reshape(steps, batch_size)
+        (v, s), losses = jax.lax.scan(step, (v, s), perm)
+        return v, s, losses.mean()
+
+    history: Dict[str, List[float]] = {"train_loss": [], "test_accuracy": [], "time_s": []}
+    t0 = time.perf_counter()
+    for e in range(int(epochs)):
+        variables, opt_state, loss = epoch(variables, opt_state, jax.random.fold_in(shuffle_key, e))
+        acc = accuracy(model, variables, data.x_test, data.y_test)
+        history["train_loss"].append(float(loss))
+        history["test_accuracy"].append(acc)
+        history["time_s"].append(time.perf_counter() - t0)
+        if progress:
+            print(f"epoch {e + 1}/{epochs}: train loss {float(loss):.4f}, "
+                  f"test accuracy {acc:.4f} ({history['time_s'][-1]:.1f} s)", flush=True)
+    return variables, history
+
+
+def save_params(path: str, params: Params) -> None:
+    """Write ``params`` (any pytree of arrays, e.g. ``{'params': ...}``) to a msgpack file.
+
+    The file is written to a temporary file in the same folder and renamed over ``path``, so a
+    reader never sees a partial file. Missing parent folders are created.
+
+    Args:
+        path: destination file (conventionally ``*.msgpack``).
+        params: the parameters to save.
+    """
+    data = serialization.to_bytes(params)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_params(path: str, template: Optional[Params] = None) -> Params:
+    """Read parameters written by :func:`save_params`.
+
+    Args:
+        path: the msgpack file.
+        template: optional pytree with the expected structure (e.g. from ``model.init``); when
+            given, the result has its structure, and the file must hold exactly its keys
+            with the same shapes (else ``ValueError``).
+
+    Returns:
+        The parameters: with a template, restored into its structure; without, the nested dict
+        of the file (e.g. ``{'params': {'Dense_0': {'kernel': ..., 'bias': ...}, ...}}``) with
+        JAX arrays as leaves.
+    """
+    with open(os.fspath(path), "rb") as f:
+        data = f.read()
+    state = serialization.msgpack_restore(data)
+    if template is None:
+        return jax.tree.map(jnp.asarray, state)
+    from flax.traverse_util import flatten_dict
+    want = flatten_dict(serialization.to_state_dict(template), sep="/")
+    got = flatten_dict(state, sep="/") if isinstance(state, dict) else {}
+    if set(want) != set(got):
+        raise ValueError(f"load_params: {path} does not match template: missing "
+                         f"{sorted(set(want) - set(got))}, unexpected {sorted(set(got) - set(want))}")
+    bad = [f"{k}: {np.shape(got[k])} vs template {np.shape(want[k])}" for k in want
+           if np.shape(got[k]) != np.shape(want[k])]
+    if bad:
+        raise ValueError(f"load_params: {path} has shapes that differ from the template: {bad}")
+    return serialization.from_state_dict(template, state)
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+
+
+def get_trained(name: str, *, cache_dir: Optional[str] = None, seed: int = 0,
+                epochs: Optional[int] = None) -> Tuple[nn.Module, Params]:
+    """A model trained on :func:`nvjax.data.digits` (split ``seed``), optionally cached on disk.
+
+    Args:
+        name: ``'mlp'`` (64-64-10 MLP on flat digits) or ``'lenet'`` (:class:`LeNet` on 8x8x1
+            images).
+        cache_dir: folder for ``{name}_seed{seed}_epochs{epochs}.msgpack``; reloaded when it
+            exists (and matches the model's parameter shapes), else trained and written. None:
+            always train, nothing written.
+        seed: seed of the data split and of training.
+        epochs: training epochs; None uses the model's default (mlp 40, lenet 30).
+
+    Returns:
+        ``(model, params)`` with ``params = {'params': ...}``.
+
+    Raises:
+        ValueError: on an unknown ``name`` (the message lists the valid names) or bad ``epochs``.
+    """
+    from . import data as data_mod
+    if name not in MODELS:
+        raise ValueError(f"name must be one of {sorted(MODELS)}, got {name!r}")
+    make, flatten, default_epochs = MODELS[name]
+    epochs = default_epochs if epochs is None else epochs
+    _check_positive("epochs", epochs, True)
+    model = make()
+    path = None
+    if cache_dir is not None:
+        path = os.path.join(os.fspath(cache_dir), f"{name}_seed{seed}_epochs{epochs}.msgpack")
+        if os.path.exists(path):
+            params = load_params(path)
+            x0 = jnp.zeros((1, 64) if flatten else (1, 8, 8, 1), jnp.float32)
+            expected = jax.eval_shape(model.init, jax.random.key(0), x0)
+            if _shapes(params) == _shapes(expected):
+                return model, params
+    ds = data_mod.digits(seed=seed, flatten=flatten)
+    params, _ = train(jax.random.key(seed), model, ds, epochs=epochs)
+    if path is not None:
+        save_params(path, params)
+    return model, params
