@@ -67,7 +67,10 @@ class DeviceConfig:
         for p in ("p_stuck_min", "p_stuck_max"):
             if not 0.0 <= getattr(self, p) <= 1.0:
                 raise ValueError(f"{p} must be in [0, 1], got {getattr(self, p)}")
-        make_device(self)  # unknown parameter names raise here
+        try:
+            make_device(self)
+        except TypeError as e:  # unknown parameter names
+            raise ValueError(f"params: {e}") from e
 
 
 @dataclass(frozen=True)

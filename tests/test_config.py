@@ -1,0 +1,70 @@
+"""Strict run configs and the command line."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nvjax import cli
+from nvjax import config as cfg_mod
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_shipped_configs_load(path):
+    cfg = cfg_mod.load(path)
+    assert isinstance(cfg, cfg_mod.RunConfig)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("sweep: {num_instance: 3}\n", "unknown key 'sweep.num_instance'; did you mean 'num_instances'"),
+    ("sweep: {num_instances: '10'}\n", "key 'sweep.num_instances': expected int"),
+    ("sweep: {num_instances: 0}\n", "num_instances must be >= 1"),
+    ("device: {kind: memristor}\n", "key 'device.kind'"),
+    ("device: {kind: pcm, params: {gmax: 3.0}}\n", "gmax"),
+    ("tile: {adc_bits: 1}\n", "adc_bits"),
+    ("sweep: {t_read_s: [-1.0]}\n", "t_read_s"),
+    ("sweep: {device_grid: {nope: [1.0]}}\n", "sweep.device_grid.nope"),
+    ("model: {name: resnet}\n", "key 'model.name'"),
+])
+def test_bad_configs_name_key_and_file(tmp_path, text, needle):
+    path = _write(tmp_path, text)
+    with pytest.raises(cfg_mod.ConfigError) as e:
+        cfg_mod.load(path)
+    assert needle in str(e.value)
+    assert path in str(e.value)
+
+
+def test_device_points_cartesian(tmp_path):
+    cfg = cfg_mod.load(_write(tmp_path, "sweep: {device_grid: {read_q: [0.0, 0.01], t0: [10.0, 20.0, 40.0]}}\n"))
+    pts = cfg_mod.device_points(cfg)
+    assert len(pts) == 6
+    assert {(p["read_q"], p["t0"]) for p, _ in pts} == {(a, b) for a in (0.0, 0.01) for b in (10.0, 20.0, 40.0)}
+    assert all(float(d.read_q) == p["read_q"] for p, d in pts)
+
+
+def test_cli_rejects_bad_config(tmp_path, capsys):
+    path = _write(tmp_path, "seeed: 1\n")
+    assert cli.main(["run", path, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'seeed'" in err and path in err
+
+
+def test_cli_run_small(tmp_path):
+    path = _write(tmp_path, "model: {epochs: 5}\nsweep: {num_instances: 10, chunk_size: 5, t_read_s: [1.0]}\nprogress: false\n")
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "nvjax.cli", "run", path, "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "mean %" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["points"][0]["n"] == 10
