@@ -2,10 +2,11 @@
 
 Modules (dependencies point one way): ``devices`` → ``encoding`` → ``crossbar`` → ``chip`` →
 ``sweep``; ``models``/``data`` hold the Flax models and bundled data sets; ``config``/``cli`` the
-command line. See DESIGN.md for the specification.
+command line; ``bench`` the throughput benchmark. See DESIGN.md for the specification.
 """
-from . import devices, encoding, crossbar
+from . import chip, config, crossbar, data, devices, encoding, models, sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["devices", "encoding", "crossbar", "__version__"]
+__all__ = ["chip", "config", "crossbar", "data", "devices", "encoding", "models", "sweep",
+           "__version__"]

@@ -84,7 +84,7 @@ def _progress(total, desc):
     return tqdm(total=total, desc=desc, unit="inst", file=sys.stderr, dynamic_ncols=True)
 
 
-def accuracy_instance(model, params, device, config, x, y, times: Sequence[float]):
+def accuracy_instance(model, params, config, x, y, times: Sequence[float]):
     """The instance function of a reliability sweep.
 
     Programs the network (key ``split(key)[0]``), then for each read time ``t_j`` reads it with key
@@ -156,7 +156,7 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print) -> Dict[str, A
         f"({'trained' if trained else 'loaded'} in {timings['model_s']:.1f} s)")
 
     points = cfg_mod.device_points(cfg)
-    fn = accuracy_instance(model, params, None, cfg.tile, x, y, cfg.sweep.t_read_s)
+    fn = accuracy_instance(model, params, cfg.tile, x, y, cfg.sweep.t_read_s)
     compiled = compile_chunk(fn)
     key = jax.random.key(cfg.seed)
     results = []

@@ -28,7 +28,7 @@ def small_sweep():
     x = jax.random.uniform(jax.random.key(0), (40, 64))
     params = model.init(jax.random.key(1), x)
     y = jnp.argmax(model.apply(params, x), -1)  # software predictions as labels
-    fn = sweep.accuracy_instance(model, params, None, xb.TileConfig(), x, y, (1.0, 86400.0))
+    fn = sweep.accuracy_instance(model, params, xb.TileConfig(), x, y, (1.0, 86400.0))
     return fn
 
 
