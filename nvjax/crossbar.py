@@ -32,7 +32,7 @@ from flax import struct
 from . import devices as dev_mod
 from . import encoding
 
-__all__ = ["TileConfig", "Tiles", "tile", "program_tiles", "mvm", "read_weights", "row_tiles",
+__all__ = ["TileConfig", "Tiles", "tile", "program_tiles", "mvm", "read_weights",
            "num_row_tiles", "quantize_symmetric"]
 
 Array = jax.Array
@@ -137,18 +137,6 @@ def num_row_tiles(n_in: int, config: TileConfig) -> int:
     return -(-n_in // config.rows)
 
 
-def row_tiles(a: Array, config: TileConfig, axis: int = -2) -> Array:
-    """Zero-pad ``axis`` (rows, length n_in) to Ti·R and split it into [Ti, R]."""
-    a = jnp.asarray(a)
-    axis = axis % a.ndim
-    n = a.shape[axis]
-    ti = num_row_tiles(n, config)
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (0, ti * config.rows - n)
-    a = jnp.pad(a, pad)
-    return a.reshape(a.shape[:axis] + (ti, config.rows) + a.shape[axis + 1:])
-
-
 def tile(w: Array, device, config: TileConfig = TileConfig()):
     """Target conductances of a weight matrix on differential pairs: (G⁺, G⁻, κ), [n_in, n_out]."""
     w = _check_weight("tile", w)
@@ -200,9 +188,16 @@ def _ref_sum(g_diff, kappa):
     return jnp.sum(jnp.abs(jnp.sum(g_diff, axis=-2) / kappa))
 
 
+def _row_tile_partials(x, w, config: TileConfig):
+    """Partial sums of each row tile, [B, Ti, n_out]: x[:, tile rows] @ w[tile rows] (no padding)."""
+    n = w.shape[0]
+    parts = [x[:, r0:r0 + config.rows] @ w[r0:r0 + config.rows] for r0 in range(0, n, config.rows)]
+    return jnp.stack(parts, axis=1)
+
+
 def _calibrate_adc(w, x, config: TileConfig):
     x = jnp.asarray(x)
-    part = jnp.abs(jnp.einsum("bir,irc->bic", row_tiles(x, config, axis=1), row_tiles(w, config)))
+    part = jnp.abs(_row_tile_partials(x, w, config))
     if config.adc_range == "max":
         s = jnp.max(part, axis=0)
     else:
@@ -277,7 +272,7 @@ def _periphery_mvm(key, device, kappa, adc_scale, w_eff, x, config: TileConfig):
         s_x = jnp.max(jnp.abs(x), axis=1, keepdims=True)
     if config.ideal_periphery:
         return x @ w_eff
-    part = jnp.einsum("bir,irc->bic", row_tiles(x, config, axis=1), row_tiles(w_eff, config))
+    part = _row_tile_partials(x, w_eff, config)
     g_min, g_max = dev_mod.g_range(device)
     unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
     if config.out_noise > 0:

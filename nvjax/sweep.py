@@ -71,11 +71,21 @@ def run_instances(instance_fn: Callable, sweep_key, num_instances: int, *args,
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *outs)
 
 
-def compile_chunk(instance_fn: Callable) -> Callable:
-    """jit(vmap) of ``instance_fn`` over instance indices: ``f(sweep_key, indices, *args)``."""
+def compile_chunk(instance_fn: Callable, *, vmap_width: Optional[int] = None) -> Callable:
+    """One compiled function for a chunk of instances: ``f(sweep_key, indices, *args)``.
+
+    Args:
+        instance_fn: ``instance_fn(key, *args)`` for one instance.
+        vmap_width: None vmaps the whole chunk (best for small networks); an int runs the chunk
+            as a ``lax.map`` over groups of ``vmap_width`` vmapped instances, which keeps one
+            instance's working set in cache (best for large networks on CPU; 1 = sequential).
+    """
     def chunk_fn(sweep_key, idx, *args):
         keys = instance_keys(sweep_key, idx)
-        return jax.vmap(lambda k: instance_fn(k, *args))(keys)
+        one = lambda k: instance_fn(k, *args)  # noqa: E731
+        if vmap_width is None:
+            return jax.vmap(one)(keys)
+        return jax.lax.map(one, keys, batch_size=vmap_width if vmap_width > 1 else None)
     return jax.jit(chunk_fn)
 
 
