@@ -57,7 +57,7 @@ class TileConfig:
         read_noise: apply the device's read noise / drift on every MVM (False reads programmed g).
         drift_compensation: global drift compensation α = Σ|y_ref(0)|/Σ|y_ref(t)|, x_ref = ones.
         per_column_scale: κ per column instead of per layer.
-        v_read: read voltage, V (cell voltage = x·v_read; used by IR drop and disturb models).
+        v_read: read voltage, V (cell voltage = x·v_read).
     """
     rows: int = 256
     cols: int = 256

@@ -237,4 +237,4 @@ def project_to_codebook(q: Array, codebook) -> Array:
     lo, hi = cb[idx - 1], cb[idx]
     best = jnp.where(mag - lo <= hi - mag, lo, hi)
     best = jnp.where(mag <= cb[0], cb[0], best)
-    return jnp.sign(q) * best
+    return jnp.where(q < 0, -best, best)  # q = 0 maps to the smallest magnitude, as a code

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

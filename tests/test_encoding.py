@@ -264,6 +264,7 @@ def test_favorable_codebook_brute_force(bits, slice_bits, allowed):
     _brute_codebook(8, 2, {0, 2}),        # even gaps: ties exist (e.g. 1 between 0 and 2)
     _brute_codebook(6, 3, {0, 1, 7}),
     [0, 5, 6, 100],
+    _brute_codebook(8, 2, {1, 2}),        # 0 is not a code: q = 0 must map to a code too
 ])
 def test_project_to_codebook_brute_force(codebook):
     top = max(codebook)
@@ -272,9 +273,10 @@ def test_project_to_codebook_brute_force(codebook):
     cb = np.asarray(sorted(codebook))
     # nearest magnitude by brute force; argmin takes the first (= lower) entry on ties
     best = cb[np.argmin(np.abs(np.abs(q)[:, None] - cb[None, :]), axis=1)]
-    np.testing.assert_array_equal(got, np.sign(q) * best)
+    np.testing.assert_array_equal(got, np.where(q < 0, -best, best))
     assert np.all(np.isin(np.abs(got), cb))
-    assert np.all(np.sign(got)[got != 0] == np.sign(q)[got != 0])   # sign kept
+    nz = (got != 0) & (q != 0)
+    assert np.all(np.sign(got)[nz] == np.sign(q)[nz])   # sign kept
 
 
 # --------------------------------------------------------------------------------------------
