@@ -91,3 +91,21 @@ def test_reliability_end_to_end(tmp_path):
     # a rerun reloads the saved weights and gives identical results
     again = sweep.reliability(cfg, out, log=lambda s: None)
     assert again["points"] == summary["points"]
+
+
+@pytest.mark.parametrize("device", [
+    {"kind": "reram"},
+    {"kind": "levels", "params": {"bits": 2, "sigma": 0.05, "g_max": 10}},
+    {"kind": "flash"},
+    {"kind": "ideal", "p_stuck_min": 0.01},
+    {"kind": "pcm", "p_stuck_max": 0.01},
+])
+def test_every_device_kind_runs_from_config(tmp_path, device):
+    cfg = cfg_mod.from_dict({
+        "progress": False, "model": {"hidden": [16], "epochs": 3}, "device": device,
+        "tile": {"dac_bits": 8, "adc_bits": 8, "adc_range": "max"},
+        "sweep": {"num_instances": 6, "chunk_size": 4, "t_read_s": [1.0, 86400.0]},
+    }, cfg_mod.RunConfig)
+    summary = sweep.reliability(cfg, None, log=lambda s: None)
+    assert len(summary["points"]) == 2
+    assert all(0.0 <= p["mean"] <= 1.0 and p["n"] == 6 for p in summary["points"])
