@@ -57,7 +57,12 @@ class TileConfig:
         read_noise: apply the device's read noise / drift on every MVM (False reads programmed g).
         drift_compensation: global drift compensation α = Σ|y_ref(0)|/Σ|y_ref(t)|, x_ref = ones.
         per_column_scale: κ per column instead of per layer.
-        v_read: read voltage, V (cell voltage = x·v_read).
+        v_read: read voltage, V (word-line drive = x·v_read).
+        ir_drop: 'none' (cell voltage = x·v_read), 'first_order' or 'solver' (per-cell voltages
+            from :mod:`nvjax.irdrop`, per tile and input vector; the column currents of the
+            G⁺ and G⁻ tiles are subtracted and scaled back to weight units).
+        r_wire: wire resistance per segment, Ω (default 1 Ω).
+        ir_max_iter, ir_omega: cap and relaxation factor of the IR-drop solver.
     """
     rows: int = 256
     cols: int = 256
@@ -73,8 +78,21 @@ class TileConfig:
     drift_compensation: bool = True
     per_column_scale: bool = False
     v_read: float = 0.2
+    ir_drop: Literal["none", "first_order", "solver"] = "none"
+    r_wire: float = 1.0
+    ir_max_iter: int = 200
+    ir_omega: float = 1.0
 
     def __post_init__(self):
+        if self.ir_drop not in ("none", "first_order", "solver"):
+            raise ValueError("TileConfig.ir_drop must be 'none', 'first_order' or 'solver', got "
+                             f"{self.ir_drop!r}")
+        if self.r_wire < 0:
+            raise ValueError(f"TileConfig.r_wire must be >= 0 Ω, got {self.r_wire}")
+        if not isinstance(self.ir_max_iter, int) or self.ir_max_iter < 1:
+            raise ValueError(f"TileConfig.ir_max_iter must be a positive int, got {self.ir_max_iter!r}")
+        if not 0 < self.ir_omega <= 1:
+            raise ValueError(f"TileConfig.ir_omega must be in (0, 1], got {self.ir_omega}")
         for name in ("rows", "cols"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -218,18 +236,49 @@ def read_weights(key: Array, device, tiles: Tiles, t, config: TileConfig = TileC
     W_eff = (G⁺(t) − G⁻(t))/κ in weight units (not yet drift-compensated) and α the global drift
     compensation factor Σ|y_ref(0)|/Σ|y_ref(t)| (1 when disabled).
     """
+    gp, gm, alpha = _read_pair(key, device, tiles, t, config)
+    return (gp - gm) / tiles.kappa, alpha
+
+
+def _read_pair(key, device, tiles: Tiles, t, config: TileConfig):
+    """(G⁺(t), G⁻(t), α): read conductances (µS) and the drift-compensation factor."""
     if config.read_noise:
         k_p, k_m = jax.random.split(key)
         gp = dev_mod.read(k_p, device, tiles.pos, t)
         gm = dev_mod.read(k_m, device, tiles.neg, t)
     else:
         gp, gm = tiles.pos.g, tiles.neg.g
-    diff = gp - gm
     if config.drift_compensation:
-        alpha = tiles.ref0 / jnp.maximum(_ref_sum(diff, tiles.kappa), 1e-30)
+        alpha = tiles.ref0 / jnp.maximum(_ref_sum(gp - gm, tiles.kappa), 1e-30)
     else:
-        alpha = jnp.ones((), diff.dtype)
-    return diff / tiles.kappa, alpha
+        alpha = jnp.ones((), gp.dtype)
+    return gp, gm, alpha
+
+
+def _ir_partials(gp, gm, kappa, x, config: TileConfig):
+    """Per-row-tile partial sums [B, Ti, n_out] in weight units, with IR drop in every tile."""
+    from . import irdrop
+    n_in, n_out = gp.shape
+    ti, tj = -(-n_in // config.rows), -(-n_out // config.cols)
+    r, c = config.rows, config.cols
+
+    def tiles_of(g):  # zero-conductance padding: cells outside the weight carry no current
+        g = jnp.pad(g, ((0, ti * r - n_in), (0, tj * c - n_out)))
+        return g.reshape(ti, r, tj, c).transpose(0, 2, 1, 3)  # [Ti, Tj, R, C]
+    v = jnp.pad(x, ((0, 0), (0, ti * r - n_in))).reshape(-1, ti, r) * config.v_read
+
+    def column_currents(g, v_in):  # µA arriving at the sense amplifiers of one tile, [C]
+        if config.ir_drop == "first_order":
+            v_cell = irdrop.voltages_first_order(g, v_in, config.r_wire)
+        else:
+            v_cell = irdrop.voltages(g, v_in, config.r_wire, omega=config.ir_omega,
+                                     max_iter=config.ir_max_iter).v_cell
+        return jnp.sum(g * v_cell, axis=0)
+    per_tile = jax.vmap(jax.vmap(column_currents, (0, None)), (0, 0))  # over Tj, then Ti
+    per_batch = jax.vmap(lambda v_b: per_tile(tiles_of(gp), v_b) - per_tile(tiles_of(gm), v_b))
+    cur = per_batch(v)                                      # [B, Ti, Tj, C]
+    cur = cur.reshape(cur.shape[0], ti, tj * c)[:, :, :n_out]
+    return cur / (config.v_read * kappa)
 
 
 def mvm(key: Array, device, tiles: Tiles, x: Array, t, config: TileConfig = TileConfig()):
@@ -254,15 +303,26 @@ def mvm(key: Array, device, tiles: Tiles, x: Array, t, config: TileConfig = Tile
         raise ValueError(f"mvm: expected inputs [B, {tiles.n_in}] (or [{tiles.n_in}]), got shape "
                          f"{tuple(x.shape)}")
     k_read, k_out = jax.random.split(key)
-    w_eff, alpha = read_weights(k_read, device, tiles, t, config)
+    gp, gm, alpha = _read_pair(k_read, device, tiles, t, config)
     tiles = tiles.replace(reads=tiles.reads + jnp.sum(x != 0, axis=0, dtype=jnp.int32))
-    y = _periphery_mvm(k_out, device, tiles.kappa, tiles.adc_scale, w_eff, x, config)
+    if config.ir_drop == "none":
+        w_eff = (gp - gm) / tiles.kappa
+        partials = lambda xq: _row_tile_partials(xq, w_eff, config)  # noqa: E731
+        ideal = lambda xq: xq @ w_eff  # noqa: E731
+    else:
+        partials = lambda xq: _ir_partials(gp, gm, tiles.kappa, xq, config)  # noqa: E731
+        ideal = None
+    y = _periphery_mvm(k_out, device, tiles.kappa, tiles.adc_scale, partials, ideal, x, config)
     y = y * alpha
     return (y[0] if squeeze else y), tiles
 
 
-def _periphery_mvm(key, device, kappa, adc_scale, w_eff, x, config: TileConfig):
-    """DAC → per-row-tile partial sums → output noise → ADC → digital sum. w_eff [n_in, n_out]."""
+def _periphery_mvm(key, device, kappa, adc_scale, partials, ideal, x, config: TileConfig):
+    """DAC → per-row-tile partial sums → output noise → ADC → digital sum.
+
+    ``partials(x) -> [B, Ti, n_out]`` gives the analog partial sums; ``ideal(x)`` (or None) the
+    full product, used when the periphery after the DAC is ideal.
+    """
     if config.dac_bits is not None:
         s_x = (jnp.max(jnp.abs(x), axis=1, keepdims=True) if config.dac_range == "absmax"
                else jnp.full((x.shape[0], 1), config.dac_bound, x.dtype))
@@ -270,9 +330,11 @@ def _periphery_mvm(key, device, kappa, adc_scale, w_eff, x, config: TileConfig):
         x = quantize_symmetric(x, s_x, config.dac_bits)
     else:
         s_x = jnp.max(jnp.abs(x), axis=1, keepdims=True)
-    if config.ideal_periphery:
-        return x @ w_eff
-    part = _row_tile_partials(x, w_eff, config)
+    if ideal is not None and config.adc_bits is None and config.out_noise == 0:
+        return ideal(x)
+    part = partials(x)
+    if config.adc_bits is None and config.out_noise == 0:
+        return jnp.sum(part, axis=1)
     g_min, g_max = dev_mod.g_range(device)
     unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
     if config.out_noise > 0:

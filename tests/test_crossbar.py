@@ -163,3 +163,33 @@ def test_errors():
         xb.TileConfig(adc_range="median")
     with pytest.raises(ValueError, match="rows"):
         xb.TileConfig(rows=0)
+
+
+@pytest.mark.parametrize("method", ["first_order", "solver"])
+def test_ir_drop_zero_resistance_equals_matmul(method):
+    w, x = _w_x(n_in=40, n_out=12, batch=3)
+    cfg = xb.TileConfig(rows=16, cols=8, ir_drop=method, r_wire=0.0)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg)
+    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, cfg)
+    np.testing.assert_allclose(y, x @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_ir_drop_mvm_matches_nodal_solve_of_each_tile():
+    from test_irdrop import _nodal
+    w, x = _w_x(n_in=10, n_out=6, batch=2)
+    cfg = xb.TileConfig(rows=5, cols=4, ir_drop="solver", r_wire=200.0, drift_compensation=False)
+    dev = D.ideal()
+    tiles = xb.program_tiles(jax.random.key(0), dev, w, cfg)
+    y, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 0.0, cfg)
+    gp, gm, kappa = np.asarray(tiles.pos.g, float), np.asarray(tiles.neg.g, float), float(tiles.kappa)
+    ref = np.zeros((2, 6))
+    for b in range(2):
+        for r0 in range(0, 10, 5):
+            for c0 in range(0, 6, 4):
+                v = x[b, r0:r0 + 5].astype(float) * cfg.v_read
+                for g, sgn in ((gp, 1), (gm, -1)):
+                    gt = g[r0:r0 + 5, c0:c0 + 4]
+                    ref[b, c0:c0 + gt.shape[1]] += sgn * (gt * _nodal(gt, v, 200.0)).sum(0)
+    ref /= cfg.v_read * kappa
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert np.abs(np.asarray(y) - x @ w).max() > 1e-3  # the drop is visible
