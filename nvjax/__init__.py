@@ -4,9 +4,9 @@ Modules (dependencies point one way): ``devices`` → ``encoding`` → ``crossba
 ``sweep``; ``models``/``data`` hold the Flax models and bundled data sets; ``config``/``cli`` the
 command line; ``bench`` the throughput benchmark. See DESIGN.md for the specification.
 """
-from . import chip, config, crossbar, data, devices, encoding, irdrop, models, sweep
+from . import chip, config, crossbar, data, devices, disturb, encoding, irdrop, models, sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["chip", "config", "crossbar", "data", "devices", "encoding", "irdrop", "models", "sweep",
-           "__version__"]
+__all__ = ["chip", "config", "crossbar", "data", "devices", "disturb", "encoding", "irdrop", "models",
+           "sweep", "__version__"]

@@ -1,0 +1,74 @@
+"""D7 read disturb: closed form, limits, monotonicity, gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvjax import disturb as R
+
+
+def test_reads_to_failure_closed_form():
+    p = R.pcm_disturb(kappa=0.5)
+    n = R.reads_to_failure(p, 0.25, 6.25, 1.0)
+    expected = 1e8 * np.exp(-(0.25 - 0.2) / 0.05) * (6.25 / 25.0) ** 0.5 * np.exp(0.5)
+    assert float(n) == pytest.approx(expected, rel=1e-5)
+
+
+def test_conductance_hand_case_and_limits():
+    p = R.reram_disturb()
+    g0 = jnp.array([0.0, 10.0, 40.0])
+    # 1e6 reads at V_ref with z = 0: s = 1e6/1e8 = 0.01, move = 0.1·0.01^0.5 = 0.01 of the gap
+    s = R.accumulate(p, jnp.zeros(3), 1e6, 0.2, g0, jnp.zeros(3))
+    np.testing.assert_allclose(s, 0.01, rtol=1e-6)
+    g = R.disturbed_conductance(p, g0, s)
+    np.testing.assert_allclose(g, g0 + (40.0 - g0) * 0.01, rtol=1e-5)
+    # zero reads: no disturb at all
+    s0 = R.accumulate(p, jnp.zeros(3), 0, 0.3, g0, jnp.zeros(3))
+    np.testing.assert_array_equal(R.disturbed_conductance(p, g0, s0), g0)
+    # saturation at G_inf
+    np.testing.assert_allclose(R.disturbed_conductance(p, g0, jnp.full(3, 1e6)), 40.0)
+
+
+def test_batches_accumulate_like_one_batch():
+    p = R.pcm_disturb()
+    g0, z = jnp.array([5.0]), jnp.array([0.3])
+    one = R.accumulate(p, jnp.zeros(1), 3000, 0.22, g0, z)
+    three = R.accumulate(p, R.accumulate(p, R.accumulate(p, jnp.zeros(1), 1000, 0.22, g0, z),
+                                         1000, 0.22, g0, z), 1000, 0.22, g0, z)
+    np.testing.assert_allclose(one, three, rtol=1e-6)
+
+
+def test_monotone_in_reads_and_voltage():
+    p = R.pcm_disturb()
+    g0 = jnp.full(5, 3.0)
+    reads = jnp.array([0.0, 1e3, 1e5, 1e7, 1e9])
+    g = R.disturbed_conductance(p, g0, R.accumulate(p, 0.0, reads, 0.2, g0, 0.0))
+    assert np.all(np.diff(np.asarray(g)) > 0)
+    v = jnp.array([0.1, 0.15, 0.2, 0.25, 0.3])
+    g = R.disturbed_conductance(p, g0, R.accumulate(p, 0.0, 1e5, v, g0, 0.0))
+    assert np.all(np.diff(np.asarray(g)) > 0)
+
+
+def test_spread_is_lognormal():
+    p = R.pcm_disturb()
+    z = R.draw_spread(jax.random.key(0), (100_000,))
+    ln_n = np.log(np.asarray(R.reads_to_failure(p, 0.2, 10.0, z)))
+    assert abs(ln_n.mean() - np.log(1e8)) < 4 * 0.5 / np.sqrt(1e5)
+    assert abs(ln_n.std() - 0.5) < 4 * 0.5 / np.sqrt(2e5)
+
+
+def test_gradients_match_finite_differences():
+    p = R.pcm_disturb(kappa=0.3)
+
+    def f(v, g):
+        s = R.accumulate(p, 0.0, 2e5, v, g, 0.1)
+        return R.disturbed_conductance(p, g, s)
+    dv, dg = jax.grad(f, argnums=(0, 1))(0.23, 8.0)
+    eps = 1e-3
+    fd_v = (f(0.23 + eps, 8.0) - f(0.23 - eps, 8.0)) / (2 * eps)
+    fd_g = (f(0.23, 8.0 + eps) - f(0.23, 8.0 - eps)) / (2 * eps)
+    assert float(dv) == pytest.approx(float(fd_v), rel=1e-2)
+    assert float(dg) == pytest.approx(float(fd_g), rel=1e-2)
+    # finite at zero damage
+    g0 = jax.grad(lambda g: R.disturbed_conductance(p, g, jnp.zeros(())))(5.0)
+    assert np.isfinite(g0)
