@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import crossbar as xb
 from . import devices as dev_mod
@@ -198,7 +198,6 @@ def effective_params(key, chip: Chip, t):
     Equivalent to :func:`apply` when the periphery is ideal (no DAC/ADC/output noise), and cheaper
     to reuse for several batches (one read of the conductances).
     """
-    from flax.traverse_util import unflatten_dict
     flat = flatten_dict(chip.params)
     names = list(chip.tiles)
     for i, name in enumerate(names):

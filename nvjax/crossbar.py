@@ -259,7 +259,7 @@ def _ir_partials(gp, gm, kappa, x, config: TileConfig):
     """Per-row-tile partial sums [B, Ti, n_out] in weight units, with IR drop in every tile."""
     from . import irdrop
     n_in, n_out = gp.shape
-    ti, tj = -(-n_in // config.rows), -(-n_out // config.cols)
+    ti, tj = num_row_tiles(n_in, config), -(-n_out // config.cols)
     r, c = config.rows, config.cols
 
     def tiles_of(g):  # zero-conductance padding: cells outside the weight carry no current
@@ -275,7 +275,8 @@ def _ir_partials(gp, gm, kappa, x, config: TileConfig):
                                      max_iter=config.ir_max_iter).v_cell
         return jnp.sum(g * v_cell, axis=0)
     per_tile = jax.vmap(jax.vmap(column_currents, (0, None)), (0, 0))  # over Tj, then Ti
-    per_batch = jax.vmap(lambda v_b: per_tile(tiles_of(gp), v_b) - per_tile(tiles_of(gm), v_b))
+    tp, tm = tiles_of(gp), tiles_of(gm)
+    per_batch = jax.vmap(lambda v_b: per_tile(tp, v_b) - per_tile(tm, v_b))
     cur = per_batch(v)                                      # [B, Ti, Tj, C]
     cur = cur.reshape(cur.shape[0], ti, tj * c)[:, :, :n_out]
     return cur / (config.v_read * kappa)
