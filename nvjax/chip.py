@@ -39,12 +39,17 @@ class Chip:
         device: the device model (pytree of physics parameters).
         model: the Flax module (static).
         config: the :class:`nvjax.crossbar.TileConfig` (static).
+        placement: None, or layer name → (row_perm [n_in], col_perm [n_out]) int32: logical row i
+            of the layer's weight sits on physical row ``row_perm[i]`` of its tile grid (any row
+            tile), logical column j on physical column ``col_perm[j]``. The tiles (and read
+            counters, disturb state) are stored in the physical layout.
     """
     tiles: Dict[str, Any]
     params: Any
     device: Any
     model: nn.Module = struct.field(pytree_node=False)
     config: xb.TileConfig = struct.field(pytree_node=False)
+    placement: Optional[Dict[str, Any]] = None
 
 
 def _strip_params(params):
@@ -68,8 +73,23 @@ def layer_names(params) -> Tuple[str, ...]:
     return tuple("/".join(k[:-1]) for k in flat if k[-1] == "kernel")
 
 
+def _check_perm(name, what, perm, n):
+    perm = jnp.asarray(perm)
+    if perm.shape != (n,) or not jnp.issubdtype(perm.dtype, jnp.integer):
+        raise ValueError(f"deploy: placement[{name!r}] {what} must be an int array [{n}], got "
+                         f"{perm.dtype} {tuple(perm.shape)}")
+    if dev_mod._is_concrete(perm) and not (jnp.sort(perm) == jnp.arange(n)).all():
+        raise ValueError(f"deploy: placement[{name!r}] {what} is not a permutation of 0..{n - 1}")
+    return perm.astype(jnp.int32)
+
+
+def _inverse(perm):
+    return jnp.argsort(perm)
+
+
 def deploy(key, model: nn.Module, params, device, config: xb.TileConfig = xb.TileConfig(), *,
-           calibration: Optional[jax.Array] = None) -> Chip:
+           calibration: Optional[jax.Array] = None, placement: Optional[Dict[str, Any]] = None
+           ) -> Chip:
     """Program every Dense/Conv kernel of ``params`` onto crossbar tiles.
 
     Args:
@@ -79,6 +99,8 @@ def deploy(key, model: nn.Module, params, device, config: xb.TileConfig = xb.Til
         device: device model from :mod:`nvjax.devices`.
         config: tile options.
         calibration: optional model inputs used to calibrate per-column ADC ranges.
+        placement: optional layer name → (row_perm, col_perm) (see :class:`Chip`); layers not
+            named keep the identity placement.
 
     Returns:
         :class:`Chip`.
@@ -91,11 +113,29 @@ def deploy(key, model: nn.Module, params, device, config: xb.TileConfig = xb.Til
     if not kernels:
         raise ValueError("deploy: the parameter tree has no 'kernel' leaves (Dense/Conv layers)")
     layer_inputs = _layer_inputs(model, params, calibration) if calibration is not None else {}
+    if placement is not None:
+        unknown = set(placement) - set(kernels)
+        if unknown:
+            raise ValueError(f"deploy: placement names unknown layers {sorted(unknown)} "
+                             f"(layers: {list(kernels)})")
+        checked = {}
+        for name, (rp, cp) in placement.items():
+            n_in, n_out = kernel_matrix(kernels[name]).shape
+            checked[name] = (_check_perm(name, "row_perm", rp, n_in),
+                             _check_perm(name, "col_perm", cp, n_out))
+        placement = checked
     tiles = {}
     for i, (name, kernel) in enumerate(kernels.items()):
-        tiles[name] = xb.program_tiles(jax.random.fold_in(key, i), device, kernel_matrix(kernel),
-                                       config, calibration=layer_inputs.get(name))
-    return Chip(tiles=tiles, params=params, device=device, model=model, config=config)
+        w = kernel_matrix(kernel)
+        calib = layer_inputs.get(name)
+        if placement is not None and name in placement:
+            inv_r, inv_c = (_inverse(p) for p in placement[name])
+            w = w[inv_r][:, inv_c]                      # W_phys[row_perm[i], col_perm[j]] = W[i, j]
+            calib = None if calib is None else calib[:, inv_r]
+        tiles[name] = xb.program_tiles(jax.random.fold_in(key, i), device, w, config,
+                                       calibration=calib)
+    return Chip(tiles=tiles, params=params, device=device, model=model, config=config,
+                placement=placement)
 
 
 def _module_name(module: nn.Module) -> str:
@@ -154,7 +194,7 @@ def _layer_inputs(model, params, x):
     return seen
 
 
-def apply(key, chip: Chip, x, t, *, return_chip: bool = False):
+def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bool = False):
     """Run the model with every Dense/Conv layer on its crossbar tiles, read at time ``t``.
 
     Args:
@@ -163,12 +203,17 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False):
         x: model inputs (a batch).
         t: time since programming, s.
         return_chip: also return the chip with updated per-row read counters.
+        return_inputs: also return the crossbar inputs of every layer, dict name → [N, n_in]
+            (the row vectors each layer's tiles were driven with, in physical row order; conv
+            layers: one per patch).
 
     Returns:
-        Model outputs (and the updated chip when ``return_chip``).
+        Model outputs, then the updated chip when ``return_chip``, then the layer inputs when
+        ``return_inputs`` (a tuple when either is set).
     """
     names = list(chip.tiles)
     new_tiles = dict(chip.tiles)
+    inputs = {}
 
     def intercept(next_fun, args, kwargs, context):
         mod = context.module
@@ -178,8 +223,14 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False):
         if name not in new_tiles:
             raise KeyError(f"chip.apply: layer {name!r} was not deployed (deployed: {names})")
         rows, back = _as_rows(mod, jnp.asarray(args[0]))
+        placed = chip.placement is not None and name in chip.placement
+        if placed:
+            rows = rows[:, _inverse(chip.placement[name][0])]   # physical row order
+        inputs[name] = rows
         k = jax.random.fold_in(key, names.index(name))
         y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, chip.config)
+        if placed:
+            y = y[:, chip.placement[name][1]]                   # back to logical columns
         bias = mod.variables["params"].get("bias") if mod.use_bias else None
         if bias is not None:
             y = y + bias
@@ -187,9 +238,14 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False):
 
     with nn.intercept_methods(intercept):
         out = chip.model.apply({"params": chip.params}, x)
+    if not (return_chip or return_inputs):
+        return out
+    res = (out,)
     if return_chip:
-        return out, chip.replace(tiles=new_tiles)
-    return out
+        res += (chip.replace(tiles=new_tiles),)
+    if return_inputs:
+        res += (inputs,)
+    return res
 
 
 def effective_params(key, chip: Chip, t):
@@ -208,6 +264,9 @@ def effective_params(key, chip: Chip, t):
         path = tuple(name.split("/")) + ("kernel",)
         kern = flat[path]
         w = w_eff * alpha
+        if chip.placement is not None and name in chip.placement:
+            rp, cp = chip.placement[name]
+            w = w[rp][:, cp]
         if kern.ndim > 2:
             nd = kern.ndim - 2
             w = w.reshape((kern.shape[-2],) + kern.shape[:nd] + (kern.shape[-1],))

@@ -14,9 +14,11 @@ from typing import Dict, Literal, Optional, Tuple, Union
 from . import devices as dev_mod
 from ._strict import ConfigError, from_dict, load_yaml, to_dict
 from .crossbar import TileConfig
+from .lifetime import LifetimeConfig
 
 __all__ = ["ConfigError", "ModelConfig", "DeviceConfig", "SweepConfig", "RunConfig", "load",
-           "from_dict", "to_dict", "make_device", "device_points"]
+           "from_dict", "to_dict", "make_device", "device_points", "DisturbConfig",
+           "LifetimeRunConfig", "load_lifetime", "make_disturb", "load_any"]
 
 ParamValue = Union[int, float, Tuple[float, ...]]
 
@@ -148,3 +150,95 @@ def device_points(cfg: RunConfig):
 def load(path) -> RunConfig:
     """Load and validate a :class:`RunConfig` from a YAML file."""
     return load_yaml(path, RunConfig)
+
+
+_DISTURB_FIELDS = ("n_ref", "v_ref", "v0", "kappa", "g_ref", "beta", "eps_f", "sigma_ln", "g_inf")
+
+
+@dataclass(frozen=True)
+class DisturbConfig:
+    """D7 read-disturb constants (:mod:`nvjax.disturb`).
+
+    Attributes:
+        preset: 'auto' (the preset of the device kind: PCM or ReRAM; other devices use the PCM
+            constants with g_ref = g_inf = the device's g_max), 'pcm' or 'reram'.
+        params: overrides of :class:`nvjax.disturb.DisturbParams` fields (n_ref, v_ref (V), v0 (V),
+            kappa, g_ref (µS), beta, eps_f, sigma_ln, g_inf (µS)).
+    """
+    preset: Literal["auto", "pcm", "reram"] = "auto"
+    params: Dict[str, float] = field(default_factory=dict)
+
+    def validate(self):
+        for k in self.params:
+            if k not in _DISTURB_FIELDS:
+                raise ValueError(f"params: unknown disturb parameter {k!r} "
+                                 f"(known: {', '.join(_DISTURB_FIELDS)})")
+        for k in ("n_ref", "v0", "g_ref", "beta", "eps_f"):
+            if k in self.params and not self.params[k] > 0:
+                raise ValueError(f"params.{k} must be > 0, got {self.params[k]}")
+        if self.params.get("sigma_ln", 0.0) < 0:
+            raise ValueError(f"params.sigma_ln must be >= 0, got {self.params['sigma_ln']}")
+
+
+def make_disturb(cfg: DisturbConfig, device_cfg: DeviceConfig):
+    """The :class:`nvjax.disturb.DisturbParams` of a config (preset, then overrides)."""
+    from . import disturb as dist_mod
+    preset = cfg.preset
+    if preset == "auto":
+        preset = "reram" if device_cfg.kind == "reram" else "pcm"
+    base = dist_mod.reram_disturb() if preset == "reram" else dist_mod.pcm_disturb()
+    if cfg.preset == "auto" and device_cfg.kind not in ("pcm", "reram"):
+        g_max = float(dev_mod.g_range(make_device(device_cfg))[1])
+        base = base.replace(g_ref=g_max, g_inf=g_max)
+    return base.replace(**{k: float(v) for k, v in cfg.params.items()})
+
+
+@dataclass(frozen=True)
+class LifetimeRunConfig:
+    """Configuration of ``nvjax lifetime`` (inference + drift + disturb + reprogramming).
+
+    Attributes:
+        num_chips: chip instances (chip i uses ``fold_in(key(seed), i)``).
+        chunk_size: chips per compiled chunk.
+        eval_samples: test samples used (None: the whole test set); steps cycle through them.
+    """
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    tile: TileConfig = field(default_factory=TileConfig)
+    disturb: DisturbConfig = field(default_factory=DisturbConfig)
+    lifetime: LifetimeConfig = field(default_factory=LifetimeConfig)
+    num_chips: int = 128
+    chunk_size: int = 32
+    eval_samples: Optional[int] = None
+    progress: bool = True
+
+    def validate(self):
+        if self.num_chips < 1:
+            raise ValueError(f"num_chips must be >= 1, got {self.num_chips}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.eval_samples is not None and self.eval_samples < self.lifetime.batch_size:
+            raise ValueError(f"eval_samples ({self.eval_samples}) must be >= lifetime.batch_size "
+                             f"({self.lifetime.batch_size})")
+        g_min, g_max = (float(v) for v in dev_mod.g_range(make_device(self.device)))
+        g_inf = float(make_disturb(self.disturb, self.device).g_inf)
+        if not g_min <= g_inf <= g_max:
+            raise ValueError(f"disturb: g_inf = {g_inf} µS lies outside the device's range "
+                             f"[{g_min}, {g_max}] µS")
+
+
+def load_lifetime(path) -> LifetimeRunConfig:
+    """Load and validate a :class:`LifetimeRunConfig` from a YAML file."""
+    return load_yaml(path, LifetimeRunConfig)
+
+
+def load_any(path):
+    """Load a config file of any kind: a lifetime config (it has a ``lifetime`` section) or a run
+    config (the reliability sweep)."""
+    import yaml
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if isinstance(raw, dict) and "lifetime" in raw:
+        return load_lifetime(path)
+    return load(path)

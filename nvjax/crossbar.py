@@ -33,7 +33,7 @@ from . import devices as dev_mod
 from . import encoding
 
 __all__ = ["TileConfig", "Tiles", "tile", "program_tiles", "mvm", "read_weights",
-           "num_row_tiles", "quantize_symmetric"]
+           "num_row_tiles", "quantize_symmetric", "cell_voltages", "input_scale"]
 
 Array = jax.Array
 
@@ -255,30 +255,93 @@ def _read_pair(key, device, tiles: Tiles, t, config: TileConfig):
     return gp, gm, alpha
 
 
-def _ir_partials(gp, gm, kappa, x, config: TileConfig):
-    """Per-row-tile partial sums [B, Ti, n_out] in weight units, with IR drop in every tile."""
-    from . import irdrop
-    n_in, n_out = gp.shape
+def _tile_grid(g, config: TileConfig):
+    """A conductance array [n_in, n_out] as its grid of tiles [Ti, Tj, R, C] (zero-G padding:
+    cells outside the weight carry no current)."""
+    n_in, n_out = g.shape
     ti, tj = num_row_tiles(n_in, config), -(-n_out // config.cols)
     r, c = config.rows, config.cols
+    g = jnp.pad(g, ((0, ti * r - n_in), (0, tj * c - n_out)))
+    return g.reshape(ti, r, tj, c).transpose(0, 2, 1, 3)
 
-    def tiles_of(g):  # zero-conductance padding: cells outside the weight carry no current
-        g = jnp.pad(g, ((0, ti * r - n_in), (0, tj * c - n_out)))
-        return g.reshape(ti, r, tj, c).transpose(0, 2, 1, 3)  # [Ti, Tj, R, C]
-    v = jnp.pad(x, ((0, 0), (0, ti * r - n_in))).reshape(-1, ti, r) * config.v_read
+
+def _tile_rows(v, config: TileConfig):
+    """Row drives [B, n_in] → [B, Ti, R] (zero-padded)."""
+    ti = num_row_tiles(v.shape[1], config)
+    return jnp.pad(v, ((0, 0), (0, ti * config.rows - v.shape[1]))).reshape(-1, ti, config.rows)
+
+
+def _tile_cell_voltages(g, v_in, config: TileConfig):
+    """Per-cell voltages [R, C] of one tile for word-line drives ``v_in`` [R] (V)."""
+    from . import irdrop
+    if config.ir_drop == "first_order":
+        return irdrop.voltages_first_order(g, v_in, config.r_wire)
+    return irdrop.voltages(g, v_in, config.r_wire, omega=config.ir_omega,
+                           max_iter=config.ir_max_iter).v_cell
+
+
+def cell_voltages(g: Array, v_rows: Array, config: TileConfig = TileConfig()) -> Array:
+    """Voltage across every cell of one conductance array, tile by tile.
+
+    Args:
+        g: conductances of one array (the G⁺ or the G⁻ side), µS, [n_in, n_out].
+        v_rows: word-line drive voltages, V, [B, n_in].
+        config: tile options; ``ir_drop='none'`` gives every cell of row i the drive v_rows[:, i],
+            otherwise each R × C tile is solved with :mod:`nvjax.irdrop` (zero-G padding).
+
+    Returns:
+        Cell voltages, V, [B, n_in, n_out].
+    """
+    n_in, n_out = g.shape
+    if v_rows.ndim != 2 or v_rows.shape[1] != n_in:
+        raise ValueError(f"cell_voltages: expected v_rows [B, {n_in}], got shape {tuple(v_rows.shape)}")
+    if config.ir_drop == "none":
+        return jnp.broadcast_to(v_rows[:, :, None], (v_rows.shape[0], n_in, n_out)).astype(g.dtype)
+    grid = _tile_grid(g, config)                                   # [Ti, Tj, R, C]
+    vt = _tile_rows(v_rows, config)                                # [B, Ti, R]
+    if config.ir_drop == "first_order":  # batched closed form, one tile at a time
+        from . import irdrop
+        one = lambda gt, v: irdrop.voltages_first_order(gt, v, config.r_wire)  # noqa: E731
+        v = jax.vmap(jax.vmap(one, (0, None)), (0, 1))(grid, vt)   # [Ti, Tj, B, R, C]
+        v = v.transpose(2, 0, 1, 3, 4)
+    else:
+        per_tile = jax.vmap(jax.vmap(lambda gt, v: _tile_cell_voltages(gt, v, config), (0, None)),
+                            (0, 0))
+        v = jax.vmap(lambda vb: per_tile(grid, vb))(vt)            # [B, Ti, Tj, R, C]
+    b, ti, tj, r, c = v.shape
+    v = v.transpose(0, 1, 3, 2, 4).reshape(b, ti * r, tj * c)
+    return v[:, :n_in, :n_out]
+
+
+def _ir_partials(gp, gm, kappa, x, config: TileConfig):
+    """Per-row-tile partial sums [B, Ti, n_out] in weight units, with IR drop in every tile."""
+    n_in, n_out = gp.shape
+    ti, tj = num_row_tiles(n_in, config), -(-n_out // config.cols)
+    v = _tile_rows(x, config) * config.v_read
 
     def column_currents(g, v_in):  # µA arriving at the sense amplifiers of one tile, [C]
-        if config.ir_drop == "first_order":
-            v_cell = irdrop.voltages_first_order(g, v_in, config.r_wire)
-        else:
-            v_cell = irdrop.voltages(g, v_in, config.r_wire, omega=config.ir_omega,
-                                     max_iter=config.ir_max_iter).v_cell
-        return jnp.sum(g * v_cell, axis=0)
+        return jnp.sum(g * _tile_cell_voltages(g, v_in, config), axis=0)
+    tp, tm = _tile_grid(gp, config), _tile_grid(gm, config)
+    if config.ir_drop == "first_order":  # linear in the drives: one transfer matrix per tile
+        from . import irdrop
+        transfer = jax.vmap(jax.vmap(lambda g: irdrop.first_order_transfer(g, config.r_wire)))
+        m = transfer(tp) - transfer(tm)                     # [Ti, Tj, R, C]
+        m = m.transpose(0, 2, 1, 3).reshape(ti, config.rows, tj * config.cols)[:, :, :n_out]
+        cur = jnp.einsum("bti,tij->btj", v, m)
+        return cur / (config.v_read * kappa)
     per_tile = jax.vmap(jax.vmap(column_currents, (0, None)), (0, 0))  # over Tj, then Ti
-    tp, tm = tiles_of(gp), tiles_of(gm)
     per_batch = jax.vmap(lambda v_b: per_tile(tp, v_b) - per_tile(tm, v_b))
-    cur = per_batch(v)                                      # [B, Ti, Tj, C]
-    cur = cur.reshape(cur.shape[0], ti, tj * c)[:, :, :n_out]
+    if v.shape[0] > config.rows:
+        # The wire network is linear for fixed conductances, so the column currents are linear in
+        # the drives: solve once per unit drive of each row (R solves instead of B) and multiply.
+        basis = jnp.broadcast_to(jnp.eye(config.rows, dtype=v.dtype)[:, None, :],
+                                 (config.rows, ti, config.rows))
+        m = per_batch(basis)                                # [R (unit row), Ti, Tj, C] per volt
+        m = m.reshape(config.rows, ti, tj * config.cols)[:, :, :n_out]
+        cur = jnp.einsum("bti,itj->btj", v, m)
+    else:
+        cur = per_batch(v)                                  # [B, Ti, Tj, C]
+        cur = cur.reshape(cur.shape[0], ti, tj * config.cols)[:, :, :n_out]
     return cur / (config.v_read * kappa)
 
 
@@ -318,6 +381,16 @@ def mvm(key: Array, device, tiles: Tiles, x: Array, t, config: TileConfig = Tile
     return (y[0] if squeeze else y), tiles
 
 
+def input_scale(x: Array, config: TileConfig = TileConfig()) -> Array:
+    """The DAC's full-scale input s_x per input vector, [B, 1]: max|x| ('absmax', 1 for an all-zero
+    vector) or ``dac_bound`` ('fixed'). The word line of input x is driven at v_read·x/s_x (V)."""
+    x = jnp.asarray(x)
+    if config.dac_range == "fixed":
+        return jnp.full((x.shape[0], 1), config.dac_bound, x.dtype)
+    s_x = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+    return jnp.where(s_x > 0, s_x, 1.0)
+
+
 def _periphery_mvm(key, device, kappa, adc_scale, partials, ideal, x, config: TileConfig):
     """DAC → per-row-tile partial sums → output noise → ADC → digital sum.
 
@@ -325,9 +398,7 @@ def _periphery_mvm(key, device, kappa, adc_scale, partials, ideal, x, config: Ti
     full product, used when the periphery after the DAC is ideal.
     """
     if config.dac_bits is not None:
-        s_x = (jnp.max(jnp.abs(x), axis=1, keepdims=True) if config.dac_range == "absmax"
-               else jnp.full((x.shape[0], 1), config.dac_bound, x.dtype))
-        s_x = jnp.where(s_x > 0, s_x, 1.0)
+        s_x = input_scale(x, config)
         x = quantize_symmetric(x, s_x, config.dac_bits)
     else:
         s_x = jnp.max(jnp.abs(x), axis=1, keepdims=True)

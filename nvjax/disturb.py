@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import struct
 
 __all__ = ["DisturbParams", "pcm_disturb", "reram_disturb", "draw_spread", "reads_to_failure",
-           "accumulate", "disturbed_conductance"]
+           "accumulate", "accumulate_batch", "disturbed_conductance"]
 
 
 @struct.dataclass
@@ -80,6 +80,24 @@ def accumulate(params: DisturbParams, damage, num_reads, v, g0, spread) -> jax.A
         spread: per-cell z of :func:`draw_spread`.
     """
     return damage + jnp.asarray(num_reads, jnp.float32) / reads_to_failure(params, jnp.abs(v), g0, spread)
+
+
+def accumulate_batch(params: DisturbParams, damage, num_reads, v, g0, spread) -> jax.Array:
+    """Damage after reads at several voltages: s + Σ_b n_b/N_D(|v_b|, G0), summed over axis 0.
+
+    Equal to applying :func:`accumulate` for every b in turn, computed in the factorized form
+    1/N_D(V, G) = exp((|V| − V_ref)/V_0)/N_D(V_ref, G) (one exponential per read and one
+    N_D(V_ref, G0) per cell).
+
+    Args:
+        damage: accumulated damage s, shape S (e.g. [n_in, n_out]).
+        num_reads: reads at each voltage, [B, ...] broadcastable to [B, *S] (e.g. [B, n_in, 1]).
+        v: cell voltages, V, [B, ...] broadcastable to [B, *S].
+        g0, spread: programmed conductance (µS) and spread z, shape S.
+    """
+    rate = jnp.sum(jnp.asarray(num_reads, jnp.float32)
+                   * jnp.exp((jnp.abs(jnp.asarray(v)) - params.v_ref) / params.v0), axis=0)
+    return damage + rate / reads_to_failure(params, params.v_ref, g0, spread)
 
 
 def disturbed_conductance(params: DisturbParams, g0, damage) -> jax.Array:

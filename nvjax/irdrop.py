@@ -13,6 +13,7 @@ of Sandia CrossSim's parasitic solver, written here from the circuit equations):
     I ← I + ω·(G·(V^row(I) − V^col(I)) − I)
 
 * :func:`voltages_first_order` — one step from the ideal currents G·v_in (first-order form);
+  :func:`first_order_transfer` — its column currents as a linear map of the drives;
 * :func:`voltages` — the iteration under ``lax.while_loop`` with a cap and a converged flag, or a
   fixed number of steps under ``lax.fori_loop`` (``num_iter``), which reverse-mode ``jax.grad``
   can differentiate.
@@ -26,7 +27,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IRDropResult", "wire_voltages", "voltages_first_order", "voltages"]
+__all__ = ["IRDropResult", "wire_voltages", "voltages_first_order", "first_order_transfer",
+           "voltages"]
 
 
 class IRDropResult(NamedTuple):
@@ -42,8 +44,25 @@ class IRDropResult(NamedTuple):
     num_iter: jax.Array
 
 
+def _ladders(rows: int, cols: int, dtype):
+    """Resistor-ladder matrices: A[k, j] = min(k, j) + 1 (word-line segments between the driver and
+    node j that carry cell k's current), B[i, k] = R − max(i, k) (bit-line segments between node i
+    and the sense amplifier that carry cell k's current)."""
+    kc = jnp.arange(cols)
+    a = (jnp.minimum(kc[:, None], kc[None, :]) + 1).astype(dtype)
+    kr = jnp.arange(rows)
+    b = (rows - jnp.maximum(kr[:, None], kr[None, :])).astype(dtype)
+    return a, b
+
+
+_HI = jax.lax.Precision.HIGHEST
+
+
 def wire_voltages(i_cell: jax.Array, v_in: jax.Array, r_wire):
     """Word-line and bit-line node voltages (V) for given cell currents (µA).
+
+    The ladders are summed as matrix products with :func:`_ladders` (on CPU, XLA's cumulative sums
+    are quadratic reduce-windows; the products are as cheap and run at matmul speed).
 
     Args:
         i_cell: cell currents, µA, [R, C].
@@ -54,12 +73,11 @@ def wire_voltages(i_cell: jax.Array, v_in: jax.Array, r_wire):
         (v_row, v_col), V, each [R, C].
     """
     r = r_wire * 1e-6  # Ω·µA = µV → V
-    # Word line: segment k (feeding node k) carries the currents of cells k..C-1.
-    seg_row = jnp.flip(jnp.cumsum(jnp.flip(i_cell, -1), -1), -1)
-    v_row = v_in[:, None] - r * jnp.cumsum(seg_row, -1)
-    # Bit line: the segment below node i carries the currents of cells 0..i.
-    seg_col = jnp.cumsum(i_cell, 0)
-    v_col = r * jnp.flip(jnp.cumsum(jnp.flip(seg_col, 0), 0), 0)
+    a, b = _ladders(i_cell.shape[0], i_cell.shape[1], i_cell.dtype)
+    # Word line: node j drops by the currents of segments 0..j, segment s carrying cells s..C-1.
+    v_row = v_in[:, None] - r * jnp.matmul(i_cell, a, precision=_HI)
+    # Bit line: node i sits above segments i..R-1, segment s carrying cells 0..s.
+    v_col = r * jnp.matmul(b, i_cell, precision=_HI)
     return v_row, v_col
 
 
@@ -68,14 +86,32 @@ def voltages_first_order(g: jax.Array, v_in: jax.Array, r_wire) -> jax.Array:
 
     Args:
         g: conductances, µS, [R, C].
-        v_in: word-line drive voltages, V, [R].
+        v_in: word-line drive voltages, V, [R] or a batch [B, R].
         r_wire: Ω per segment.
 
     Returns:
-        Cell voltages, V, [R, C].
+        Cell voltages, V, [R, C] (or [B, R, C]).
     """
-    v_row, v_col = wire_voltages(g * v_in[:, None], v_in, r_wire)
-    return v_row - v_col
+    g = jnp.asarray(g)
+    v_in = jnp.asarray(v_in, g.dtype)
+    r = r_wire * 1e-6
+    a, b = _ladders(g.shape[0], g.shape[1], g.dtype)
+    # Row drops scale with the row's own drive: (diag(v)·G)·A = diag(v)·(G·A).
+    row = v_in[..., :, None] * (1.0 - r * jnp.matmul(g, a, precision=_HI))
+    col = r * jnp.matmul(b * v_in[..., None, :], g, precision=_HI)
+    return row - col
+
+
+def first_order_transfer(g: jax.Array, r_wire) -> jax.Array:
+    """Column currents per volt of row drive under first-order IR drop, [R, C] (µA/V = µS).
+
+    The first-order network is linear in the drives: the column currents are ``v_in @ M`` with
+    M = G ⊙ (1 − r·G·A − r·B·G) (:func:`_ladders`), so a batch of inputs costs one matmul.
+    """
+    g = jnp.asarray(g)
+    r = r_wire * 1e-6
+    a, b = _ladders(g.shape[0], g.shape[1], g.dtype)
+    return g * (1.0 - r * jnp.matmul(g, a, precision=_HI) - r * jnp.matmul(b, g, precision=_HI))
 
 
 def voltages(g: jax.Array, v_in: jax.Array, r_wire, *, omega: float = 1.0, tol: float = 1e-6,

@@ -90,3 +90,34 @@ def test_errors():
         C.deploy(jax.random.key(0), Nested(), {"params": {"a": {"bias": jnp.zeros(3)}}}, D.ideal())
     with pytest.raises(TypeError, match="expected a device"):
         C.deploy(jax.random.key(0), Nested(), {}, "pcm")
+
+
+def test_placement_moves_weights_not_the_function():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+    rp = jax.random.permutation(jax.random.key(5), 11).astype(jnp.int32)
+    cp = jax.random.permutation(jax.random.key(6), 7).astype(jnp.int32)
+    cfg = xb.TileConfig(rows=4, cols=3)
+    placed = C.deploy(jax.random.key(2), model, params, D.ideal(), cfg, placement={"enc": (rp, cp)})
+    plain = C.deploy(jax.random.key(2), model, params, D.ideal(), cfg)
+    # weight (i, j) sits on physical cell (rp[i], cp[j])
+    np.testing.assert_array_equal(np.asarray(placed.tiles["enc"].pos.g)[np.ix_(rp, cp)],
+                                  plain.tiles["enc"].pos.g)
+    out = C.apply(jax.random.key(3), placed, x, 0.0)
+    np.testing.assert_allclose(out, model.apply(params, x), rtol=1e-4, atol=1e-5)
+    eff = C.effective_params(jax.random.key(3), placed, 0.0)
+    np.testing.assert_allclose(eff["enc"]["kernel"], params["params"]["enc"]["kernel"], rtol=1e-5,
+                               atol=1e-6)
+    _, ins = C.apply(jax.random.key(3), placed, x, 0.0, return_inputs=True)
+    np.testing.assert_array_equal(np.asarray(ins["enc"])[:, rp], x)   # physical row order
+    # with IR drop the physical position matters
+    cfg_ir = xb.TileConfig(rows=4, cols=3, ir_drop="first_order", r_wire=2000.0)
+    a = C.apply(jax.random.key(3), C.deploy(jax.random.key(2), model, params, D.ideal(), cfg_ir,
+                                            placement={"enc": (rp, cp)}), x, 0.0)
+    b = C.apply(jax.random.key(3), C.deploy(jax.random.key(2), model, params, D.ideal(), cfg_ir), x, 0.0)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
+    with pytest.raises(ValueError, match="not a permutation"):
+        C.deploy(jax.random.key(2), model, params, D.ideal(), cfg,
+                 placement={"enc": (jnp.zeros(11, jnp.int32), cp)})
+    with pytest.raises(ValueError, match="unknown layers"):
+        C.deploy(jax.random.key(2), model, params, D.ideal(), cfg, placement={"dec": (rp, cp)})

@@ -193,3 +193,40 @@ def test_ir_drop_mvm_matches_nodal_solve_of_each_tile():
     ref /= cfg.v_read * kappa
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     assert np.abs(np.asarray(y) - x @ w).max() > 1e-3  # the drop is visible
+
+
+@pytest.mark.parametrize("method", ["first_order", "solver"])
+def test_ir_drop_large_batch_uses_linearity(method):
+    """B > R takes the unit-drive path (the network is linear in the drives): it must equal the
+    per-input solves of B <= R batches."""
+    w, x = _w_x(n_in=10, n_out=6, batch=12)
+    cfg = xb.TileConfig(rows=5, cols=4, ir_drop=method, r_wire=200.0, drift_compensation=False)
+    dev = D.ideal()
+    tiles = xb.program_tiles(jax.random.key(0), dev, w, cfg)
+    y_big, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 0.0, cfg)
+    y_small = np.concatenate([xb.mvm(jax.random.key(1), dev, tiles, x[i:i + 4], 0.0, cfg)[0]
+                              for i in range(0, 12, 4)])
+    np.testing.assert_allclose(y_big, y_small, rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(y_big) - x @ w).max() > 1e-3
+
+
+def test_cell_voltages_per_tile_match_irdrop():
+    from nvjax import irdrop
+    g = jax.random.uniform(jax.random.key(3), (10, 6), minval=0.0, maxval=25.0)
+    v = jax.random.uniform(jax.random.key(4), (3, 10), maxval=0.2)
+    cfg = xb.TileConfig(rows=5, cols=4, ir_drop="first_order", r_wire=50.0)
+    vc = xb.cell_voltages(g, v, cfg)
+    assert vc.shape == (3, 10, 6)
+    for b in range(3):
+        for r0 in range(0, 10, 5):
+            for c0 in range(0, 6, 4):
+                gt = np.zeros((5, 4))
+                blk = np.asarray(g[r0:r0 + 5, c0:c0 + 4])
+                gt[:, :blk.shape[1]] = blk
+                ref = irdrop.voltages_first_order(jnp.asarray(gt), v[b, r0:r0 + 5], 50.0)
+                np.testing.assert_allclose(vc[b, r0:r0 + 5, c0:c0 + 4], ref[:, :blk.shape[1]],
+                                           rtol=1e-6, atol=1e-7)
+    none = xb.cell_voltages(g, v, xb.TileConfig(rows=5, cols=4))
+    np.testing.assert_array_equal(none, np.broadcast_to(np.asarray(v)[:, :, None], (3, 10, 6)))
+    with pytest.raises(ValueError, match="v_rows"):
+        xb.cell_voltages(g, v[:, :5], cfg)

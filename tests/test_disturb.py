@@ -72,3 +72,16 @@ def test_gradients_match_finite_differences():
     # finite at zero damage
     g0 = jax.grad(lambda g: R.disturbed_conductance(p, g, jnp.zeros(())))(5.0)
     assert np.isfinite(g0)
+
+
+def test_accumulate_batch_equals_reads_one_voltage_at_a_time():
+    p = R.pcm_disturb(kappa=0.7)
+    g0 = jnp.array([[2.0, 20.0], [10.0, 5.0]])
+    z = jnp.array([[0.3, -1.0], [0.0, 2.0]])
+    v = jnp.array([[[0.1, 0.25], [0.3, 0.0]], [[0.2, 0.2], [-0.35, 0.15]], [[0.0, 0.0], [0.4, 0.05]]])
+    n = jnp.array([[[1e4], [2e4]], [[5e3], [0.0]], [[7e3], [1e3]]])        # per row, [B, 2, 1]
+    d = jnp.full((2, 2), 0.01)
+    seq = d
+    for b in range(3):
+        seq = R.accumulate(p, seq, n[b], v[b], g0, z)
+    np.testing.assert_allclose(R.accumulate_batch(p, d, n, v, g0, z), seq, rtol=1e-5)

@@ -97,3 +97,20 @@ def test_fixed_iterations_are_differentiable_and_vmappable():
 def test_bad_shapes():
     with pytest.raises(ValueError, match="v_in"):
         irdrop.voltages(jnp.ones((3, 4)), jnp.ones(4), 1.0)
+
+
+def test_first_order_batch_and_transfer_are_the_linear_map_of_the_drives():
+    g = jax.random.uniform(jax.random.key(0), (7, 5), minval=0.0, maxval=40.0)
+    v = jax.random.uniform(jax.random.key(1), (4, 7), maxval=0.2)
+    r = 80.0
+    batch = irdrop.voltages_first_order(g, v, r)
+    for b in range(4):
+        np.testing.assert_allclose(batch[b], irdrop.voltages_first_order(g, v[b], r), rtol=1e-6)
+        # hand-written first order: drops from the ideal currents, ladders summed cell by cell
+        i0 = np.asarray(g, float) * np.asarray(v[b], float)[:, None]
+        v_row = np.asarray(v[b], float)[:, None] - r * 1e-6 * np.cumsum(
+            np.cumsum(i0[:, ::-1], 1)[:, ::-1], 1)
+        v_col = r * 1e-6 * np.cumsum(np.cumsum(i0, 0)[::-1], 0)[::-1]
+        np.testing.assert_allclose(batch[b], v_row - v_col, rtol=1e-5, atol=1e-9)
+    m = irdrop.first_order_transfer(g, r)
+    np.testing.assert_allclose(v @ m, jnp.sum(g * batch, axis=1), rtol=1e-5)

@@ -1,0 +1,579 @@
+"""The lifetime loop: a deployed chip over its working life (DESIGN.md §8).
+
+A chip is programmed once, then serves inferences. One **step** stands for
+``inferences_per_step`` inferences and simulates a batch of ``batch_size`` real inputs (cycling
+through the evaluation set) on the chip as it is now:
+
+1. crossbar MVMs of the batch (drift and read noise at the current time since programming,
+   conductances moved by read disturb so far); every layer's inputs are recorded;
+2. read disturb (D7, :mod:`nvjax.disturb`): a row is read by an inference when its input is
+   non-zero; its word line is driven at ``v_read·x/s_x`` (the DAC's full scale s_x maps to
+   ``v_read``), and every cell sees that voltage (``ir_drop='none'``) or its IR-drop voltage
+   (:func:`nvjax.crossbar.cell_voltages`, from the current conductances). Each simulated input
+   stands for ``inferences_per_step / batch_size`` inferences, so the damage of a cell grows by
+   ``Σ_b n_b/N_D(V_b, G0)`` with ``n_b = [x_b ≠ 0]·inferences_per_step/batch_size``;
+3. time advances by ``inferences_per_step / inference_rate_hz`` seconds (drift).
+
+Every ``eval_every`` steps the chip's accuracy is evaluated on the whole evaluation set and the
+**reprogramming policy** is applied: ``'accuracy'`` reprograms when the accuracy falls more than
+``accuracy_drop`` below the chip's *fresh* accuracy (measured right after each programming: t = 0,
+no reads); ``'conductance_error'`` when the largest disturb displacement of any cell,
+max|G − G0|/(g_max − g_min), exceeds ``g_error_max``; ``'none'`` never. With ``patience`` p the
+condition must hold at p consecutive evaluations (a measured accuracy is itself noisy). Reprogramming is a new
+programming draw (programming r of a chip uses ``fold_in(k_program, r)``) that resets damage,
+read counters and time; the chip's device-to-device properties stay: the ln N_D spread and the
+stuck-at mask are drawn once per chip. Decisions are taken at evaluation points, so intervals are
+resolved to ``eval_every·inferences_per_step`` inferences.
+
+Everything runs as one jitted function of the chip key: ``lax.scan`` over evaluation points with
+an inner ``lax.scan`` over steps, ``vmap`` over chips (:func:`run`).
+
+This module imports ``chip``, ``crossbar``, ``devices``, ``disturb`` and ``sweep``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Literal, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from . import chip as chip_mod
+from . import crossbar as xb
+from . import devices as dev_mod
+from . import disturb as dist_mod
+
+__all__ = ["LifetimeConfig", "LifetimeState", "LifetimeRecord", "Lifetime", "lifetime", "run",
+           "eval_inferences", "reprogram_events", "summarize", "run_config", "write", "plot",
+           "format_report"]
+
+Array = jax.Array
+
+# Sub-key tags of a chip key (fold_in(chip_key, tag)).
+_K_PROGRAM, _K_SPREAD, _K_STEP, _K_EVAL, _K_FRESH = range(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class LifetimeConfig:
+    """Static options of the lifetime loop (hashable).
+
+    Attributes:
+        num_steps: scan steps (multiple of ``eval_every``).
+        inferences_per_step: inferences one step stands for.
+        eval_every: steps between accuracy evaluations / policy decisions.
+        batch_size: real inputs simulated per step (cycling through the evaluation set).
+        inference_rate_hz: inferences per second (sets the drift time of a step).
+        policy: 'accuracy', 'conductance_error' or 'none'.
+        accuracy_drop: 'accuracy' policy: reprogram below fresh accuracy − this (fraction, 0.01 = 1 %).
+        patience: consecutive evaluations past the threshold before the policy reprograms (1 =
+            at the first; more filters out the evaluation's own sampling and read noise).
+        g_error_max: 'conductance_error' policy: threshold of max|G − G0|/(g_max − g_min).
+    """
+    num_steps: int = 100
+    inferences_per_step: float = 1e6
+    eval_every: int = 1
+    batch_size: int = 32
+    inference_rate_hz: float = 1e3
+    policy: Literal["accuracy", "conductance_error", "none"] = "accuracy"
+    accuracy_drop: float = 0.01
+    g_error_max: float = 0.05
+    patience: int = 1
+
+    def __post_init__(self):
+        for name in ("num_steps", "eval_every", "batch_size", "patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"LifetimeConfig.{name} must be a positive int, got {v!r}")
+        if self.num_steps % self.eval_every:
+            raise ValueError(f"LifetimeConfig.num_steps ({self.num_steps}) must be a multiple of "
+                             f"eval_every ({self.eval_every})")
+        for name in ("inferences_per_step", "inference_rate_hz"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LifetimeConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.policy not in ("accuracy", "conductance_error", "none"):
+            raise ValueError("LifetimeConfig.policy must be 'accuracy', 'conductance_error' or "
+                             f"'none', got {self.policy!r}")
+        if not 0 <= self.accuracy_drop < 1:
+            raise ValueError(f"LifetimeConfig.accuracy_drop must be in [0, 1), got {self.accuracy_drop}")
+        if not self.g_error_max > 0:
+            raise ValueError(f"LifetimeConfig.g_error_max must be > 0, got {self.g_error_max}")
+
+    @property
+    def num_evals(self) -> int:
+        return self.num_steps // self.eval_every
+
+    @property
+    def dt_s(self) -> float:
+        """Seconds per step."""
+        return self.inferences_per_step / self.inference_rate_hz
+
+
+@struct.dataclass
+class LifetimeState:
+    """One chip's state (pytree).
+
+    Attributes:
+        key: the chip's root key (every draw derives from it and a counter).
+        chip: the programmed chip (``g`` of its cell states = programmed, undisturbed conductances).
+        damage: layer → (damage of the G⁺ cells, of the G⁻ cells), each [n_in, n_out].
+        spread: layer → (z of the G⁺ cells, of the G⁻ cells): ln N_D spread, fixed per chip.
+        reads: layer → reads of every row since programming, float32 [n_in].
+        t: time since programming, s.
+        inferences: inferences since programming.
+        num_programs: programmings so far (1 after :meth:`Lifetime.init`), int32.
+        fresh_accuracy: accuracy right after the latest programming.
+        below: consecutive evaluations past the policy's threshold, int32.
+        step: steps taken, int32.
+    """
+    key: Array
+    chip: chip_mod.Chip
+    damage: Dict[str, Any]
+    spread: Dict[str, Any]
+    reads: Dict[str, Array]
+    t: Array
+    inferences: Array
+    num_programs: Array
+    fresh_accuracy: Array
+    below: Array
+    step: Array
+
+
+class LifetimeRecord(NamedTuple):
+    """What is recorded at each evaluation point (before the policy acts)."""
+    accuracy: Array          # accuracy on the evaluation set
+    fresh_accuracy: Array    # fresh accuracy of the programming in effect
+    g_error: Array           # max|G − G0|/(g_max − g_min) over all cells
+    reprogrammed: Array      # the policy reprogrammed the chip here
+    t_s: Array               # time since programming, s
+    inferences_since: Array  # inferences since programming
+    max_row_reads: Array     # most reads of any row since programming
+
+
+class Lifetime(NamedTuple):
+    """The pure functions of one lifetime simulation (made by :func:`lifetime`).
+
+    ``init(key) -> state``; ``batch(s) -> inputs of step s``; ``step(state, x) -> state``;
+    ``evaluate(state, e) -> accuracy``; ``check(state, accuracy) -> (state, record)``;
+    ``simulate(key) -> (state, record with a leading [num_evals] axis)``.
+    """
+    init: Callable
+    batch: Callable
+    step: Callable
+    evaluate: Callable
+    check: Callable
+    simulate: Callable
+    config: LifetimeConfig
+
+
+def _select(pred, a, b):
+    return jax.tree_util.tree_map(lambda u, v: jnp.where(pred, u, v), a, b)
+
+
+def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mod.DisturbParams,
+             x, y, config: LifetimeConfig = LifetimeConfig(), *,
+             placement: Optional[Dict[str, Any]] = None) -> Lifetime:
+    """Build the lifetime simulation of a network deployed on crossbars.
+
+    Args:
+        model, params: the Flax model and its trained parameters (deployed with
+            :func:`nvjax.chip.deploy`).
+        device: device model from :mod:`nvjax.devices`.
+        tile_config: crossbar options (``v_read``, ``ir_drop``, periphery, ...).
+        disturb: D7 parameters (:func:`nvjax.disturb.pcm_disturb` / ``reram_disturb``).
+        x, y: evaluation inputs [N, ...] and integer labels [N]; steps cycle through ``x``.
+        config: :class:`LifetimeConfig`.
+        placement: optional layer name → (row_perm, col_perm) of :func:`nvjax.chip.deploy`: where
+            each weight sits in its tile grid (what read-disturb-aware placement optimizes).
+
+    Returns:
+        :class:`Lifetime`, whose ``simulate(key)`` runs one chip.
+
+    Example:
+        >>> import jax, nvjax
+        >>> # fns = nvjax.lifetime.lifetime(model, params, nvjax.devices.pcm(),
+        >>> #                               nvjax.crossbar.TileConfig(), nvjax.disturb.pcm_disturb(),
+        >>> #                               x_test, y_test)
+        >>> # state, record = jax.jit(fns.simulate)(jax.random.key(0))
+    """
+    if not isinstance(device, dev_mod._DEVICE_TYPES):
+        raise dev_mod._bad_device(device)
+    if not isinstance(disturb, dist_mod.DisturbParams):
+        raise TypeError(f"lifetime: disturb must be a DisturbParams, got {type(disturb).__name__}")
+    g_min, g_max = dev_mod.g_range(device)
+    if dev_mod._is_concrete(disturb.g_inf) and dev_mod._is_concrete(g_max):
+        if not float(g_min) <= float(disturb.g_inf) <= float(g_max):
+            raise ValueError(f"lifetime: disturb.g_inf = {float(disturb.g_inf)} µS lies outside the "
+                             f"device's range [{float(g_min)}, {float(g_max)}] µS")
+    x = jnp.asarray(x)
+    y = jnp.asarray(y)
+    if x.shape[0] != y.shape[0] or y.ndim != 1:
+        raise ValueError(f"lifetime: expected x [N, ...] and labels y [N], got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    if config.batch_size > x.shape[0]:
+        raise ValueError(f"lifetime: batch_size {config.batch_size} exceeds the {x.shape[0]} "
+                         "evaluation inputs")
+    n_data = x.shape[0]
+    g_span = g_max - g_min
+    reads_per_input = config.inferences_per_step / config.batch_size
+
+    def program(key, r, stuck_from=None):
+        chip = chip_mod.deploy(jax.random.fold_in(jax.random.fold_in(key, _K_PROGRAM), r),
+                               model, params, device, tile_config, placement=placement)
+        if stuck_from is None:
+            return chip
+        tiles = {}
+        for name, t in chip.tiles.items():  # the chip's faults do not change on reprogramming
+            old = stuck_from.tiles[name]
+            tiles[name] = t.replace(pos=_keep_faults(device, t.pos, old.pos),
+                                    neg=_keep_faults(device, t.neg, old.neg))
+        return chip.replace(tiles=tiles)
+
+    def disturbed_chip(state):
+        tiles = {}
+        for name, t in state.chip.tiles.items():
+            dp, dm = state.damage[name]
+            tiles[name] = t.replace(pos=_disturbed_cells(disturb, t.pos, dp),
+                                    neg=_disturbed_cells(disturb, t.neg, dm))
+        return state.chip.replace(tiles=tiles)
+
+    def accuracy(key, chip, t):
+        logits = chip_mod.apply(key, chip, x, t)
+        return jnp.mean(jnp.argmax(logits, -1) == y)
+
+    def fresh(state):
+        key = jax.random.fold_in(jax.random.fold_in(state.key, _K_FRESH), state.num_programs - 1)
+        return accuracy(key, state.chip, jnp.zeros((), jnp.float32))
+
+    def zeros_like_cells(chip):
+        return {n: (jnp.zeros_like(t.pos.g), jnp.zeros_like(t.neg.g)) for n, t in chip.tiles.items()}
+
+    def zero_reads(chip):
+        return {n: jnp.zeros((t.n_in,), jnp.float32) for n, t in chip.tiles.items()}
+
+    def init(key):
+        chip = program(key, 0)
+        k_spread = jax.random.fold_in(key, _K_SPREAD)
+        spread = {}
+        for i, (n, t) in enumerate(chip.tiles.items()):
+            spread[n] = (dist_mod.draw_spread(jax.random.fold_in(k_spread, 2 * i), t.pos.g.shape),
+                         dist_mod.draw_spread(jax.random.fold_in(k_spread, 2 * i + 1), t.neg.g.shape))
+        state = LifetimeState(key=key, chip=chip, damage=zeros_like_cells(chip), spread=spread,
+                              reads=zero_reads(chip), t=jnp.zeros((), jnp.float32),
+                              inferences=jnp.zeros((), jnp.float32),
+                              num_programs=jnp.ones((), jnp.int32),
+                              fresh_accuracy=jnp.zeros((), jnp.float32),
+                              below=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32))
+        return state.replace(fresh_accuracy=fresh(state))
+
+    def batch(s):
+        idx = (s * config.batch_size + jnp.arange(config.batch_size)) % n_data
+        return x[idx]
+
+    def step(state, xb_):
+        key = jax.random.fold_in(jax.random.fold_in(state.key, _K_STEP), state.step)
+        chip = disturbed_chip(state)
+        _, inputs = chip_mod.apply(key, chip, xb_, state.t, return_inputs=True)
+        damage, reads = {}, {}
+        for name, rows in inputs.items():
+            t_now, t_prog = chip.tiles[name], state.chip.tiles[name]
+            n_b = (rows != 0).astype(jnp.float32) * reads_per_input          # [Nr, n_in]
+            v_rows = tile_config.v_read * rows / xb.input_scale(rows, tile_config)
+            new = []
+            for side in ("pos", "neg"):
+                g0 = getattr(t_prog, side).g
+                dmg = state.damage[name][0 if side == "pos" else 1]
+                z = state.spread[name][0 if side == "pos" else 1]
+                if tile_config.ir_drop == "none":
+                    v = v_rows[:, :, None]
+                else:
+                    v = xb.cell_voltages(getattr(t_now, side).g, v_rows, tile_config)
+                new.append(dist_mod.accumulate_batch(disturb, dmg, n_b[:, :, None], v, g0, z))
+            damage[name] = tuple(new)
+            reads[name] = state.reads[name] + jnp.sum(n_b, axis=0)
+        return state.replace(damage=damage, reads=reads, t=state.t + config.dt_s,
+                             inferences=state.inferences + config.inferences_per_step,
+                             step=state.step + 1)
+
+    def evaluate(state, e):
+        key = jax.random.fold_in(jax.random.fold_in(state.key, _K_EVAL), e)
+        return accuracy(key, disturbed_chip(state), state.t)
+
+    def g_error(state):
+        errs = []
+        for name, t in state.chip.tiles.items():
+            for cells, dmg in zip((t.pos, t.neg), state.damage[name]):
+                errs.append(jnp.max(jnp.abs(_disturbed_cells(disturb, cells, dmg).g - cells.g)))
+        return jnp.max(jnp.stack(errs)) / g_span
+
+    def check(state, acc):
+        err = g_error(state)
+        if config.policy == "accuracy":
+            past = acc < state.fresh_accuracy - config.accuracy_drop
+        elif config.policy == "conductance_error":
+            past = err > config.g_error_max
+        else:
+            past = jnp.zeros((), bool)
+        below = jnp.where(past, state.below + 1, 0)
+        trigger = below >= config.patience
+        state = state.replace(below=below)
+        rec = LifetimeRecord(
+            accuracy=acc, fresh_accuracy=state.fresh_accuracy, g_error=err, reprogrammed=trigger,
+            t_s=state.t, inferences_since=state.inferences,
+            max_row_reads=jnp.max(jnp.stack([jnp.max(r) for r in state.reads.values()])))
+        if config.policy == "none":
+            return state, rec
+        new = state.replace(chip=program(state.key, state.num_programs, state.chip),
+                            damage=zeros_like_cells(state.chip), reads=zero_reads(state.chip),
+                            t=jnp.zeros_like(state.t), inferences=jnp.zeros_like(state.inferences),
+                            num_programs=state.num_programs + 1, below=jnp.zeros_like(below))
+        new = new.replace(fresh_accuracy=fresh(new))
+        state = state.replace(
+            chip=state.chip.replace(tiles=_select(trigger, new.chip.tiles, state.chip.tiles)),
+            **{f: _select(trigger, getattr(new, f), getattr(state, f))
+               for f in ("damage", "reads", "t", "inferences", "num_programs", "fresh_accuracy",
+                         "below")})
+        return state, rec
+
+    def simulate(key):
+        state = init(key)
+
+        def inner(st, s):
+            return step(st, batch(s)), None
+
+        def outer(st, e):
+            st, _ = jax.lax.scan(inner, st, e * config.eval_every + jnp.arange(config.eval_every))
+            return check(st, evaluate(st, e))
+        return jax.lax.scan(outer, state, jnp.arange(config.num_evals))
+
+    return Lifetime(init=init, batch=batch, step=step, evaluate=evaluate, check=check,
+                    simulate=simulate, config=config)
+
+
+def _disturbed_cells(params, cells: dev_mod.CellState, damage) -> dev_mod.CellState:
+    """Cell state whose ``g`` is moved by read disturb (stuck cells do not move)."""
+    g = dist_mod.disturbed_conductance(params, cells.g, damage)
+    if cells.stuck is not None:
+        g = jnp.where(cells.stuck > 0, cells.g, g)
+    return cells._replace(g=g)
+
+
+def _keep_faults(device, new: dev_mod.CellState, old: dev_mod.CellState) -> dev_mod.CellState:
+    if old.stuck is None:
+        return new
+    g = dev_mod._apply_faults(device, new.g, old.stuck)
+    nu = None if new.nu is None else jnp.where(old.stuck > 0, 0.0, new.nu)
+    return new._replace(g=g, nu=nu, stuck=old.stuck)
+
+
+def run(fns: Lifetime, key, num_chips: int, *, chunk_size: int = 32, progress: bool = False,
+        start: int = 0) -> LifetimeRecord:
+    """Simulate ``num_chips`` chips (chip i uses ``fold_in(key, i)``), chunked through one jit.
+
+    Returns:
+        :class:`LifetimeRecord` of NumPy arrays [num_chips, num_evals].
+    """
+    from . import sweep
+    rec = sweep.run_instances(lambda k: fns.simulate(k)[1], key, num_chips, chunk_size=chunk_size,
+                              progress=progress, desc="chips", start=start)
+    return LifetimeRecord(*rec)
+
+
+def eval_inferences(config: LifetimeConfig) -> np.ndarray:
+    """Total inferences served at each evaluation point, [num_evals]."""
+    return (np.arange(1, config.num_evals + 1) * config.eval_every
+            * float(config.inferences_per_step))
+
+
+def reprogram_events(record: LifetimeRecord, config: LifetimeConfig):
+    """Reprogramming events as rows (chip, event, inferences (total), inferences since the previous
+    programming, time since it (s), most reads of a row since it)."""
+    flags = np.asarray(record.reprogrammed)
+    total = eval_inferences(config)
+    rows = []
+    for c in range(flags.shape[0]):
+        for k, e in enumerate(np.flatnonzero(flags[c])):
+            rows.append((c, k, float(total[e]), float(record.inferences_since[c, e]),
+                         float(record.t_s[c, e]), float(record.max_row_reads[c, e])))
+    return rows
+
+
+def summarize(record: LifetimeRecord, config: LifetimeConfig) -> Dict[str, Any]:
+    """Per-run statistics: reprogram counts, intervals (inferences between programmings; chips
+    that never reprogrammed are right-censored at the horizon), accuracy quantiles per point."""
+    flags = np.asarray(record.reprogrammed)
+    counts = flags.sum(axis=1)
+    horizon = float(eval_inferences(config)[-1])
+    first = np.where(flags.any(axis=1),
+                     np.asarray(record.inferences_since)[np.arange(flags.shape[0]),
+                                                        np.argmax(flags, axis=1)], np.inf)
+    intervals = np.asarray(record.inferences_since)[flags]
+    acc = np.asarray(record.accuracy)
+    fin = first[np.isfinite(first)]
+
+    def q(a, p):
+        return float(np.percentile(a, p)) if a.size else None
+    return {
+        "num_chips": int(flags.shape[0]),
+        "horizon_inferences": horizon,
+        "reprograms_mean": float(counts.mean()), "reprograms_std": float(counts.std()),
+        "reprograms_min": int(counts.min()), "reprograms_max": int(counts.max()),
+        "chips_reprogrammed": int((counts > 0).sum()),
+        "first_interval_median": (float(np.median(first)) if np.isfinite(np.median(first))
+                                  else None),
+        "first_interval_p5": q(fin, 5) if fin.size == first.size else None,
+        "first_interval_p95": q(fin, 95) if fin.size == first.size else None,
+        "interval_mean": float(intervals.mean()) if intervals.size else None,
+        "interval_std": float(intervals.std()) if intervals.size else None,
+        "fresh_accuracy_mean": float(np.asarray(record.fresh_accuracy)[:, 0].mean()),
+        "accuracy_p50": np.percentile(acc, 50, axis=0).tolist(),
+        "accuracy_p5": np.percentile(acc, 5, axis=0).tolist(),
+        "accuracy_p1": np.percentile(acc, 1, axis=0).tolist(),
+        "accuracy_mean": acc.mean(axis=0).tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The `nvjax lifetime` job
+# --------------------------------------------------------------------------------------------
+def run_config(cfg, out_dir: Optional[str] = None, *, log=print) -> Dict[str, Any]:
+    """Run a :class:`nvjax.config.LifetimeRunConfig`: train/load the model, simulate the chips,
+    write ``summary.json``, ``results.csv`` (one row per chip and evaluation point),
+    ``events.csv`` (one row per reprogramming) and ``lifetime.png`` into ``out_dir``.
+
+    Returns:
+        The summary dict.
+    """
+    import os
+    import time
+
+    from . import config as cfg_mod
+    from . import data as data_mod
+    from . import models as models_mod
+    from . import sweep
+
+    t0 = time.perf_counter()
+    timings = {}
+    ds = data_mod.digits(seed=cfg.seed, flatten=cfg.model.name == "mlp")
+    model, params, trained = sweep._get_model(cfg, ds, out_dir, models_mod)
+    timings["model_s"] = time.perf_counter() - t0
+    x, y = ds.x_test, ds.y_test
+    if cfg.eval_samples is not None:
+        x, y = x[: cfg.eval_samples], y[: cfg.eval_samples]
+    ideal_acc = float(models_mod.accuracy(model, params, x, y))
+    log(f"model {cfg.model.name}: software test accuracy {ideal_acc:.4f} "
+        f"({'trained' if trained else 'loaded'} in {timings['model_s']:.1f} s)")
+    device = cfg_mod.make_device(cfg.device)
+    disturb = cfg_mod.make_disturb(cfg.disturb, cfg.device)
+    lc = cfg.lifetime
+    fns = lifetime(model, params, device, cfg.tile, disturb, x, y, lc)
+    log(f"{cfg.num_chips} chips × {lc.num_steps} steps of {lc.inferences_per_step:.3g} inferences "
+        f"({lc.num_steps * lc.inferences_per_step:.3g} in all, {lc.num_steps * lc.dt_s:.3g} s), "
+        f"policy {lc.policy}")
+    t1 = time.perf_counter()
+    rec = run(fns, jax.random.key(cfg.seed), cfg.num_chips, chunk_size=cfg.chunk_size,
+              progress=cfg.progress)
+    timings["simulate_s"] = time.perf_counter() - t1
+    timings["chip_steps_per_s"] = cfg.num_chips * lc.num_steps / timings["simulate_s"]
+    summary = {"config": cfg_mod.to_dict(cfg), "versions": sweep.versions(), "seed": cfg.seed,
+               "software_accuracy": ideal_acc, "timings": timings,
+               "inferences": eval_inferences(lc).tolist(), **summarize(rec, lc)}
+    if out_dir is not None:
+        write(out_dir, summary, rec, lc)
+        plot(os.path.join(out_dir, "lifetime.png"), rec, lc, ideal_acc,
+             title=f"{cfg.model.name} on {cfg.device.kind}, {cfg.num_chips} chips, "
+                   f"v_read {cfg.tile.v_read} V, IR drop {cfg.tile.ir_drop}, policy {lc.policy}")
+    return summary
+
+
+def write(out_dir: str, summary: Dict[str, Any], record: LifetimeRecord,
+          config: LifetimeConfig) -> None:
+    """Write ``summary.json``, ``results.csv`` and ``events.csv`` (atomically)."""
+    import csv
+    import json
+    import os
+
+    from .sweep import _atomic_write
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    total = eval_inferences(config)
+    cols = ("accuracy", "fresh_accuracy", "g_error", "reprogrammed", "t_s", "inferences_since",
+            "max_row_reads")
+    tmp = os.path.join(out_dir, "results.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("chip", "eval", "inferences") + cols)
+        arrs = [np.asarray(getattr(record, c)) for c in cols]
+        for c in range(arrs[0].shape[0]):
+            for e in range(arrs[0].shape[1]):
+                w.writerow([c, e, f"{total[e]:.6g}"] + [
+                    int(a[c, e]) if a.dtype == bool else f"{float(a[c, e]):.6g}" for a in arrs])
+    os.replace(tmp, os.path.join(out_dir, "results.csv"))
+    tmp = os.path.join(out_dir, "events.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("chip", "event", "inferences", "inferences_since_programming",
+                    "t_since_programming_s", "max_row_reads"))
+        for row in reprogram_events(record, config):
+            w.writerow([row[0], row[1]] + [f"{v:.6g}" for v in row[2:]])
+    os.replace(tmp, os.path.join(out_dir, "events.csv"))
+
+
+def plot(path: str, record: LifetimeRecord, config: LifetimeConfig, ideal_acc=None, *,
+         title: str = "") -> None:
+    """Accuracy vs inferences (median, 25–75 % and 5–95 % bands over chips) with reprogramming
+    events (ticks: how many chips reprogrammed at each point), and reprogrammings per chip."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = eval_inferences(config)
+    acc = np.asarray(record.accuracy) * 100
+    flags = np.asarray(record.reprogrammed)
+    q = np.percentile(acc, [5, 25, 50, 75, 95], axis=0)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.8, 5.6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot(n, q[2], "-", color="C0", label="median over chips")
+    ax.fill_between(n, q[1], q[3], color="C0", alpha=0.3, lw=0, label="25–75 %")
+    ax.fill_between(n, q[0], q[4], color="C0", alpha=0.12, lw=0, label="5–95 %")
+    ax.plot(n, acc[0], "-", color="C3", lw=0.8, alpha=0.8, label="chip 0")
+    ev = np.flatnonzero(flags[0])
+    ax.plot(n[ev], acc[0, ev], "v", color="C3", ms=5, label="chip 0 reprogrammed")
+    fresh = float(np.asarray(record.fresh_accuracy)[:, 0].mean()) * 100
+    if config.policy == "accuracy":
+        ax.axhline(fresh - 100 * config.accuracy_drop, color="C2", ls=":", lw=1,
+                   label=f"mean fresh − {100 * config.accuracy_drop:g} %")
+    if ideal_acc is not None:
+        ax.axhline(ideal_acc * 100, color="k", ls="--", lw=1, label="software")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax2.plot(n, flags.cumsum(axis=1).mean(axis=0), "-", color="C1", label="mean reprogrammings")
+    ax2.bar(n, flags.mean(axis=0), width=np.diff(np.concatenate([[0], n])) * 0.8, color="C1",
+            alpha=0.4, align="edge", label="fraction of chips reprogrammed here")
+    ax2.set_xlabel("inferences served")
+    ax2.set_ylabel("per chip")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def format_report(summary: Dict[str, Any]) -> str:
+    """A few lines on the run's outcome."""
+    n = summary["inferences"]
+    p50, p5 = summary["accuracy_p50"], summary["accuracy_p5"]
+    marks = sorted({0, len(n) // 10, len(n) // 4, len(n) // 2, len(n) - 1})
+    rows = [f"{'inferences':>12} {'p50 %':>7} {'p5 %':>7}"]
+    rows += [f"{n[i]:>12.3g} {100 * p50[i]:>7.2f} {100 * p5[i]:>7.2f}" for i in marks]
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3g}"
+    rows.append(f"fresh accuracy {100 * summary['fresh_accuracy_mean']:.2f} %; reprogrammings per "
+                f"chip {summary['reprograms_mean']:.2f} ± {summary['reprograms_std']:.2f} "
+                f"({summary['chips_reprogrammed']}/{summary['num_chips']} chips); first interval "
+                f"median {fmt(summary['first_interval_median'])} inferences; mean interval "
+                f"{fmt(summary['interval_mean'])}")
+    return "\n".join(rows)

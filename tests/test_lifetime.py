@@ -1,0 +1,219 @@
+"""Lifetime loop: scan == step-by-step loop, one compile, disturb bookkeeping, the policy."""
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvjax import config as cfg_mod
+from nvjax import crossbar as xb
+from nvjax import devices as D
+from nvjax import disturb as R
+from nvjax import lifetime as L
+
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="out")(nn.relu(nn.Dense(12, name="hidden")(x)))
+
+
+def _setup(n=48, n_in=10, seed=0):
+    model = Tiny()
+    x = jax.random.uniform(jax.random.key(seed), (n, n_in))
+    x = jnp.where(x < 0.3, 0.0, x)  # some rows not driven
+    params = model.init(jax.random.key(seed + 1), x)
+    y = jnp.argmax(model.apply(params, x), -1)  # software accuracy 1
+    return model, params, x, y
+
+
+def _fns(policy="accuracy", v_read=0.45, ir="none", steps=6, every=2, device=None, **kw):
+    model, params, x, y = _setup()
+    tc = xb.TileConfig(rows=8, cols=8, v_read=v_read, ir_drop=ir)
+    cfg = L.LifetimeConfig(num_steps=steps, eval_every=every, batch_size=8,
+                           inferences_per_step=2e6, policy=policy, **kw)
+    return L.lifetime(model, params, device or D.pcm(), tc, R.pcm_disturb(), x, y, cfg)
+
+
+def test_scan_equals_step_by_step_python_loop():
+    key = jax.random.key(3)
+    g_err = jax.jit(_fns(policy="none", steps=8, every=2).simulate)(key)[1].g_error
+    thr = float(g_err[0] + g_err[1]) / 2  # reprograms at the second evaluation
+    fns = _fns(policy="conductance_error", steps=8, every=2, g_error_max=thr)
+    state_s, rec_s = jax.jit(fns.simulate)(key)
+    step, ev, ck = jax.jit(fns.step), jax.jit(fns.evaluate), jax.jit(fns.check)
+    state = jax.jit(fns.init)(key)
+    recs = []
+    for e in range(fns.config.num_evals):
+        for s in range(e * 2, e * 2 + 2):
+            state = step(state, fns.batch(s))
+        state, rec = ck(state, ev(state, e))
+        recs.append(rec)
+    rec_l = jax.tree_util.tree_map(lambda *a: np.stack(a), *recs)
+    assert np.asarray(rec_s.reprogrammed).any()  # the case exercises reprogramming
+    for a, b in zip(rec_s, rec_l):
+        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(state_s.damage), jax.tree_util.tree_leaves(state.damage)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12)
+    assert int(state_s.num_programs) == 1 + int(np.asarray(rec_s.reprogrammed).sum())
+
+
+def test_whole_run_compiles_once():
+    fns = _fns()
+    fns = fns._replace(simulate=chex.assert_max_traces(fns.simulate, n=1))
+    rec = L.run(fns, jax.random.key(0), 5, chunk_size=2)  # three chunks, one trace
+    assert rec.accuracy.shape == (5, 3)
+
+
+def test_chip_alone_equals_its_row_of_the_ensemble():
+    fns = _fns()
+    rec = L.run(fns, jax.random.key(7), 4, chunk_size=3)
+    _, one = jax.jit(fns.simulate)(jax.random.fold_in(jax.random.key(7), 2))
+    for a, b in zip(rec, one):
+        np.testing.assert_allclose(a[2], b, rtol=1e-6)
+
+
+def test_zero_inputs_give_no_reads_and_no_disturb():
+    fns = _fns()
+    state = fns.init(jax.random.key(0))
+    state = fns.step(state, jnp.zeros((8, 10)))
+    for name in state.damage:
+        assert float(jnp.max(state.reads[name])) == 0.0
+    np.testing.assert_array_equal(state.damage["hidden"][0], 0.0)
+    np.testing.assert_array_equal(state.damage["hidden"][1], 0.0)
+    assert float(state.t) == pytest.approx(fns.config.dt_s)
+
+
+def test_damage_of_one_step_matches_the_d7_law_by_hand():
+    """ir_drop='none': every cell of row i sees v_read·x_i/max|x| on each driven read."""
+    fns = _fns(v_read=0.3)
+    state = fns.init(jax.random.key(1))
+    xb_ = fns.batch(0)
+    new = fns.step(state, xb_)
+    x = np.asarray(xb_, float)
+    p = R.pcm_disturb()
+    v = 0.3 * np.abs(x) / np.abs(x).max(axis=1, keepdims=True)
+    n_per = 2e6 / 8
+    for side, (z, g0) in enumerate(((state.spread["hidden"][0], state.chip.tiles["hidden"].pos.g),
+                                    (state.spread["hidden"][1], state.chip.tiles["hidden"].neg.g))):
+        nd_ref = 1e8 * np.exp(0.5 * np.asarray(z, float))          # N_D at V_ref (κ = 0)
+        rate = ((x != 0) * np.exp((v - 0.2) / 0.05)).sum(0)         # Σ_b over driven reads
+        expect = n_per * rate[:, None] / nd_ref
+        np.testing.assert_allclose(new.damage["hidden"][side], expect, rtol=2e-5)
+    np.testing.assert_allclose(new.reads["hidden"], n_per * (x != 0).sum(0), rtol=1e-6)
+
+
+def test_accuracy_falls_with_reads_and_ir_drop_lowers_the_damage():
+    fns = _fns(policy="none", v_read=0.5, steps=12, every=3)
+    state, rec = jax.jit(fns.simulate)(jax.random.key(0))
+    acc = np.asarray(rec.accuracy)
+    assert not np.asarray(rec.reprogrammed).any()
+    assert acc[-1] < acc[0] - 0.05
+    assert np.all(np.diff(np.asarray(rec.g_error)) > 0)     # displacement grows with reads
+    assert np.all(np.diff(np.asarray(rec.inferences_since)) > 0)
+    # with wire resistance the cells see less than the drive: less damage, never more
+    fns_ir = _fns(policy="none", v_read=0.5, steps=12, every=3, ir="first_order")
+    state_ir, _ = jax.jit(fns_ir.simulate)(jax.random.key(0))
+    d = np.asarray(state.damage["hidden"][0])
+    d_ir = np.asarray(state_ir.damage["hidden"][0])
+    assert np.all(d_ir <= d * (1 + 1e-5)) and d_ir.sum() < d.sum()
+
+
+def test_reprogramming_resets_and_keeps_the_chips_faults():
+    dev = D.pcm(p_stuck_min=0.1, p_stuck_max=0.05)
+    fns = _fns(policy="conductance_error", g_error_max=0.02, v_read=0.5, steps=8, every=2,
+               device=dev)
+    state0 = fns.init(jax.random.key(4))
+    state, rec = jax.jit(fns.simulate)(jax.random.key(4))
+    flags = np.asarray(rec.reprogrammed)
+    np.testing.assert_array_equal(flags, np.asarray(rec.g_error) > 0.02)  # patience 1
+    assert flags.all()
+    # every evaluation follows a reprogramming: the counters restart each time
+    np.testing.assert_allclose(rec.inferences_since, 2 * 2e6)
+    np.testing.assert_allclose(rec.t_s, 2 * fns.config.dt_s, rtol=1e-6)
+    assert int(state.num_programs) == 1 + flags.sum()
+    for name, t in state.chip.tiles.items():
+        np.testing.assert_array_equal(t.pos.stuck, state0.chip.tiles[name].pos.stuck)
+        assert not np.array_equal(t.pos.g, state0.chip.tiles[name].pos.g)  # a new draw
+        np.testing.assert_array_equal(state.spread[name][0], state0.spread[name][0])
+        stuck = np.asarray(t.pos.stuck)
+        np.testing.assert_array_equal(np.asarray(t.pos.g)[stuck == 1], 0.0)
+        np.testing.assert_array_equal(np.asarray(t.pos.g)[stuck == 2], 25.0)
+
+
+def test_patience_delays_the_policy():
+    rec1 = jax.jit(_fns(policy="conductance_error", g_error_max=0.02, v_read=0.5, steps=8,
+                        every=2).simulate)(jax.random.key(4))[1]
+    rec3 = jax.jit(_fns(policy="conductance_error", g_error_max=0.02, v_read=0.5, steps=8,
+                        every=2, patience=3).simulate)(jax.random.key(4))[1]
+    np.testing.assert_array_equal(rec1.reprogrammed, [True, True, True, True])
+    np.testing.assert_array_equal(rec3.reprogrammed, [False, False, True, False])
+
+
+def test_summary_and_events():
+    cfg = L.LifetimeConfig(num_steps=4, eval_every=1, inferences_per_step=10.0, policy="accuracy")
+    rec = L.LifetimeRecord(
+        accuracy=np.array([[0.9, 0.8, 0.9, 0.8], [0.9] * 4]),
+        fresh_accuracy=np.full((2, 4), 0.9), g_error=np.zeros((2, 4)),
+        reprogrammed=np.array([[False, True, False, True], [False] * 4]),
+        t_s=np.zeros((2, 4)), inferences_since=np.array([[10, 20, 10, 20], [10, 20, 30, 40.]]),
+        max_row_reads=np.zeros((2, 4)))
+    s = L.summarize(rec, cfg)
+    assert s["reprograms_mean"] == 1.0 and s["chips_reprogrammed"] == 1
+    assert s["interval_mean"] == 20.0
+    assert s["first_interval_median"] is None  # half the chips never reprogrammed (censored)
+    ev = L.reprogram_events(rec, cfg)
+    assert [(e[0], e[1], e[2], e[3]) for e in ev] == [(0, 0, 20.0, 20.0), (0, 1, 40.0, 20.0)]
+    np.testing.assert_allclose(L.eval_inferences(cfg), [10, 20, 30, 40])
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="eval_every"):
+        L.LifetimeConfig(num_steps=10, eval_every=3)
+    with pytest.raises(ValueError, match="policy"):
+        L.LifetimeConfig(policy="sometimes")
+    model, params, x, y = _setup()
+    with pytest.raises(ValueError, match="g_inf"):
+        L.lifetime(model, params, D.pcm(), xb.TileConfig(), R.pcm_disturb(g_inf=80.0), x, y)
+    with pytest.raises(ValueError, match="batch_size"):
+        L.lifetime(model, params, D.pcm(), xb.TileConfig(), R.pcm_disturb(), x[:4], y[:4])
+    with pytest.raises(TypeError, match="DisturbParams"):
+        L.lifetime(model, params, D.pcm(), xb.TileConfig(), {"n_ref": 1e8}, x, y)
+
+
+def test_lifetime_config_file_is_strict(tmp_path):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    cfg = cfg_mod.load_lifetime(os.path.join(root, "configs", "lifetime.yaml"))
+    assert cfg.num_chips >= 100 and cfg.lifetime.num_steps * cfg.lifetime.inferences_per_step >= 1e6
+    d = cfg_mod.to_dict(cfg)
+    d["disturb"]["params"] = {"n_reff": 1e7}
+    with pytest.raises(cfg_mod.ConfigError, match="n_reff"):
+        cfg_mod.from_dict(d, cfg_mod.LifetimeRunConfig)
+    d = cfg_mod.to_dict(cfg)
+    d["lifetime"]["eval_every"] = 7
+    with pytest.raises(cfg_mod.ConfigError, match="multiple"):
+        cfg_mod.from_dict(d, cfg_mod.LifetimeRunConfig)
+    assert cfg_mod.make_disturb(cfg_mod.DisturbConfig(), cfg_mod.DeviceConfig(kind="reram")).g_inf == 40.0
+
+
+@pytest.mark.slow
+def test_cli_lifetime_writes_results(tmp_path):
+    from nvjax import cli
+    path = tmp_path / "lt.yaml"
+    path.write_text(
+        "model: {name: mlp, hidden: [16], epochs: 3}\n"
+        "tile: {rows: 64, cols: 16, v_read: 0.5, ir_drop: first_order}\n"
+        "lifetime: {num_steps: 4, eval_every: 2, batch_size: 8, inferences_per_step: 1.0e6}\n"
+        "num_chips: 3\nchunk_size: 2\neval_samples: 40\nprogress: false\n")
+    out = tmp_path / "out"
+    assert cli.main(["lifetime", str(path), "--out", str(out)]) == 0
+    for f in ("summary.json", "results.csv", "events.csv", "lifetime.png", "params.msgpack"):
+        assert (out / f).exists(), f
+    lines = (out / "results.csv").read_text().splitlines()
+    assert len(lines) == 1 + 3 * 2
+    import json
+    s = json.loads((out / "summary.json").read_text())
+    assert s["num_chips"] == 3 and len(s["accuracy_p50"]) == 2
