@@ -18,7 +18,8 @@ from .lifetime import LifetimeConfig
 
 __all__ = ["ConfigError", "ModelConfig", "DeviceConfig", "SweepConfig", "RunConfig", "load",
            "from_dict", "to_dict", "make_device", "device_points", "DisturbConfig",
-           "LifetimeRunConfig", "load_lifetime", "make_disturb", "load_any"]
+           "LifetimeRunConfig", "load_lifetime", "make_disturb", "load_any",
+           "PlacementOptions", "EDisturbConfig"]
 
 ParamValue = Union[int, float, Tuple[float, ...]]
 
@@ -233,12 +234,58 @@ def load_lifetime(path) -> LifetimeRunConfig:
     return load_yaml(path, LifetimeRunConfig)
 
 
+@dataclass(frozen=True)
+class PlacementOptions:
+    """How the optimized placements are found.
+
+    Attributes:
+        criticality: 'saliency' or 'hessian' (synapse criticality of the linear cost).
+        cost_samples: training inputs used for criticality, read statistics and the objective.
+        objective_inferences: n of the non-linear objective (inferences of disturb).
+        relaxed_steps, learning_rate, tau_start, tau_end: Sinkhorn search.
+        relaxed_start: 'uniform' (logits 0) or 'exact' (logits ``start_sharpness`` on the exact
+            linear solution).
+        random_seed: seed of the random placement.
+    """
+    criticality: str = "saliency"
+    cost_samples: int = 256
+    objective_inferences: float = 2e7
+    relaxed_steps: int = 300
+    learning_rate: float = 0.1
+    tau_start: float = 1.0
+    tau_end: float = 0.02
+    relaxed_start: Literal["uniform", "exact"] = "uniform"
+    start_sharpness: float = 3.0
+    random_seed: int = 1
+
+    def validate(self):
+        if self.criticality not in ("saliency", "hessian"):
+            raise ValueError(f"criticality must be 'saliency' or 'hessian', got {self.criticality!r}")
+        if self.cost_samples < 1 or self.relaxed_steps < 1:
+            raise ValueError("cost_samples and relaxed_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class EDisturbConfig:
+    """Configuration of the E-disturb experiment (``experiments/e_disturb.py``)."""
+    models: Tuple[str, ...] = ("mlp", "lenet")
+    base: LifetimeRunConfig = field(default_factory=LifetimeRunConfig)
+    placement: PlacementOptions = field(default_factory=PlacementOptions)
+
+    def validate(self):
+        for m in self.models:
+            if m not in ("mlp", "lenet"):
+                raise ValueError(f"models: unknown model {m!r} (mlp, lenet)")
+
+
 def load_any(path):
-    """Load a config file of any kind: a lifetime config (it has a ``lifetime`` section) or a run
-    config (the reliability sweep)."""
+    """Load a config file of any kind: a lifetime config (it has a ``lifetime`` section), an
+    E-disturb config (a ``placement`` section) or a run config (the reliability sweep)."""
     import yaml
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if isinstance(raw, dict) and "lifetime" in raw:
         return load_lifetime(path)
+    if isinstance(raw, dict) and "placement" in raw:
+        return load_yaml(path, EDisturbConfig)
     return load(path)

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
 def test_shipped_configs_load(path):
     cfg = cfg_mod.load_any(path)
-    assert isinstance(cfg, (cfg_mod.RunConfig, cfg_mod.LifetimeRunConfig))
+    assert isinstance(cfg, (cfg_mod.RunConfig, cfg_mod.LifetimeRunConfig, cfg_mod.EDisturbConfig))
 
 
 def _write(tmp_path, text):

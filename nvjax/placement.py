@@ -1,0 +1,231 @@
+"""Read-disturb-aware placement of a network's weights on its tiles (DESIGN.md §7.3).
+
+Cost models that connect :mod:`nvjax.sensitivity` (criticality), the data (reads), the crossbar's
+IR drop (voltage at each physical cell) and D7 (:mod:`nvjax.disturb`) to the solvers of
+:mod:`nvjax.mapping`, and produce ``placement`` dicts for :func:`nvjax.chip.deploy` /
+:func:`nvjax.lifetime.lifetime` (layer → (row_perm, col_perm), logical → physical).
+
+* **Linear cost** (Paul et al., arXiv 2201.11527: Σ c·a/N_D(V)): synapse factor
+  ``C[i, j] = c_ij · a_i`` with c the criticality and a_i = E_x[[x_i ≠ 0]·exp((|u_i|·v_read −
+  V_ref)/V_0)] the voltage-weighted reads per inference of row i (u = x/s_x, the DAC-normalized
+  input), and a position factor ``D[p, q] = exp(v_read·(η_pq − 1)/V_0)`` with η_pq the IR-drop
+  attenuation of cell (p, q) for a full-scale drive of every row (first-order form, identity
+  placement). Σ C·D over a placement is then the criticality-weighted disturb rate.
+* **Non-linear objective** (:func:`relaxed_objective`): for soft row/column permutations of every
+  layer, the network's cross-entropy after ``n`` inferences of disturb computed by the simulator's
+  own differentiable pieces — soft-placed conductances, per-input first-order cell voltages of the
+  physical array, D7 damage and conductance shift, global drift compensation — which no exact
+  solver can optimize (:func:`relaxed_placement`).
+
+This module imports ``chip``, ``crossbar``, ``devices``, ``disturb``, ``irdrop``, ``mapping``,
+``sensitivity`` and flax.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from . import chip as chip_mod
+from . import crossbar as xb
+from . import devices as dev_mod
+from . import disturb as dist_mod
+from . import mapping
+from . import sensitivity
+
+__all__ = ["layer_reads", "position_factor", "linear_costs", "exact_placement",
+           "random_placement", "identity_placement", "placement_cost", "relaxed_objective",
+           "relaxed_placement"]
+
+Placement = Dict[str, Tuple[np.ndarray, np.ndarray]]
+
+
+def _inputs(model, params, x):
+    return chip_mod._layer_inputs(model, chip_mod._strip_params(params), jnp.asarray(x))
+
+
+def layer_reads(model, params, x, tile_config: xb.TileConfig, disturb: dist_mod.DisturbParams):
+    """Voltage-weighted reads per inference of every crossbar row, layer → a [n_in].
+
+    a_i = (1/N)·Σ_rows [x_i ≠ 0]·exp((|x_i|/s_x·v_read − V_ref)/V_0), N the number of model
+    inputs (conv layers: summed over patches), so Σ_i a_i/N_D(V_ref) is a disturb rate per
+    inference.
+    """
+    n = jnp.asarray(x).shape[0]
+    out = {}
+    for name, rows in _inputs(model, params, x).items():
+        u = jnp.abs(rows) / xb.input_scale(rows, tile_config)
+        w = (rows != 0) * jnp.exp((u * tile_config.v_read - disturb.v_ref) / disturb.v0)
+        out[name] = jnp.sum(w, axis=0) / n
+    return out
+
+
+def position_factor(g_pos, g_neg, tile_config: xb.TileConfig, disturb: dist_mod.DisturbParams):
+    """D[p, q] = exp(v_read·(η_pq − 1)/V_0), η the first-order IR-drop attenuation of each cell for
+    a full-scale drive of all rows (mean of the G⁺ and G⁻ arrays); all ones without IR drop."""
+    if tile_config.ir_drop == "none":
+        return jnp.ones_like(g_pos)
+    cfg = xb.TileConfig(rows=tile_config.rows, cols=tile_config.cols, ir_drop="first_order",
+                        r_wire=tile_config.r_wire)
+    v = jnp.full((1, g_pos.shape[0]), tile_config.v_read, g_pos.dtype)
+    eta = 0.5 * (xb.cell_voltages(g_pos, v, cfg)[0] + xb.cell_voltages(g_neg, v, cfg)[0])
+    eta = eta / tile_config.v_read
+    return jnp.exp(tile_config.v_read * (eta - 1.0) / disturb.v0)
+
+
+def linear_costs(model, params, x, y, device, tile_config: xb.TileConfig,
+                 disturb: dist_mod.DisturbParams, *, criticality: str = "saliency",
+                 key=None, num_probes: int = 64) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Per layer (C [n_in, n_out], D [n_in, n_out]) of the linear placement cost Σ C·D.
+
+    Args:
+        criticality: 'saliency' (|w·∂L/∂w|) or 'hessian' (H_ii·w², Hutchinson, needs ``key``).
+    """
+    loss = sensitivity.loss_fn(model, x, y)
+    if criticality == "saliency":
+        crit = sensitivity.saliency(loss, params)
+    elif criticality == "hessian":
+        if key is None:
+            raise ValueError("linear_costs: criticality='hessian' needs a key")
+        h = sensitivity.hessian_diag(key, loss, params, num_probes=num_probes)
+        crit = jax.tree_util.tree_map(lambda hh, w: jnp.abs(hh) * w ** 2, h, params)
+    else:
+        raise ValueError(f"linear_costs: criticality must be 'saliency' or 'hessian', got "
+                         f"{criticality!r}")
+    crit = sensitivity.kernel_criticality(crit, params)
+    reads = layer_reads(model, params, x, tile_config, disturb)
+    kernels = _kernels(params)
+    out = {}
+    for name, c in crit.items():
+        gp, gm, _ = xb.tile(kernels[name], device, tile_config)
+        out[name] = (np.asarray(c * reads[name][:, None], np.float64),
+                     np.asarray(position_factor(gp, gm, tile_config, disturb), np.float64))
+    return out
+
+
+def _kernels(params):
+    flat = flatten_dict(chip_mod._strip_params(params))
+    return {"/".join(k[:-1]): chip_mod.kernel_matrix(v) for k, v in flat.items() if k[-1] == "kernel"}
+
+
+def identity_placement(params) -> Placement:
+    return {n: (np.arange(k.shape[0]), np.arange(k.shape[1])) for n, k in _kernels(params).items()}
+
+
+def random_placement(seed: int, params) -> Placement:
+    rng = np.random.default_rng(seed)
+    return {n: (rng.permutation(k.shape[0]), rng.permutation(k.shape[1]))
+            for n, k in _kernels(params).items()}
+
+
+def exact_placement(costs) -> Placement:
+    """Alternating exact row/column assignments of the linear cost, per layer
+    (:func:`nvjax.mapping.crossbar_assign`, best of the sorted and identity starts)."""
+    out = {}
+    for name, (c, d) in costs.items():
+        rp, cp, _ = mapping.crossbar_assign(c, d)
+        out[name] = (np.asarray(rp), np.asarray(cp))
+    return out
+
+
+def placement_cost(costs, placement: Placement) -> float:
+    """Σ over layers of the linear cost Σ C[i, j]·D[row_perm[i], col_perm[j]]."""
+    return float(sum(mapping.crossbar_cost(c, d, *placement[n]) for n, (c, d) in costs.items()))
+
+
+def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
+                      disturb: dist_mod.DisturbParams, num_inferences: float):
+    """The non-linear placement objective and the layer order of its matrices.
+
+    Returns:
+        (objective, names): ``objective(mats)`` with mats = (P_row, P_col) per layer of ``names``
+        (P[i, p] = weight of logical i on physical p, doubly stochastic) → cross-entropy of the
+        network on (x, y) after ``num_inferences`` inferences of read disturb with the inputs'
+        read statistics (median device, z = 0; programming noise left out).
+    """
+    params = chip_mod._strip_params(params)
+    kernels = _kernels(params)
+    names = list(kernels)
+    inputs = _inputs(model, params, x)
+    n_model = jnp.asarray(x).shape[0]
+    targets = {n: xb.tile(kernels[n], device, tile_config) for n in names}
+    flat = flatten_dict(params)
+    cfg = tile_config if tile_config.ir_drop != "solver" else xb.TileConfig(
+        rows=tile_config.rows, cols=tile_config.cols, ir_drop="first_order",
+        r_wire=tile_config.r_wire, v_read=tile_config.v_read)
+    x = jnp.asarray(x)
+    y = jnp.asarray(y)
+
+    def disturbed_kernel(name, pr, pc):
+        gp, gm, kappa = targets[name]
+        rows = inputs[name]
+        u = rows / xb.input_scale(rows, cfg)
+        driven = (rows != 0).astype(u.dtype) @ pr            # soft physical rows [Nr, n_in]
+        v_rows = cfg.v_read * (u @ pr)
+        reads = driven * (num_inferences / n_model)
+        g_new = []
+        for g in (gp, gm):
+            g_phys = pr.T @ g @ pc
+            if cfg.ir_drop == "none":
+                v = v_rows[:, :, None]
+            else:
+                v = xb.cell_voltages(g_phys, v_rows, cfg)
+            dmg = dist_mod.accumulate_batch(disturb, jnp.zeros_like(g_phys), reads[:, :, None], v,
+                                            g_phys, jnp.zeros_like(g_phys))
+            g_new.append(pr @ dist_mod.disturbed_conductance(disturb, g_phys, dmg) @ pc.T)
+        w_d = (g_new[0] - g_new[1]) / kappa
+        w_0 = (gp - gm) / kappa
+        alpha = (jnp.sum(jnp.abs(jnp.sum(w_0, 0)))
+                 / jnp.maximum(jnp.sum(jnp.abs(jnp.sum(w_d, 0))), 1e-30))
+        return w_d * alpha
+
+    def objective(mats):
+        new = dict(flat)
+        for k, name in enumerate(names):
+            w = disturbed_kernel(name, mats[2 * k], mats[2 * k + 1])
+            path = tuple(name.split("/")) + ("kernel",)
+            kern = flat[path]
+            if kern.ndim > 2:
+                nd = kern.ndim - 2
+                w = w.reshape((kern.shape[-2],) + kern.shape[:nd] + (kern.shape[-1],))
+                w = jnp.transpose(w, tuple(range(1, nd + 1)) + (0, nd + 1))
+            new[path] = w
+        logits = model.apply({"params": unflatten_dict(new)}, x)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+    return objective, names
+
+
+def relaxed_placement(key, model, params, x, y, device, tile_config: xb.TileConfig,
+                      disturb: dist_mod.DisturbParams, num_inferences: float, *,
+                      start: Optional[Placement] = None, start_sharpness: float = 3.0,
+                      **opts) -> Tuple[Placement, Any]:
+    """Placement minimizing :func:`relaxed_objective` by the Sinkhorn search of
+    :func:`nvjax.mapping.relaxed_permutations` (``opts``: steps, learning_rate, tau_start, ...).
+
+    Args:
+        start: optional placement to start from (logits = ``start_sharpness`` on its entries),
+            e.g. the exact linear-cost solution, so the search refines it.
+
+    Returns:
+        (placement, info of the search).
+    """
+    objective, names = relaxed_objective(model, params, x, y, device, tile_config, disturb,
+                                         num_inferences)
+    kernels = _kernels(params)
+    sizes = []
+    for n in names:
+        sizes += [kernels[n].shape[0], kernels[n].shape[1]]
+    init = None
+    if start is not None:
+        init = []
+        for n in names:
+            for perm, size in zip(start[n], kernels[n].shape):
+                init.append(start_sharpness * jax.nn.one_hot(jnp.asarray(perm), size))
+        init = tuple(init)
+    perms, info = mapping.relaxed_permutations(key, objective, sizes, init_logits=init, **opts)
+    return {n: (np.asarray(perms[2 * k]), np.asarray(perms[2 * k + 1]))
+            for k, n in enumerate(names)}, info

@@ -1,0 +1,127 @@
+"""Placement cost models and the non-linear objective through the simulator."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvjax import crossbar as xb
+from nvjax import devices as D
+from nvjax import disturb as R
+from nvjax import mapping
+from nvjax import placement as pl
+from nvjax import sensitivity
+
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="out")(nn.relu(nn.Dense(6, name="hidden")(x)))
+
+
+def _setup():
+    model = Tiny()
+    x = jax.random.uniform(jax.random.key(0), (32, 8))
+    x = jnp.where(x < 0.3, 0.0, x)
+    params = model.init(jax.random.key(1), x)
+    y = jnp.argmax(model.apply(params, x), -1)
+    return model, params, x, y
+
+
+def _onehots(placement, names):
+    mats = []
+    for n in names:
+        for perm in placement[n]:
+            mats.append(jax.nn.one_hot(jnp.asarray(perm), len(perm)))
+    return tuple(mats)
+
+
+def test_layer_reads_by_hand():
+    model, params, x, y = _setup()
+    cfg = xb.TileConfig(v_read=0.3)
+    p = R.pcm_disturb()
+    a = pl.layer_reads(model, params, x, cfg, p)["hidden"]
+    xn = np.asarray(x, float)
+    u = xn / np.abs(xn).max(1, keepdims=True)
+    expect = ((xn != 0) * np.exp((u * 0.3 - 0.2) / 0.05)).sum(0) / 32
+    np.testing.assert_allclose(a, expect, rtol=1e-5)
+
+
+def test_position_factor_and_exact_placement():
+    model, params, x, y = _setup()
+    dev, p = D.pcm(), R.pcm_disturb()
+    none = pl.linear_costs(model, params, x, y, dev, xb.TileConfig(rows=8, cols=8), p)
+    for c, d in none.values():
+        np.testing.assert_array_equal(d, 1.0)
+    cfg = xb.TileConfig(rows=8, cols=8, ir_drop="first_order", r_wire=2000.0, v_read=0.4)
+    costs = pl.linear_costs(model, params, x, y, dev, cfg, p)
+    c, d = costs["hidden"]
+    assert c.shape == d.shape == (8, 6) and np.all(c >= 0)
+    assert np.all(d <= 1.0) and d.min() < 0.9
+    # criticality = saliency × reads per row
+    sal = sensitivity.kernel_criticality(
+        sensitivity.saliency(sensitivity.loss_fn(model, x, y), params), params)["hidden"]
+    a = pl.layer_reads(model, params, x, cfg, p)["hidden"]
+    np.testing.assert_allclose(c, np.asarray(sal) * np.asarray(a)[:, None], rtol=1e-5)
+    ident = pl.identity_placement(params)
+    ex = pl.exact_placement(costs)
+    assert pl.placement_cost(costs, ex) <= pl.placement_cost(costs, ident) + 1e-12
+    for n, (rp, cp) in ex.items():
+        assert sorted(rp) == list(range(len(rp))) and sorted(cp) == list(range(len(cp)))
+
+
+def test_objective_limits_zero_reads_and_no_ir_drop():
+    model, params, x, y = _setup()
+    dev, p = D.pcm(), R.pcm_disturb()
+    loss = sensitivity.loss_fn(model, x, y)(params)
+    obj0, names = pl.relaxed_objective(model, params, x, y, dev, xb.TileConfig(rows=8, cols=8), p, 0.0)
+    ident = pl.identity_placement(params)
+    rnd = pl.random_placement(3, params)
+    np.testing.assert_allclose(obj0(_onehots(ident, names)), loss, rtol=1e-5)
+    np.testing.assert_allclose(obj0(_onehots(rnd, names)), loss, rtol=1e-5)
+    # without IR drop a cell's position does not matter, even under disturb
+    obj, _ = pl.relaxed_objective(model, params, x, y, dev, xb.TileConfig(rows=8, cols=8, v_read=0.5),
+                                  p, 1e7)
+    a, b = obj(_onehots(ident, names)), obj(_onehots(rnd, names))
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert a > loss + 1e-3   # disturb hurts
+    # with IR drop it does
+    cfg = xb.TileConfig(rows=8, cols=8, v_read=0.5, ir_drop="first_order", r_wire=3000.0)
+    obj_ir, _ = pl.relaxed_objective(model, params, x, y, dev, cfg, p, 1e7)
+    assert abs(float(obj_ir(_onehots(ident, names)) - obj_ir(_onehots(rnd, names)))) > 1e-5
+
+
+def test_objective_gradients_match_finite_differences():
+    model, params, x, y = _setup()
+    cfg = xb.TileConfig(rows=8, cols=8, v_read=0.5, ir_drop="first_order", r_wire=3000.0)
+    obj, names = pl.relaxed_objective(model, params, x, y, D.pcm(), cfg, R.pcm_disturb(), 1e7)
+    sizes = [8, 6, 6, 4]
+    logits = tuple(jax.random.normal(jax.random.fold_in(jax.random.key(5), k), (n, n))
+                   for k, n in enumerate(sizes))
+
+    def f(lg):
+        return obj(tuple(mapping.sinkhorn(l, 30) for l in lg))
+    g = jax.grad(f)(logits)
+    assert all(np.isfinite(np.asarray(gi)).all() for gi in g)
+    direction = tuple(jax.random.normal(jax.random.fold_in(jax.random.key(6), k), l.shape)
+                      for k, l in enumerate(logits))
+    eps = 1e-2
+    plus = f(tuple(l + eps * d for l, d in zip(logits, direction)))
+    minus = f(tuple(l - eps * d for l, d in zip(logits, direction)))
+    fd = (plus - minus) / (2 * eps)
+    an = sum(jnp.sum(gi * d) for gi, d in zip(g, direction))
+    np.testing.assert_allclose(an, fd, rtol=5e-2, atol=1e-6)
+
+
+def test_relaxed_placement_returns_permutations():
+    model, params, x, y = _setup()
+    cfg = xb.TileConfig(rows=8, cols=8, v_read=0.5, ir_drop="first_order", r_wire=3000.0)
+    costs = pl.linear_costs(model, params, x, y, D.pcm(), cfg, R.pcm_disturb())
+    start = pl.exact_placement(costs)
+    placed, info = pl.relaxed_placement(jax.random.key(0), model, params, x, y, D.pcm(), cfg,
+                                        R.pcm_disturb(), 1e7, start=start, steps=30)
+    for n, (rp, cp) in placed.items():
+        assert sorted(rp) == list(range(len(rp))) and sorted(cp) == list(range(len(cp)))
+    assert np.isfinite(np.asarray(info.loss_history)).all()
+    with pytest.raises(ValueError, match="criticality"):
+        pl.linear_costs(model, params, x, y, D.pcm(), cfg, R.pcm_disturb(), criticality="magic")
