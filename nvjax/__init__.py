@@ -2,13 +2,14 @@
 
 Modules (dependencies point one way): ``devices`` → ``encoding`` → ``crossbar`` (+ ``irdrop``)
 → ``disturb`` → ``chip`` → ``lifetime`` → ``sweep``; ``sensitivity`` (saliency, Hessian diagonal,
-activation statistics) and ``mapping`` (exact and relaxed placement solvers); ``models``/``data`` hold the Flax models and bundled data sets; ``config``/``cli`` the
+activation statistics) and ``mapping`` (exact and relaxed placement solvers), ``placement`` (their cost models and objective); ``models``/``data`` hold the Flax models and bundled data sets; ``config``/``cli`` the
 command line; ``bench`` the throughput benchmark. See DESIGN.md for the specification.
 """
 from . import (chip, config, crossbar, data, devices, disturb, encoding, irdrop, lifetime, mapping,
-               models, sensitivity, sweep)
+               models, placement, sensitivity, sweep)
 
 __version__ = "0.1.0"
 
 __all__ = ["chip", "config", "crossbar", "data", "devices", "disturb", "encoding", "irdrop",
-           "lifetime", "mapping", "models", "sensitivity", "sweep", "__version__"]
+           "lifetime", "mapping", "models", "placement", "sensitivity", "sweep",
+           "__version__"]
