@@ -198,14 +198,16 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bo
     """Run the model with every Dense/Conv layer on its crossbar tiles, read at time ``t``.
 
     Args:
-        key: PRNG key; layer ``k`` uses ``fold_in(key, k)`` for its read and output noise.
+        key: PRNG key; layer ``k`` uses ``fold_in(key, k)`` for its read and output noise (its
+            c-th further call in the same forward pass ``fold_in(fold_in(key, k), c)``).
         chip: from :func:`deploy`.
         x: model inputs (a batch).
         t: time since programming, s.
         return_chip: also return the chip with updated per-row read counters.
         return_inputs: also return the crossbar inputs of every layer, dict name → [N, n_in]
             (the row vectors each layer's tiles were driven with, in physical row order; conv
-            layers: one per patch).
+            layers: one per patch; a layer called several times, e.g. a recurrent projection,
+            gets the rows of all its calls concatenated).
 
     Returns:
         Model outputs, then the updated chip when ``return_chip``, then the layer inputs when
@@ -214,6 +216,7 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bo
     names = list(chip.tiles)
     new_tiles = dict(chip.tiles)
     inputs = {}
+    calls = {}
 
     def intercept(next_fun, args, kwargs, context):
         mod = context.module
@@ -226,8 +229,12 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bo
         placed = chip.placement is not None and name in chip.placement
         if placed:
             rows = rows[:, _inverse(chip.placement[name][0])]   # physical row order
-        inputs[name] = rows
+        c = calls.get(name, 0)
+        calls[name] = c + 1
+        inputs[name] = rows if c == 0 else jnp.concatenate([inputs[name], rows])
         k = jax.random.fold_in(key, names.index(name))
+        if c:  # a layer called again in the same forward pass (e.g. recurrent): fresh read noise
+            k = jax.random.fold_in(k, c)
         y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, chip.config)
         if placed:
             y = y[:, chip.placement[name][1]]                   # back to logical columns

@@ -1,11 +1,14 @@
 """Flax (linen) models to deploy on crossbars, their training, evaluation and (de)serialization.
 
-Models use only ``nn.Dense`` and ``nn.Conv`` (with bias) as parametrized layers, so that
+Models use only ``nn.Dense`` and ``nn.Conv`` (biases optional) as parametrized layers, so that
 :mod:`nvjax.chip` can intercept every such call and map it onto crossbar tiles:
 
 * :class:`MLP` -- Dense layers with ReLU between them, e.g. ``MLP((64, 10))`` is the 64-64-10
   digits network.
 * :class:`LeNet` -- a small LeNet-style CNN for 8x8x1 digit images.
+* :class:`LSTMClassifier` -- an LSTM reading the digits row by row (8 steps of 8 pixels), built
+  from plain ``nn.Dense`` layers unrolled over the time steps (no ``nn.scan``), so the chip can
+  intercept its calls like any other Dense layer.
 
 Parameters are the Flax variables dict ``{'params': {...}}`` returned by :func:`train`;
 :func:`accuracy` and :func:`save_params` also accept the inner ``params`` dict. Files are
@@ -29,7 +32,7 @@ from flax import serialization
 
 from .data import Dataset
 
-__all__ = ["MLP", "LeNet", "MODELS", "train", "accuracy", "predict", "save_params",
+__all__ = ["MLP", "LeNet", "LSTMClassifier", "MODELS", "train", "accuracy", "predict", "save_params",
            "load_params", "get_trained"]
 
 Params = Any
@@ -82,10 +85,97 @@ class LeNet(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+def _forget_bias_init(hidden: int):
+    """Bias initializer of the fused gate projection [i, f, g, o]: 1 for the forget gate, else 0."""
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.zeros(shape, dtype).at[hidden:2 * hidden].set(1)
+    return init
+
+
+class LSTMClassifier(nn.Module):
+    """LSTM classifier: reads an image row by row as a sequence, classifies the last hidden state.
+
+    The cell is written with three plain ``nn.Dense`` layers, each reused at every time step:
+
+    * ``x_proj`` -- input projection ``[F] -> [4H]`` with bias (gates ``i, f, g, o`` stacked in
+      that order; the forget-gate bias starts at 1). It is applied once to the whole sequence
+      ``[B, T, F]`` (the input projection does not depend on the recurrence).
+    * ``h_proj`` -- recurrent projection ``[H] -> [4H]``, no bias; called once per time step
+      (``T`` calls per forward pass, the first one on ``h_0 = 0``).
+    * ``head`` -- ``[H] -> [num_classes]`` with bias, on the last hidden state ``h_T``.
+
+    With ``z_t = x_proj(x_t) + h_proj(h_{t-1})`` split into ``(z_i, z_f, z_g, z_o)``:
+    ``c_t = σ(z_f)·c_{t-1} + σ(z_i)·tanh(z_g)``, ``h_t = σ(z_o)·tanh(c_t)``, ``h_0 = c_0 = 0``.
+    The time loop is a Python loop over the static sequence length, not ``nn.scan``/``nn.RNN``,
+    so :func:`nvjax.chip.apply` can intercept every call (the recurrent layer's tiles see ``T``
+    MVMs per forward pass; its read counters count all of them).
+
+    Attributes:
+        hidden: hidden / cell state width ``H``.
+        num_classes: number of output logits.
+        row_size: pixels per time step ``F`` when the input is flat ``[B, T·F]``.
+
+    Example:
+        >>> model = LSTMClassifier(hidden=16)
+        >>> v = model.init(jax.random.key(0), jnp.zeros((1, 64)))
+        >>> model.apply(v, jnp.zeros((5, 8, 8, 1))).shape
+        (5, 10)
+
+    References:
+        Hochreiter & Schmidhuber, "Long short-term memory", Neural Computation 9 (1997);
+        forget gate: Gers, Schmidhuber & Cummins, Neural Computation 12 (2000); forget-gate bias
+        of 1: Jozefowicz, Zaremba & Sutskever, ICML 2015.
+    """
+    hidden: int = 32
+    num_classes: int = 10
+    row_size: int = 8
+
+    def _sequence(self, x):
+        """Inputs ``[B, T·F]``, ``[B, T, F]`` or ``[B, T, F, 1]`` as a sequence ``[B, T, F]``."""
+        if x.ndim == 2:
+            if isinstance(self.row_size, bool) or not isinstance(self.row_size, numbers.Integral) \
+                    or self.row_size < 1:
+                raise ValueError(f"LSTMClassifier: row_size must be a positive int, "
+                                 f"got {self.row_size!r}")
+            if x.shape[1] % self.row_size:
+                raise ValueError(f"LSTMClassifier: flat inputs [B, D] need D divisible by "
+                                 f"row_size={self.row_size}, got shape {tuple(x.shape)}")
+            return jnp.reshape(x, (x.shape[0], -1, self.row_size))
+        if x.ndim == 4 and x.shape[-1] == 1:
+            return x[..., 0]
+        if x.ndim == 3:
+            return x
+        raise ValueError(f"LSTMClassifier: inputs must be [B, T*F], [B, T, F] or [B, T, F, 1], "
+                         f"got shape {tuple(x.shape)}")
+
+    @nn.compact
+    def __call__(self, x):
+        """Logits ``[B, num_classes]`` for inputs ``[B, 64]``, ``[B, 8, 8]`` or ``[B, 8, 8, 1]``
+        (generally ``[B, T·F]`` with ``F = row_size``, ``[B, T, F]`` or ``[B, T, F, 1]``)."""
+        seq = self._sequence(jnp.asarray(x))
+        batch, steps = seq.shape[0], seq.shape[1]
+        if steps < 1:
+            raise ValueError("LSTMClassifier: the sequence has no time steps")
+        H = self.hidden
+        x_proj = nn.Dense(4 * H, bias_init=_forget_bias_init(H), name="x_proj")
+        h_proj = nn.Dense(4 * H, use_bias=False, name="h_proj")
+        zx = x_proj(seq)                                         # [B, T, 4H]
+        h = jnp.zeros((batch, H), zx.dtype)
+        c = jnp.zeros((batch, H), zx.dtype)
+        for t in range(steps):                                   # static unroll, shared weights
+            z = zx[:, t] + h_proj(h)
+            z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
+            c = nn.sigmoid(z_f) * c + nn.sigmoid(z_i) * jnp.tanh(z_g)
+            h = nn.sigmoid(z_o) * jnp.tanh(c)
+        return nn.Dense(self.num_classes, name="head")(h)
+
+
 #: Names accepted by :func:`get_trained`: (constructor, flatten digits?, default epochs).
 MODELS = {
     "mlp": (lambda: MLP(features=(64, 10)), True, 40),
     "lenet": (lambda: LeNet(num_classes=10), False, 30),
+    "lstm": (lambda: LSTMClassifier(hidden=32, num_classes=10), False, 100),
 }
 
 
@@ -307,13 +397,14 @@ def get_trained(name: str, *, cache_dir: Optional[str] = None, seed: int = 0,
     """A model trained on :func:`nvjax.data.digits` (split ``seed``), optionally cached on disk.
 
     Args:
-        name: ``'mlp'`` (64-64-10 MLP on flat digits) or ``'lenet'`` (:class:`LeNet` on 8x8x1
-            images).
+        name: ``'mlp'`` (64-64-10 MLP on flat digits), ``'lenet'`` (:class:`LeNet` on 8x8x1
+            images) or ``'lstm'`` (:class:`LSTMClassifier`, H = 32, on 8x8x1 images read as 8
+            rows of 8 pixels).
         cache_dir: folder for ``{name}_seed{seed}_epochs{epochs}.msgpack``; reloaded when it
             exists (and matches the model's parameter shapes), else trained and written. None:
             always train, nothing written.
         seed: seed of the data split and of training.
-        epochs: training epochs; None uses the model's default (mlp 40, lenet 30).
+        epochs: training epochs; None uses the model's default (mlp 40, lenet 30, lstm 100).
 
     Returns:
         ``(model, params)`` with ``params = {'params': ...}``.
