@@ -9,7 +9,7 @@ from nvjax import devices, sweep
 
 def test_top_level_surface():
     assert set(nvjax.__all__) == {"chip", "config", "crossbar", "data", "devices", "disturb", "encoding", "irdrop",
-                                  "lifetime", "mapping", "models", "placement", "sensitivity", "sweep", "__version__"}
+                                  "lifetime", "mapping", "models", "placement", "programming", "sensitivity", "sweep", "__version__"}
     assert isinstance(nvjax.__version__, str)
 
 
