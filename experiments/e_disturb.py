@@ -56,6 +56,9 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
     model_dir = os.path.join(out_dir, name)
     os.makedirs(model_dir, exist_ok=True)
     model, params, _ = sweep._get_model(mcfg, ds, model_dir, models_mod)
+    if name != "mlp":  # conv layers: one row vector per patch; cap the disturb-voltage rows
+        base = dataclasses.replace(base, lifetime=dataclasses.replace(
+            base.lifetime, max_disturb_rows=cfg.placement.conv_disturb_rows))
     device = cfg_mod.make_device(base.device)
     disturb = cfg_mod.make_disturb(base.disturb, base.device)
     x_tr, y_tr = ds.x_train[: cfg.placement.cost_samples], ds.y_train[: cfg.placement.cost_samples]
@@ -213,7 +216,15 @@ def main(argv=None):
     results = {}
     for m in cfg.models:
         results[m] = run_model(m, cfg, args.out)
+        write_all(args.out, cfg, results)   # after every model: partial results survive
+    md = write_all(args.out, cfg, results)
+    print(md)
+    return 0
+
+
+def write_all(out, cfg, results):
     lc = cfg.base.lifetime
+    args = argparse.Namespace(out=out)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"config": cfg_mod.to_dict(cfg), "versions": sweep.versions(),
                    "inferences": lt.eval_inferences(lc).tolist(), "models": results}, f, indent=2)
@@ -228,8 +239,7 @@ def main(argv=None):
     md = markdown(results, cfg)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(md + "\n")
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":

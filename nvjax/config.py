@@ -246,6 +246,7 @@ class PlacementOptions:
         relaxed_start: 'uniform' (logits 0) or 'exact' (logits ``start_sharpness`` on the exact
             linear solution).
         random_seed: seed of the random placement.
+        conv_disturb_rows: ``max_disturb_rows`` of the lifetime loop for conv models.
     """
     criticality: str = "saliency"
     cost_samples: int = 256
@@ -256,6 +257,7 @@ class PlacementOptions:
     tau_end: float = 0.02
     relaxed_start: Literal["uniform", "exact"] = "uniform"
     start_sharpness: float = 3.0
+    conv_disturb_rows: Optional[int] = 128
     random_seed: int = 1
 
     def validate(self):

@@ -69,6 +69,9 @@ class LifetimeConfig:
         accuracy_drop: 'accuracy' policy: reprogram below fresh accuracy − this (fraction, 0.01 = 1 %).
         patience: consecutive evaluations past the threshold before the policy reprograms (1 =
             at the first; more filters out the evaluation's own sampling and read noise).
+        max_disturb_rows: at most this many of a layer's input row vectors per step (an evenly
+            spaced subset, each standing for proportionally more reads) enter the per-cell
+            disturb voltages; None = all (conv layers have one row vector per patch).
         g_error_max: 'conductance_error' policy: threshold of max|G − G0|/(g_max − g_min).
     """
     num_steps: int = 100
@@ -80,6 +83,7 @@ class LifetimeConfig:
     accuracy_drop: float = 0.01
     g_error_max: float = 0.05
     patience: int = 1
+    max_disturb_rows: Optional[int] = None
 
     def __post_init__(self):
         for name in ("num_steps", "eval_every", "batch_size", "patience"):
@@ -97,6 +101,10 @@ class LifetimeConfig:
                              f"'none', got {self.policy!r}")
         if not 0 <= self.accuracy_drop < 1:
             raise ValueError(f"LifetimeConfig.accuracy_drop must be in [0, 1), got {self.accuracy_drop}")
+        if self.max_disturb_rows is not None and (not isinstance(self.max_disturb_rows, int)
+                                                  or self.max_disturb_rows < 1):
+            raise ValueError("LifetimeConfig.max_disturb_rows must be None or a positive int, got "
+                             f"{self.max_disturb_rows!r}")
         if not self.g_error_max > 0:
             raise ValueError(f"LifetimeConfig.g_error_max must be > 0, got {self.g_error_max}")
 
@@ -278,7 +286,12 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
         damage, reads = {}, {}
         for name, rows in inputs.items():
             t_now, t_prog = chip.tiles[name], state.chip.tiles[name]
-            n_b = (rows != 0).astype(jnp.float32) * reads_per_input          # [Nr, n_in]
+            scale = reads_per_input
+            cap = config.max_disturb_rows
+            if cap is not None and rows.shape[0] > cap:
+                scale = reads_per_input * rows.shape[0] / cap
+                rows = rows[np.linspace(0, rows.shape[0] - 1, cap).astype(int)]
+            n_b = (rows != 0).astype(jnp.float32) * scale                   # [Nr, n_in]
             v_rows = tile_config.v_read * rows / xb.input_scale(rows, tile_config)
             new = []
             for side in ("pos", "neg"):

@@ -137,14 +137,17 @@ def placement_cost(costs, placement: Placement) -> float:
 
 
 def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
-                      disturb: dist_mod.DisturbParams, num_inferences: float):
+                      disturb: dist_mod.DisturbParams, num_inferences: float, *,
+                      max_rows: int = 512):
     """The non-linear placement objective and the layer order of its matrices.
 
     Returns:
         (objective, names): ``objective(mats)`` with mats = (P_row, P_col) per layer of ``names``
         (P[i, p] = weight of logical i on physical p, doubly stochastic) → cross-entropy of the
         network on (x, y) after ``num_inferences`` inferences of read disturb with the inputs'
-        read statistics (median device, z = 0; programming noise left out).
+        read statistics (median device, z = 0; programming noise left out). Layers with more
+        than ``max_rows`` input row vectors (conv patches) use an evenly spaced subset of them
+        for the cell voltages, each standing for proportionally more reads.
     """
     params = chip_mod._strip_params(params)
     kernels = _kernels(params)
@@ -162,10 +165,13 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
     def disturbed_kernel(name, pr, pc):
         gp, gm, kappa = targets[name]
         rows = inputs[name]
+        n_rows = rows.shape[0]
+        if n_rows > max_rows:
+            rows = rows[np.linspace(0, n_rows - 1, max_rows).astype(int)]
         u = rows / xb.input_scale(rows, cfg)
         driven = (rows != 0).astype(u.dtype) @ pr            # soft physical rows [Nr, n_in]
         v_rows = cfg.v_read * (u @ pr)
-        reads = driven * (num_inferences / n_model)
+        reads = driven * (num_inferences / n_model * n_rows / rows.shape[0])
         g_new = []
         for g in (gp, gm):
             g_phys = pr.T @ g @ pc

@@ -217,3 +217,19 @@ def test_cli_lifetime_writes_results(tmp_path):
     import json
     s = json.loads((out / "summary.json").read_text())
     assert s["num_chips"] == 3 and len(s["accuracy_p50"]) == 2
+
+
+def test_max_disturb_rows_uses_an_evenly_spaced_subset():
+    fns = _fns(v_read=0.3, max_disturb_rows=4)
+    state = fns.init(jax.random.key(1))
+    xb_ = fns.batch(0)
+    new = fns.step(state, xb_)
+    x = np.asarray(xb_, float)[np.linspace(0, 7, 4).astype(int)]
+    v = 0.3 * np.abs(x) / np.abs(x).max(axis=1, keepdims=True)
+    n_per = 2e6 / 8 * 8 / 4
+    z = np.asarray(state.spread["hidden"][0], float)
+    expect = n_per * ((x != 0) * np.exp((v - 0.2) / 0.05)).sum(0)[:, None] / (1e8 * np.exp(0.5 * z))
+    np.testing.assert_allclose(new.damage["hidden"][0], expect, rtol=2e-5)
+    np.testing.assert_allclose(new.reads["hidden"], n_per * (x != 0).sum(0), rtol=1e-6)
+    with pytest.raises(ValueError, match="max_disturb_rows"):
+        L.LifetimeConfig(max_disturb_rows=0)
