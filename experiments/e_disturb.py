@@ -79,12 +79,12 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
         jax.random.key(base.seed + 1), model, params, x_tr, y_tr, device, base.tile, disturb,
         po.objective_inferences,
         start=placements["exact"] if po.relaxed_start == "exact" else None,
-        start_sharpness=po.start_sharpness,
+        start_sharpness=po.start_sharpness, ir_mvm=po.objective_ir_mvm,
         steps=po.relaxed_steps, learning_rate=po.learning_rate, tau_start=po.tau_start,
         tau_end=po.tau_end)
     t_relaxed = time.perf_counter() - t0
     objective, names = pl.relaxed_objective(model, params, x_tr, y_tr, device, base.tile, disturb,
-                                            po.objective_inferences)
+                                            po.objective_inferences, ir_mvm=po.objective_ir_mvm)
     obj = jax.jit(objective)
 
     def hard(p):

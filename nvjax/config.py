@@ -247,6 +247,7 @@ class PlacementOptions:
             linear solution).
         random_seed: seed of the random placement.
         conv_disturb_rows: ``max_disturb_rows`` of the lifetime loop for conv models.
+        objective_ir_mvm: the non-linear objective includes the IR-drop distortion of the MVM.
     """
     criticality: str = "saliency"
     cost_samples: int = 256
@@ -258,6 +259,7 @@ class PlacementOptions:
     relaxed_start: Literal["uniform", "exact"] = "uniform"
     start_sharpness: float = 3.0
     conv_disturb_rows: Optional[int] = 128
+    objective_ir_mvm: bool = True
     random_seed: int = 1
 
     def validate(self):

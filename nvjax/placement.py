@@ -138,7 +138,7 @@ def placement_cost(costs, placement: Placement) -> float:
 
 def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
                       disturb: dist_mod.DisturbParams, num_inferences: float, *,
-                      max_rows: int = 512):
+                      max_rows: int = 512, ir_mvm: bool = True):
     """The non-linear placement objective and the layer order of its matrices.
 
     Returns:
@@ -147,7 +147,9 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
         network on (x, y) after ``num_inferences`` inferences of read disturb with the inputs'
         read statistics (median device, z = 0; programming noise left out). Layers with more
         than ``max_rows`` input row vectors (conv patches) use an evenly spaced subset of them
-        for the cell voltages, each standing for proportionally more reads.
+        for the cell voltages, each standing for proportionally more reads. With ``ir_mvm``
+        (and IR drop in ``tile_config``) the forward pass also carries the IR-drop distortion
+        of the MVM of the placed, disturbed arrays (first-order transfer of every tile).
     """
     params = chip_mod._strip_params(params)
     kernels = _kernels(params)
@@ -172,7 +174,7 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
         driven = (rows != 0).astype(u.dtype) @ pr            # soft physical rows [Nr, n_in]
         v_rows = cfg.v_read * (u @ pr)
         reads = driven * (num_inferences / n_model * n_rows / rows.shape[0])
-        g_new = []
+        g_new, g_plain = [], []
         for g in (gp, gm):
             g_phys = pr.T @ g @ pc
             if cfg.ir_drop == "none":
@@ -181,12 +183,16 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
                 v = xb.cell_voltages(g_phys, v_rows, cfg)
             dmg = dist_mod.accumulate_batch(disturb, jnp.zeros_like(g_phys), reads[:, :, None], v,
                                             g_phys, jnp.zeros_like(g_phys))
-            g_new.append(pr @ dist_mod.disturbed_conductance(disturb, g_phys, dmg) @ pc.T)
+            g_d = dist_mod.disturbed_conductance(disturb, g_phys, dmg)
+            g_plain.append(g_d)
+            if ir_mvm and cfg.ir_drop != "none":
+                g_d = _transfer(g_d, cfg)   # column current per volt of row drive, µS
+            g_new.append(pr @ g_d @ pc.T)
         w_d = (g_new[0] - g_new[1]) / kappa
-        w_0 = (gp - gm) / kappa
-        alpha = (jnp.sum(jnp.abs(jnp.sum(w_0, 0)))
-                 / jnp.maximum(jnp.sum(jnp.abs(jnp.sum(w_d, 0))), 1e-30))
-        return w_d * alpha
+        # global drift compensation as in the crossbar: from the read conductances (no IR drop)
+        ref0 = jnp.sum(jnp.abs(jnp.sum(gp - gm, 0) / kappa))
+        ref = jnp.sum(jnp.abs(jnp.sum(g_plain[0] - g_plain[1], 0) / kappa))
+        return w_d * (ref0 / jnp.maximum(ref, 1e-30))
 
     def objective(mats):
         new = dict(flat)
@@ -205,10 +211,21 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
     return objective, names
 
 
+def _transfer(g, cfg: xb.TileConfig):
+    """First-order IR-drop transfer of a whole array [n_in, n_out]: tile by tile (row tiles add
+    digitally), so ``x @ _transfer(G)`` is the MVM's column-current map."""
+    from . import irdrop
+    n_in, n_out = g.shape
+    grid = xb._tile_grid(g, cfg)                                   # [Ti, Tj, R, C]
+    m = jax.vmap(jax.vmap(lambda t: irdrop.first_order_transfer(t, cfg.r_wire)))(grid)
+    ti, tj, r, c = m.shape
+    return m.transpose(0, 2, 1, 3).reshape(ti * r, tj * c)[:n_in, :n_out]
+
+
 def relaxed_placement(key, model, params, x, y, device, tile_config: xb.TileConfig,
                       disturb: dist_mod.DisturbParams, num_inferences: float, *,
                       start: Optional[Placement] = None, start_sharpness: float = 3.0,
-                      **opts) -> Tuple[Placement, Any]:
+                      ir_mvm: bool = True, **opts) -> Tuple[Placement, Any]:
     """Placement minimizing :func:`relaxed_objective` by the Sinkhorn search of
     :func:`nvjax.mapping.relaxed_permutations` (``opts``: steps, learning_rate, tau_start, ...).
 
@@ -220,7 +237,7 @@ def relaxed_placement(key, model, params, x, y, device, tile_config: xb.TileConf
         (placement, info of the search).
     """
     objective, names = relaxed_objective(model, params, x, y, device, tile_config, disturb,
-                                         num_inferences)
+                                         num_inferences, ir_mvm=ir_mvm)
     kernels = _kernels(params)
     sizes = []
     for n in names:

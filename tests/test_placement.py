@@ -125,3 +125,22 @@ def test_relaxed_placement_returns_permutations():
     assert np.isfinite(np.asarray(info.loss_history)).all()
     with pytest.raises(ValueError, match="criticality"):
         pl.linear_costs(model, params, x, y, D.pcm(), cfg, R.pcm_disturb(), criticality="magic")
+
+
+def test_objective_with_ir_mvm_equals_the_simulated_chip_at_zero_reads():
+    """n = 0: the objective is the cross-entropy of the network run on the placed tiles with
+    first-order IR drop — computed independently by chip.apply on an ideal-device chip."""
+    from nvjax import chip as C
+    model, params, x, y = _setup()
+    cfg = xb.TileConfig(rows=4, cols=4, v_read=0.5, ir_drop="first_order", r_wire=3000.0)
+    dev = D.ideal(g_max=25.0)
+    obj, names = pl.relaxed_objective(model, params, x, y, dev, cfg, R.pcm_disturb(), 0.0)
+    placement = pl.random_placement(2, params)
+    chip = C.deploy(jax.random.key(0), model, params, dev, cfg,
+                    placement={n: tuple(jnp.asarray(p, jnp.int32) for p in placement[n])
+                               for n in names})
+    logits = C.apply(jax.random.key(1), chip, x, 0.0)
+    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+    np.testing.assert_allclose(obj(_onehots(placement, names)), ce, rtol=1e-4)
+    no_ir, _ = pl.relaxed_objective(model, params, x, y, dev, cfg, R.pcm_disturb(), 0.0, ir_mvm=False)
+    assert abs(float(no_ir(_onehots(placement, names)) - ce)) > 1e-4  # the IR term matters here
