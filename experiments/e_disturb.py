@@ -57,8 +57,9 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
     os.makedirs(model_dir, exist_ok=True)
     model, params, _ = sweep._get_model(mcfg, ds, model_dir, models_mod)
     if name != "mlp":  # conv layers: one row vector per patch; cap the disturb-voltage rows
+        steps = cfg.placement.conv_num_steps or base.lifetime.num_steps
         base = dataclasses.replace(base, lifetime=dataclasses.replace(
-            base.lifetime, max_disturb_rows=cfg.placement.conv_disturb_rows))
+            base.lifetime, max_disturb_rows=cfg.placement.conv_disturb_rows, num_steps=steps))
     device = cfg_mod.make_device(base.device)
     disturb = cfg_mod.make_disturb(base.disturb, base.device)
     x_tr, y_tr = ds.x_train[: cfg.placement.cost_samples], ds.y_train[: cfg.placement.cost_samples]
@@ -97,6 +98,7 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
     lc = base.lifetime
     horizon = float(lt.eval_inferences(lc)[-1])
     res = {"software_accuracy": sw_acc, "placements": {}, "time_exact_s": t_exact,
+           "horizon_inferences": horizon, "inferences": lt.eval_inferences(lc).tolist(),
            "time_relaxed_s": t_relaxed, "layers": names}
     intervals = {}
     for pname, p in placements.items():
@@ -145,10 +147,10 @@ def plot(path, results, lc):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    n = lt.eval_inferences(lc)
     fig, axes = plt.subplots(2, len(results), figsize=(6.0 * len(results), 7.6), squeeze=False)
     for k, (mname, res) in enumerate(results.items()):
         ax, ax2 = axes[0, k], axes[1, k]
+        n = np.asarray(res["inferences"])
         for pname, r in res["placements"].items():
             ax.plot(n, 100 * np.asarray(r["no_reprogramming_accuracy_mean"]), label=pname)
             ax2.plot(n, 100 * np.asarray(r["accuracy_mean"]), label=(
@@ -178,7 +180,8 @@ def markdown(results, cfg: EDisturbConfig):
              f"{100 * lc.accuracy_drop:g} % below fresh for {lc.patience} evaluations. Interval = "
              "inferences to the first reprogramming (censored at the horizon).", ""]
     for mname, res in results.items():
-        lines += [f"## {mname} (software accuracy {100 * res['software_accuracy']:.2f} %)", "",
+        lines += [f"## {mname} (software accuracy {100 * res['software_accuracy']:.2f} %, horizon "
+                  f"{res['horizon_inferences']:.3g} inferences)", "",
                   "| placement | linear cost | non-linear objective | interval median | "
                   "ratio vs identity (median [p25, p75]) | reprogrammings (mean ± std) | "
                   "accuracy at horizon, no reprogramming (mean ± s.e.) |",
