@@ -175,8 +175,8 @@ def markdown(results, cfg: EDisturbConfig):
     lines = ["# E-disturb: read-disturb-aware placement", "",
              f"{b.num_chips} chips per placement (same chip keys), {b.device.kind}, tiles "
              f"{b.tile.rows}×{b.tile.cols}, IR drop {b.tile.ir_drop} (r_wire {b.tile.r_wire} Ω), "
-             f"v_read {b.tile.v_read} V, horizon {lc.num_steps * lc.inferences_per_step:.3g} "
-             f"inferences in steps of {lc.inferences_per_step:.3g}; reprogram when accuracy is "
+             f"v_read {b.tile.v_read} V, steps of {lc.inferences_per_step:.3g} inferences "
+             f"(horizon per model below); reprogram when accuracy is "
              f"{100 * lc.accuracy_drop:g} % below fresh for {lc.patience} evaluations. Interval = "
              "inferences to the first reprogramming (censored at the horizon).", ""]
     for mname, res in results.items():
