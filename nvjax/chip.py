@@ -43,6 +43,10 @@ class Chip:
             of the layer's weight sits on physical row ``row_perm[i]`` of its tile grid (any row
             tile), logical column j on physical column ``col_perm[j]``. The tiles (and read
             counters, disturb state) are stored in the physical layout.
+        gain, offset: None, or layer name → [n_out] per-column digital correction (logical
+            column order) applied to the layer's crossbar output before its bias:
+            y ← gain·y + offset (fitted by :func:`nvjax.training.calibrate`); layers not named
+            are uncorrected.
     """
     tiles: Dict[str, Any]
     params: Any
@@ -50,6 +54,8 @@ class Chip:
     model: nn.Module = struct.field(pytree_node=False)
     config: xb.TileConfig = struct.field(pytree_node=False)
     placement: Optional[Dict[str, Any]] = None
+    gain: Optional[Dict[str, Any]] = None
+    offset: Optional[Dict[str, Any]] = None
 
 
 def _strip_params(params):
@@ -238,6 +244,10 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bo
         y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, chip.config)
         if placed:
             y = y[:, chip.placement[name][1]]                   # back to logical columns
+        if chip.gain is not None and name in chip.gain:
+            y = y * chip.gain[name]
+        if chip.offset is not None and name in chip.offset:
+            y = y + chip.offset[name]
         bias = mod.variables["params"].get("bias") if mod.use_bias else None
         if bias is not None:
             y = y + bias
@@ -259,7 +269,8 @@ def effective_params(key, chip: Chip, t):
     """The parameter tree with every kernel replaced by its drift-compensated read-out weights.
 
     Equivalent to :func:`apply` when the periphery is ideal (no DAC/ADC/output noise), and cheaper
-    to reuse for several batches (one read of the conductances).
+    to reuse for several batches (one read of the conductances). A per-column calibration
+    (``chip.gain``/``chip.offset``) is folded into the kernel columns and the bias.
     """
     flat = flatten_dict(chip.params)
     names = list(chip.tiles)
@@ -274,6 +285,14 @@ def effective_params(key, chip: Chip, t):
         if chip.placement is not None and name in chip.placement:
             rp, cp = chip.placement[name]
             w = w[rp][:, cp]
+        if chip.gain is not None and name in chip.gain:
+            w = w * chip.gain[name]
+        if chip.offset is not None and name in chip.offset:
+            bpath = tuple(name.split("/")) + ("bias",)
+            if bpath not in flat:
+                raise NotImplementedError(f"effective_params: layer {name!r} has a column offset "
+                                          "but no bias to fold it into")
+            flat[bpath] = flat[bpath] + chip.offset[name]
         if kern.ndim > 2:
             nd = kern.ndim - 2
             w = w.reshape((kern.shape[-2],) + kern.shape[:nd] + (kern.shape[-1],))

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ._ops import round_ste
+
 __all__ = [
     "StuckAt", "PCM", "ReRAM", "Levels", "Flash", "Ideal", "Device", "CellState",
     "pcm", "reram", "levels", "flash", "ideal", "program", "read", "drift",
@@ -420,7 +422,9 @@ def program(key: Array, device: Device, g_target: Array) -> CellState:
     elif isinstance(device, Levels):
         idx = _level_index(device, g_target)
         step = (device.g_max - device.g_min) / (device.num_levels - 1)
-        g_lvl = device.g_min + idx.astype(dtype) * step
+        # the level's value, with a straight-through gradient w.r.t. the target (same values)
+        u = round_ste(jnp.clip((g_target - device.g_min) / step, 0, device.num_levels - 1))
+        g_lvl = device.g_min + u * step
         sig = jnp.asarray(device.sigma, dtype)[idx] * (device.g_max - device.g_min)
         g = g_lvl + sig * jax.random.normal(k_prog, shape, dtype)
     elif isinstance(device, Flash):

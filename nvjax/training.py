@@ -1,0 +1,572 @@
+"""Training-side mitigations: hardware-aware training, biased training, post-programming correction.
+
+DESIGN.md §7.1, §7.2, §7.4.
+
+* **Hardware-aware (noise-injection) training** (§7.1). :func:`noisy_forward` runs any Flax
+  model with its weights perturbed by a noise model drawn from an explicit key:
+  :class:`WeightNoise` (additive σ·max|W| or multiplicative σ·|W| Gaussian weight noise, the cheap
+  classic) or :class:`ChipNoise` (the chip itself: :func:`nvjax.chip.deploy` of the current
+  weights on a device — any device model, per-level tables included — then
+  :func:`nvjax.chip.apply` at read time ``t`` with its DAC/ADC quantization, output noise, stuck
+  cells and first-order IR drop). Rounding (DAC, ADC, level quantization) is straight-through
+  (:func:`round_ste`), so gradients flow to the weights. :func:`train` is the optax loop: one
+  jitted ``lax.scan`` per epoch, step ``s`` draws its noise with ``fold_in(key_noise, s)``.
+* **Biased (favorable-state) training** (§7.4, Diware et al., AICAS 2023): :func:`favorable_levels`
+  picks the cell levels with the smallest σ_ℓ, :func:`favorable_codebook` the M-bit weight codes
+  whose every K-bit slice sits on them, :func:`importance` ranks weights (saliency, magnitude or
+  Hessian), and :func:`quantize` constrains the top-p % (``mask``) to the codebook (projection +
+  straight-through) and rounds the others to the plain M-bit grid. ``mask=None`` is conventional
+  quantization-aware training. :func:`sliced_read` deploys quantized weights on bit-sliced cells
+  for a Monte Carlo "hardware accuracy".
+* **Post-programming correction** (§7.2, Han et al., Sci. China Inf. Sci.): :func:`reprogram`
+  reads every cell back and re-programs those outside a tolerance (rounds of read-verify);
+  :func:`calibrate` fits a per-column digital gain and offset of every layer on calibration
+  inputs (:func:`fit_gain_offset`, least squares against the ideal layer output on the same
+  inputs); IR-drop pre-distortion is ``TileConfig(ir_predistort=n)``
+  (:func:`nvjax.crossbar.predistort_ir`). :func:`correct` chains them.
+  :func:`recovered_fraction` is the metric R = (acc_mitigated − acc_nonideal)/(acc_ideal −
+  acc_nonideal).
+
+This module imports ``devices``, ``encoding``, ``crossbar``, ``chip``, ``sensitivity``,
+``programming``, flax and optax.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from . import chip as chip_mod
+from . import crossbar as xb
+from . import devices as dev_mod
+from . import encoding
+from ._ops import round_ste, straight_through
+
+__all__ = ["WeightNoise", "ChipNoise", "noisy_forward", "train", "round_ste", "straight_through",
+           "quantize", "weight_codes", "favorable_levels", "favorable_codebook", "importance",
+           "top_mask", "sliced_read", "reprogram", "fit_gain_offset", "calibrate", "correct",
+           "recovered_fraction"]
+
+Array = jax.Array
+Params = Any
+
+
+# --------------------------------------------------------------------------------------------
+# Noise models and the noisy forward pass
+# --------------------------------------------------------------------------------------------
+@struct.dataclass
+class WeightNoise:
+    """Gaussian weight-noise injection on every Dense/Conv kernel (biases stay exact).
+
+    Attributes:
+        sigma: noise σ; 'additive': relative to the layer's max|W| (w + σ·max|W|·ξ);
+            'multiplicative': relative to each weight (w·(1 + σ·ξ)).
+        kind: 'additive' or 'multiplicative' (static).
+    """
+    sigma: Any = 0.0
+    kind: str = struct.field(pytree_node=False, default="additive")
+
+    def __post_init__(self):
+        if self.kind not in ("additive", "multiplicative"):
+            raise ValueError(f"WeightNoise.kind must be 'additive' or 'multiplicative', got "
+                             f"{self.kind!r}")
+        if dev_mod._is_concrete(self.sigma) and np.any(np.asarray(self.sigma) < 0):
+            raise ValueError(f"WeightNoise.sigma must be >= 0, got {self.sigma}")
+
+
+@struct.dataclass
+class ChipNoise:
+    """The chip as the noise model: deploy on ``device`` with ``config``, read at ``t`` seconds.
+
+    Attributes:
+        device: a device model from :mod:`nvjax.devices` (pytree).
+        t: read time since programming, s.
+        config: :class:`nvjax.crossbar.TileConfig` (static). ``ir_drop='solver'`` is not
+            reverse-differentiable (``while_loop``); train with 'first_order'.
+    """
+    device: Any
+    t: Any = 0.0
+    config: xb.TileConfig = struct.field(pytree_node=False, default=xb.TileConfig())
+
+
+def _kernel_paths(params):
+    return [k for k in flatten_dict(params) if k[-1] == "kernel"]
+
+
+def _wrap(variables, inner):
+    return {"params": inner} if isinstance(variables, dict) and set(variables) == {"params"} else inner
+
+
+def _perturb(key, params, noise: WeightNoise):
+    flat = flatten_dict(params)
+    for i, path in enumerate(p for p in flat if p[-1] == "kernel"):
+        w = flat[path]
+        xi = jax.random.normal(jax.random.fold_in(key, i), w.shape, w.dtype)
+        if noise.kind == "additive":
+            flat[path] = w + noise.sigma * jax.lax.stop_gradient(jnp.max(jnp.abs(w))) * xi
+        else:
+            flat[path] = w * (1.0 + noise.sigma * xi)
+    return unflatten_dict(flat)
+
+
+def _check_noise(noise):
+    if noise is not None and not isinstance(noise, (WeightNoise, ChipNoise)):
+        raise TypeError(f"noise must be None, WeightNoise or ChipNoise, got {type(noise).__name__}")
+
+
+def noisy_forward(key, model: nn.Module, params, x, noise=None):
+    """Logits of ``model`` on ``x`` with hardware noise drawn from ``key``.
+
+    Args:
+        key: PRNG key of this forward pass (programming draw ``split(key)[0]``, read and
+            output noise ``split(key)[1]`` for :class:`ChipNoise`).
+        model: a Flax module whose parametrized layers are ``nn.Dense``/``nn.Conv``.
+        params: its parameters (``{'params': ...}`` or the inner dict).
+        x: inputs [B, ...].
+        noise: None (the ideal forward), :class:`WeightNoise` or :class:`ChipNoise`.
+
+    Returns:
+        Logits [B, classes]. Differentiable in ``params`` (straight-through through every
+        rounding); with zero noise and an ideal periphery it equals ``model.apply``.
+    """
+    _check_noise(noise)
+    inner = chip_mod._strip_params(params)
+    if noise is None:
+        return model.apply({"params": inner}, x)
+    if isinstance(noise, WeightNoise):
+        return model.apply({"params": _perturb(key, inner, noise)}, x)
+    k_prog, k_read = jax.random.split(key)
+    chip = chip_mod.deploy(k_prog, model, inner, noise.device, noise.config)
+    return chip_mod.apply(k_read, chip, x, noise.t)
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------
+def _check_positive(name, value, integer):
+    kinds = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0 \
+            or not np.isfinite(value):
+        raise ValueError(f"train: {name} must be a positive {'int' if integer else 'number'}, "
+                         f"got {value!r}")
+
+
+def train(key, model: nn.Module, data, *, params=None, noise=None,
+          transform: Optional[Callable[[Params], Params]] = None, epochs: int,
+          batch_size: int = 64, learning_rate: float = 1e-3,
+          optimizer: Optional[optax.GradientTransformation] = None,
+          progress: bool = False) -> Tuple[Params, Dict[str, List[float]]]:
+    """Hardware-aware training (or fine-tuning) with optax and softmax cross-entropy.
+
+    Every minibatch step draws its hardware noise from ``fold_in(key_noise, step)`` (step counted
+    over all epochs), runs :func:`noisy_forward` on ``transform(params)`` and updates the latent,
+    full-precision ``params``. One epoch is one jitted ``lax.scan``; the result is deterministic
+    for a given key.
+
+    Args:
+        key: PRNG key (or int seed): init (when ``params`` is None), shuffling and noise.
+        model: the Flax module.
+        data: a :class:`nvjax.data.Dataset`.
+        params: starting parameters (fine-tuning); None initializes the model.
+        noise: None, :class:`WeightNoise` or :class:`ChipNoise`.
+        transform: optional straight-through weight transform applied in the forward pass, e.g.
+            ``lambda p: quantize(p, bits=8, mask=m, codebook=cb)[0]`` (biased training) or
+            ``lambda p: quantize(p, bits=8)[0]`` (conventional QAT).
+        epochs, batch_size, learning_rate: as in :func:`nvjax.models.train`.
+        optimizer: an optax transformation (default ``optax.adam(learning_rate)``).
+        progress: print one line per epoch.
+
+    Returns:
+        ``(params, history)``: the latent parameters (``{'params': ...}``; deploy
+        ``transform(params)`` when a transform was used) and per-epoch lists ``train_loss``,
+        ``test_accuracy`` (software accuracy of ``transform(params)``), ``time_s``.
+    """
+    from . import models as models_mod
+    _check_positive("epochs", epochs, True)
+    _check_positive("batch_size", batch_size, True)
+    _check_positive("learning_rate", learning_rate, False)
+    _check_noise(noise)
+    if isinstance(noise, ChipNoise) and noise.config.ir_drop == "solver":
+        raise ValueError("train: ChipNoise with ir_drop='solver' is not reverse-differentiable "
+                         "(while_loop); train with TileConfig(ir_drop='first_order')")
+    x_train = jnp.asarray(data.x_train, jnp.float32)
+    y_train = jnp.asarray(data.y_train, jnp.int32)
+    n = x_train.shape[0]
+    if batch_size > n:
+        raise ValueError(f"train: batch_size must be <= the number of training samples ({n}), "
+                         f"got {batch_size}")
+    steps = n // batch_size
+    key = models_mod._as_key(key)
+    k_init, k_shuffle, k_noise = jax.random.split(key, 3)
+    if params is None:
+        params = model.init(k_init, x_train[:1])
+    variables = {"params": chip_mod._strip_params(params)}
+    tform = transform if transform is not None else (lambda p: p)
+    tx = optimizer if optimizer is not None else optax.adam(learning_rate)
+    opt_state = tx.init(variables)
+
+    def loss_fn(v, k, xb_, yb, noise_):
+        logits = noisy_forward(k, model, tform(v), xb_, noise_)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    @jax.jit
+    def epoch(v, s, k, e, noise_):
+        def step(carry, inp):
+            v, s = carry
+            idx, t = inp
+            loss, grads = jax.value_and_grad(loss_fn)(v, jax.random.fold_in(k_noise, t),
+                                                      x_train[idx], y_train[idx], noise_)
+            updates, s = tx.update(grads, s, v)
+            return (optax.apply_updates(v, updates), s), loss
+        perm = jax.random.permutation(k, n)[: steps * batch_size].reshape(steps, batch_size)
+        t = e * steps + jnp.arange(steps, dtype=jnp.uint32)
+        (v, s), losses = jax.lax.scan(step, (v, s), (perm, t))
+        return v, s, losses.mean()
+
+    history: Dict[str, List[float]] = {"train_loss": [], "test_accuracy": [], "time_s": []}
+    t0 = time.perf_counter()
+    for e in range(int(epochs)):
+        variables, opt_state, loss = epoch(variables, opt_state, jax.random.fold_in(k_shuffle, e),
+                                           jnp.uint32(e), noise)
+        acc = models_mod.accuracy(model, tform(variables), data.x_test, data.y_test)
+        history["train_loss"].append(float(loss))
+        history["test_accuracy"].append(acc)
+        history["time_s"].append(time.perf_counter() - t0)
+        if progress:
+            print(f"epoch {e + 1}/{epochs}: train loss {float(loss):.4f}, software test accuracy "
+                  f"{acc:.4f} ({history['time_s'][-1]:.1f} s)", flush=True)
+    return variables, history
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization, favorable states and biased training
+# --------------------------------------------------------------------------------------------
+def _check_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
+
+
+def quantize(params, *, bits: int = 8, mask=None, codebook=None):
+    """Sign-magnitude M-bit quantization of every kernel, top weights on a codebook (STE).
+
+    Each kernel is quantized on its own grid: ``w_max`` = max|W| of the layer (held constant for
+    gradients), code q = sign(w)·round(|w|/w_max·(2^M − 1)). Weights selected by ``mask`` get
+    the nearest signed codebook magnitude instead (:func:`nvjax.encoding.project_to_codebook`).
+    The forward value is the quantized weight ``q·w_max/(2^M − 1)`` exactly; the gradient is the
+    identity (straight-through). Biases and other leaves are returned unchanged.
+
+    Args:
+        params: parameter tree (``{'params': ...}`` or inner).
+        bits: M, weight bits (magnitude; the sign is the pair).
+        mask: None (no weight constrained: conventional QAT) or a tree of boolean arrays shaped
+            like the kernels (flat dict path → mask, or the params structure restricted to
+            kernels, e.g. from :func:`top_mask`).
+        codebook: allowed integer magnitudes (from :func:`favorable_codebook`); required with a
+            mask.
+
+    Returns:
+        ``(params_q, w_max)``: the quantized tree (same structure) and a dict '/'-joined layer
+        name → w_max (weight units).
+    """
+    _check_bits(bits)
+    if mask is not None and codebook is None:
+        raise ValueError("quantize: a mask needs a codebook")
+    inner = chip_mod._strip_params(params)
+    flat = flatten_dict(inner)
+    masks = {} if mask is None else _flat_masks(mask)
+    n = 2 ** bits - 1
+    w_maxes = {}
+    for path in [p for p in flat if p[-1] == "kernel"]:
+        w = flat[path]
+        w_max = jax.lax.stop_gradient(jnp.max(jnp.abs(w)))
+        w_max = jnp.where(w_max > 0, w_max, 1.0)
+        q = jnp.clip(jnp.round(jax.lax.stop_gradient(w) / w_max * n), -n, n)
+        name = "/".join(path[:-1])
+        if name in masks:
+            m = jnp.asarray(masks[name])
+            if m.shape != w.shape:
+                raise ValueError(f"quantize: mask of {name!r} has shape {tuple(m.shape)}, kernel "
+                                 f"{tuple(w.shape)}")
+            q = jnp.where(m, encoding.project_to_codebook(q, codebook).astype(q.dtype), q)
+        flat[path] = straight_through(w, q * (w_max / n))
+        w_maxes[name] = w_max
+    return _wrap(params, unflatten_dict(flat)), w_maxes
+
+
+def _flat_masks(mask):
+    if isinstance(mask, dict) and all(isinstance(k, str) and not isinstance(v, dict)
+                                      for k, v in mask.items()):
+        return dict(mask)
+    flat = flatten_dict(chip_mod._strip_params(mask))
+    return {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "kernel"}
+
+
+def weight_codes(w, w_max, *, bits: int = 8) -> Array:
+    """Integer sign-magnitude codes of (already quantized) weights: round(w/w_max·(2^M − 1))."""
+    _check_bits(bits)
+    return jnp.round(jnp.asarray(w) / w_max * (2 ** bits - 1)).astype(jnp.int32)
+
+
+def favorable_levels(device, num: int = 2) -> np.ndarray:
+    """The ``num`` levels of a per-level cell with the smallest σ_ℓ (sorted level indices).
+
+    Ties are broken toward the extreme levels (then the lower index), so a uniform table gives
+    the two extremes — the states real devices hold best (cf. the ReRAM fit of DESIGN.md D2).
+
+    Args:
+        device: a :class:`nvjax.devices.Levels` device, or a σ table (1-D).
+        num: number of favorable levels, 1 ≤ num ≤ L.
+    """
+    sigma = np.asarray(device.sigma if isinstance(device, dev_mod.Levels) else device, np.float64)
+    if sigma.ndim != 1 or sigma.size < 2:
+        raise ValueError(f"favorable_levels: expected a Levels device or a 1-D σ table, got shape "
+                         f"{sigma.shape}")
+    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= sigma.size:
+        raise ValueError(f"favorable_levels: num must be an int in 1..{sigma.size}, got {num!r}")
+    mid = (sigma.size - 1) / 2
+    order = sorted(range(sigma.size), key=lambda l: (sigma[l], -abs(l - mid), l))
+    return np.sort(np.asarray(order[:num]))
+
+
+def favorable_codebook(device, *, bits: int = 8, slice_bits: int = 2, num: int = 2) -> np.ndarray:
+    """Integer magnitudes whose every K-bit slice sits on a favorable level of ``device``."""
+    lv = favorable_levels(device, num)
+    if isinstance(device, dev_mod.Levels) and device.num_levels != 2 ** slice_bits:
+        raise ValueError(f"favorable_codebook: the device has {device.num_levels} levels, "
+                         f"slice_bits={slice_bits} needs {2 ** slice_bits}")
+    return encoding.favorable_codebook(bits=bits, slice_bits=slice_bits, allowed=lv.tolist())
+
+
+def importance(model: nn.Module, params, x, y, *, method: str = "saliency",
+               probes: int = 64, key=None):
+    """Weight importance of every kernel: 'saliency' |w·∂L/∂w|, 'magnitude' |w| or 'hessian'
+    ½·H_ii·w² (Hutchinson diagonal, ``probes`` probes from ``key``). Returns a tree of kernels only
+    (flat dict '/'-joined layer name → [kernel shape])."""
+    from . import sensitivity as sens
+    inner = chip_mod._strip_params(params)
+    if method == "magnitude":
+        tree = jax.tree.map(jnp.abs, inner)
+    elif method == "saliency":
+        tree = sens.saliency(sens.loss_fn(model, x, y), inner)
+    elif method == "hessian":
+        key = jax.random.key(0) if key is None else key
+        h = sens.hessian_diag(key, sens.loss_fn(model, x, y), inner, num_probes=probes)
+        tree = jax.tree.map(lambda hh, w: 0.5 * jnp.abs(hh) * jnp.square(w), h, inner)
+    else:
+        raise ValueError(f"importance: method must be 'saliency', 'magnitude' or 'hessian', got "
+                         f"{method!r}")
+    flat = flatten_dict(tree)
+    return {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "kernel"}
+
+
+def top_mask(scores, p):
+    """Boolean masks of the global top fraction ``p`` of ``scores`` (all layers ranked together;
+    :func:`nvjax.programming.swim_mask`)."""
+    from . import programming
+    return programming.swim_mask(scores, p)
+
+
+def sliced_read(key, device, w, *, w_max, bits: int = 8, slice_bits: int = 2) -> Array:
+    """Weights after programming their bit slices on per-level cells and reading them back.
+
+    ``w`` (already on the M-bit grid of ``w_max``) is split into M/K K-bit slices on a positive
+    and a negative stack (:func:`nvjax.encoding.to_slices`, 'pair'), every cell is programmed
+    with ``device`` (one draw each) and the slices are added back with their significance
+    (:func:`nvjax.encoding.from_slices`).
+
+    Args:
+        key: PRNG key.
+        device: a :class:`nvjax.devices.Levels` device with 2^K levels.
+        w: weights, any shape.
+        w_max: the weight of the full-scale code (from :func:`quantize`).
+
+    Returns:
+        Read-back weights, shape of ``w``.
+    """
+    if not isinstance(device, dev_mod.Levels) or device.num_levels != 2 ** slice_bits:
+        raise ValueError(f"sliced_read: needs a Levels device with 2**slice_bits = {2 ** slice_bits} "
+                         f"levels, got {type(device).__name__}")
+    g_min, g_max = dev_mod.g_range(device)
+    s = encoding.to_slices(w, bits=bits, slice_bits=slice_bits, w_max=w_max, g_min=g_min,
+                           g_max=g_max, signed="pair")
+    k_p, k_n = jax.random.split(key)
+    gp = dev_mod.program(k_p, device, s.g_pos).g
+    gn = dev_mod.program(k_n, device, s.g_neg).g
+    return encoding.from_slices(encoding.Sliced(gp, gn, s.w_step), bits=bits,
+                                slice_bits=slice_bits, g_min=g_min, g_max=g_max, signed="pair")
+
+
+# --------------------------------------------------------------------------------------------
+# Post-programming correction
+# --------------------------------------------------------------------------------------------
+def _layer_targets(chip: chip_mod.Chip, name: str):
+    """Target conductances (G⁺, G⁻) of a deployed layer in its physical layout."""
+    kern = flatten_dict(chip.params)[tuple(name.split("/")) + ("kernel",)]
+    w = chip_mod.kernel_matrix(kern)
+    if chip.placement is not None and name in chip.placement:
+        inv_r, inv_c = (chip_mod._inverse(p) for p in chip.placement[name])
+        w = w[inv_r][:, inv_c]
+    gp, gm, _ = xb.tile(w, chip.device, chip.config)
+    return gp, gm
+
+
+def _reprogram_side(key, device, state: dev_mod.CellState, g_target, *, tol, max_rounds,
+                    t_verify, read_noise):
+    """Rounds of read-verify: re-program (new draw) every non-stuck cell read outside tol."""
+    free = device.replace(faults=None) if device.faults is not None else device
+    g_min, g_max = dev_mod.g_range(device)
+    band = tol * (g_max - g_min)
+    if isinstance(device, dev_mod.Levels):   # the cell is written to the nearest level
+        g_target = encoding.quantize_levels(g_target, g_min, g_max, device.num_levels)
+    movable = jnp.ones(g_target.shape, bool) if state.stuck is None else state.stuck == 0
+
+    def body(r, carry):
+        st, pulses = carry
+        k_read, k_prog = jax.random.split(jax.random.fold_in(key, r))
+        g_rb = dev_mod.read(k_read, device, st, t_verify) if read_noise else st.g
+        bad = (jnp.abs(g_rb - g_target) > band) & movable
+        new = dev_mod.program(k_prog, free, g_target)
+        pick = lambda a, b: None if a is None else jnp.where(bad, b, a)  # noqa: E731
+        st = st._replace(g=jnp.where(bad, new.g, st.g), nu=pick(st.nu, new.nu),
+                         relax=pick(st.relax, new.relax))
+        return st, pulses + jnp.sum(bad, dtype=jnp.int32)
+    return jax.lax.fori_loop(0, max_rounds, body, (state, jnp.zeros((), jnp.int32)))
+
+
+def reprogram(key, chip: chip_mod.Chip, *, tol: float, max_rounds: int = 10,
+              t_verify: float = 0.0):
+    """Read every cell back and re-program those outside tolerance, for ``max_rounds`` rounds.
+
+    Round r reads all cells at ``t_verify`` s after programming (drift and read noise of the
+    device; the programmed value when the chip's config has ``read_noise=False``); a movable cell
+    whose read-back differs from its target (for per-level cells: the target's level) by more
+    than ``tol·(g_max − g_min)`` gets a fresh
+    programming draw (its drift exponent / relaxation too). Stuck cells are left alone. The
+    drift-compensation reference is recomputed.
+
+    Args:
+        key: PRNG key; layer k uses ``fold_in(key, k)``, its G⁻ side ``fold_in(·, 1)``.
+        chip: from :func:`nvjax.chip.deploy`.
+        tol: tolerance, fraction of the conductance range (> 0).
+        max_rounds: read-verify rounds (≥ 1).
+        t_verify: time of the verify read after programming, s.
+
+    Returns:
+        ``(chip, pulses)``: the corrected chip and a dict layer name → extra programming pulses.
+    """
+    if not tol > 0:
+        raise ValueError(f"reprogram: tol must be > 0 (fraction of the conductance range), got {tol}")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"reprogram: max_rounds must be an int >= 1, got {max_rounds!r}")
+    tiles, pulses = dict(chip.tiles), {}
+    for i, name in enumerate(chip.tiles):
+        tl = tiles[name]
+        tp, tm = _layer_targets(chip, name)
+        k = jax.random.fold_in(key, i)
+        kw = dict(tol=tol, max_rounds=max_rounds, t_verify=t_verify,
+                  read_noise=chip.config.read_noise)
+        pos, n_p = _reprogram_side(jax.random.fold_in(k, 0), chip.device, tl.pos, tp, **kw)
+        neg, n_m = _reprogram_side(jax.random.fold_in(k, 1), chip.device, tl.neg, tm, **kw)
+        tiles[name] = tl.replace(pos=pos, neg=neg, ref0=xb._ref_sum(pos.g - neg.g, tl.kappa))
+        pulses[name] = n_p + n_m
+    return chip.replace(tiles=tiles), pulses
+
+
+def fit_gain_offset(y_hw, y_ref):
+    """Per-column least-squares fit y_ref ≈ gain·y_hw + offset.
+
+    Args:
+        y_hw: measured outputs [N, C]; y_ref: ideal outputs [N, C].
+
+    Returns:
+        ``(gain [C], offset [C])``; a column with constant y_hw gets gain 1 and the mean
+        difference as offset.
+    """
+    y_hw, y_ref = jnp.asarray(y_hw), jnp.asarray(y_ref)
+    if y_hw.ndim != 2 or y_hw.shape != y_ref.shape:
+        raise ValueError(f"fit_gain_offset: expected two arrays [N, C] of the same shape, got "
+                         f"{tuple(y_hw.shape)} and {tuple(y_ref.shape)}")
+    mh, mr = jnp.mean(y_hw, 0), jnp.mean(y_ref, 0)
+    dh, dr = y_hw - mh, y_ref - mr
+    var = jnp.sum(dh * dh, 0)
+    cov = jnp.sum(dh * dr, 0)
+    ok = var > 1e-12 * jnp.maximum(jnp.sum(dr * dr, 0), 1e-30)
+    gain = jnp.where(ok, cov / jnp.where(ok, var, 1.0), 1.0)
+    return gain, mr - gain * mh
+
+
+def calibrate(key, chip: chip_mod.Chip, x, t, *, reference_params=None) -> chip_mod.Chip:
+    """Fit a per-column digital gain/offset of every layer on calibration inputs ``x``.
+
+    Layers are calibrated in order: for layer k the model runs on the chip (read at ``t``, key
+    ``key``, with the corrections of layers < k already applied), the layer's crossbar inputs
+    X are recorded, its crossbar outputs on X are taken with the same read key as
+    :func:`nvjax.chip.apply` uses, and ``gain, offset`` are fitted so that
+    gain·y_hw + offset ≈ X @ W_ideal (least squares per column, :func:`fit_gain_offset`).
+    A layer called several times per forward pass (recurrent) is fitted on all its calls' inputs
+    with one read.
+
+    Args:
+        key: PRNG key of the calibration reads.
+        chip: from :func:`nvjax.chip.deploy`.
+        x: calibration model inputs [N, ...].
+        t: read time since programming, s.
+        reference_params: the ideal weights (default: the chip's own parameters).
+
+    Returns:
+        The chip with ``gain`` and ``offset`` set for every layer.
+    """
+    ref = flatten_dict(chip_mod._strip_params(reference_params if reference_params is not None
+                                              else chip.params))
+    names = list(chip.tiles)
+    gain, offset = {}, {}
+    cur = chip.replace(gain=None, offset=None)
+    for i, name in enumerate(names):
+        _, inputs = chip_mod.apply(key, cur, x, t, return_inputs=True)
+        rows = inputs[name]                                        # physical row order
+        y_hw, _ = xb.mvm(jax.random.fold_in(key, i), chip.device, chip.tiles[name], rows, t,
+                         chip.config)
+        w = chip_mod.kernel_matrix(ref[tuple(name.split("/")) + ("kernel",)])
+        if chip.placement is not None and name in chip.placement:
+            rp, cp = chip.placement[name]
+            rows = rows[:, rp]                                     # back to logical rows
+            y_hw = y_hw[:, cp]                                     # logical columns
+        a, b = fit_gain_offset(y_hw, rows @ w)
+        gain[name], offset[name] = a, b
+        cur = cur.replace(gain=dict(gain), offset=dict(offset))
+    return cur
+
+
+def correct(key, chip: chip_mod.Chip, x_cal, t, *, tol: Optional[float] = 0.05,
+            max_rounds: int = 5, t_verify: float = 0.0, calibration: bool = True):
+    """The post-programming correction pipeline: :func:`reprogram` (when ``tol`` is not None)
+    then :func:`calibrate` on ``x_cal`` at read time ``t`` (when ``calibration``). IR-drop
+    pre-distortion happens at programming (``TileConfig.ir_predistort``).
+
+    Returns:
+        ``(chip, pulses)`` (``pulses`` = {} when no re-programming).
+    """
+    k_rp, k_cal = jax.random.split(key)
+    pulses = {}
+    if tol is not None:
+        chip, pulses = reprogram(k_rp, chip, tol=tol, max_rounds=max_rounds, t_verify=t_verify)
+    if calibration:
+        chip = calibrate(k_cal, chip, x_cal, t)
+    return chip, pulses
+
+
+def recovered_fraction(acc_ideal, acc_nonideal, acc_mitigated):
+    """R = (acc_mitigated − acc_nonideal)/(acc_ideal − acc_nonideal) (DESIGN.md §7.2); NaN when
+    the non-ideality costs nothing (acc_ideal == acc_nonideal)."""
+    a_i, a_n, a_m = (np.asarray(v, np.float64) for v in (acc_ideal, acc_nonideal, acc_mitigated))
+    gap = a_i - a_n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(gap != 0, (a_m - a_n) / np.where(gap != 0, gap, 1.0), np.nan)
