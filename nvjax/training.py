@@ -32,6 +32,7 @@ This module imports ``devices``, ``encoding``, ``crossbar``, ``chip``, ``sensiti
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -91,10 +92,14 @@ class ChipNoise:
         t: read time since programming, s.
         config: :class:`nvjax.crossbar.TileConfig` (static). ``ir_drop='solver'`` is not
             reverse-differentiable (``while_loop``); train with 'first_order'.
+        calibration: None, or model inputs [N, ...]: every drawn chip is first calibrated on
+            them (:func:`calibrate`, per-column gain/offset at ``t``; differentiable), so the
+            model is trained for the chip as it will be corrected.
     """
     device: Any
     t: Any = 0.0
     config: xb.TileConfig = struct.field(pytree_node=False, default=xb.TileConfig())
+    calibration: Any = None
 
 
 def _kernel_paths(params):
@@ -126,8 +131,8 @@ def noisy_forward(key, model: nn.Module, params, x, noise=None):
     """Logits of ``model`` on ``x`` with hardware noise drawn from ``key``.
 
     Args:
-        key: PRNG key of this forward pass (programming draw ``split(key)[0]``, read and
-            output noise ``split(key)[1]`` for :class:`ChipNoise`).
+        key: PRNG key of this forward pass (:class:`ChipNoise`: programming draw
+            ``split(key, 3)[0]``, read and output noise ``[1]``, calibration reads ``[2]``).
         model: a Flax module whose parametrized layers are ``nn.Dense``/``nn.Conv``.
         params: its parameters (``{'params': ...}`` or the inner dict).
         x: inputs [B, ...].
@@ -143,8 +148,10 @@ def noisy_forward(key, model: nn.Module, params, x, noise=None):
         return model.apply({"params": inner}, x)
     if isinstance(noise, WeightNoise):
         return model.apply({"params": _perturb(key, inner, noise)}, x)
-    k_prog, k_read = jax.random.split(key)
+    k_prog, k_read, k_cal = jax.random.split(key, 3)
     chip = chip_mod.deploy(k_prog, model, inner, noise.device, noise.config)
+    if noise.calibration is not None:
+        chip = calibrate(k_cal, chip, noise.calibration, noise.t)
     return chip_mod.apply(k_read, chip, x, noise.t)
 
 
@@ -418,6 +425,24 @@ def _layer_targets(chip: chip_mod.Chip, name: str):
     return gp, gm
 
 
+def _target_weights(chip: chip_mod.Chip, name: str):
+    """The weights (physical layout) that the layer's target conductances encode before any IR
+    pre-distortion: W itself, or for per-level cells the level-quantized (G⁺_T − G⁻_T)/κ."""
+    dev = chip.device
+    plain = chip.replace(config=dataclasses.replace(chip.config, ir_predistort=0))
+    tp, tm = _layer_targets(plain, name)          # not pre-distorted: the intended weights
+    if not isinstance(dev, dev_mod.Levels):
+        return (tp - tm) / _layer_kappa(plain, name)
+    g_min, g_max = dev_mod.g_range(dev)
+    tp, tm = (encoding.quantize_levels(t, g_min, g_max, dev.num_levels) for t in (tp, tm))
+    return (tp - tm) / _layer_kappa(plain, name)
+
+
+def _layer_kappa(chip: chip_mod.Chip, name: str):
+    kern = flatten_dict(chip.params)[tuple(name.split("/")) + ("kernel",)]
+    return xb.tile(chip_mod.kernel_matrix(kern), chip.device, chip.config)[2]
+
+
 def _reprogram_side(key, device, state: dev_mod.CellState, g_target, *, tol, max_rounds,
                     t_verify, read_noise):
     """Rounds of read-verify: re-program (new draw) every non-stuck cell read outside tol."""
@@ -519,13 +544,16 @@ def calibrate(key, chip: chip_mod.Chip, x, t, *, reference_params=None) -> chip_
         chip: from :func:`nvjax.chip.deploy`.
         x: calibration model inputs [N, ...].
         t: read time since programming, s.
-        reference_params: the ideal weights (default: the chip's own parameters).
+        reference_params: the ideal weights to calibrate toward. Default: the weights the
+            chip's target conductances encode — the chip's parameters, level-quantized for
+            per-level cells — so the calibration corrects deviations from the intended
+            programming (noise, stuck cells, IR drop, drift, ADC) and not a quantization the
+            model was trained for.
 
     Returns:
         The chip with ``gain`` and ``offset`` set for every layer.
     """
-    ref = flatten_dict(chip_mod._strip_params(reference_params if reference_params is not None
-                                              else chip.params))
+    ref = None if reference_params is None else flatten_dict(chip_mod._strip_params(reference_params))
     names = list(chip.tiles)
     gain, offset = {}, {}
     cur = chip.replace(gain=None, offset=None)
@@ -534,12 +562,17 @@ def calibrate(key, chip: chip_mod.Chip, x, t, *, reference_params=None) -> chip_
         rows = inputs[name]                                        # physical row order
         y_hw, _ = xb.mvm(jax.random.fold_in(key, i), chip.device, chip.tiles[name], rows, t,
                          chip.config)
-        w = chip_mod.kernel_matrix(ref[tuple(name.split("/")) + ("kernel",)])
+        if ref is None:   # the weights the targets encode, physical layout
+            y_ref = rows @ _target_weights(chip, name)
+        else:
+            w = chip_mod.kernel_matrix(ref[tuple(name.split("/")) + ("kernel",)])
+            if chip.placement is not None and name in chip.placement:
+                inv_r, inv_c = (chip_mod._inverse(p) for p in chip.placement[name])
+                w = w[inv_r][:, inv_c]
+            y_ref = rows @ w
         if chip.placement is not None and name in chip.placement:
-            rp, cp = chip.placement[name]
-            rows = rows[:, rp]                                     # back to logical rows
-            y_hw = y_hw[:, cp]                                     # logical columns
-        a, b = fit_gain_offset(y_hw, rows @ w)
+            y_hw, y_ref = y_hw[:, chip.placement[name][1]], y_ref[:, chip.placement[name][1]]
+        a, b = fit_gain_offset(y_hw, y_ref)
         gain[name], offset[name] = a, b
         cur = cur.replace(gain=dict(gain), offset=dict(offset))
     return cur
