@@ -1,7 +1,10 @@
 """The ``nvjax`` command line.
 
     nvjax run CONFIG --out DIR     the Monte Carlo reliability sweep (writes summary.json,
-                                   results.csv, accuracy_vs_time.png)
+                                   results.csv, accuracy_vs_time.png); shards chips over all
+                                   devices; resumable (rerun the same command); multi-process
+                                   with --coordinator/--num-processes/--process-id or the
+                                   NVJAX_COORDINATOR/NVJAX_NUM_PROCESSES/NVJAX_PROCESS_ID variables
     nvjax lifetime CONFIG --out DIR
                                    a chip's working life: inferences, drift, read disturb and
                                    reprogramming (writes summary.json, results.csv, events.csv,
@@ -26,14 +29,40 @@ def _cmd_run(args) -> int:
     except cfg_mod.ConfigError as e:
         print(f"nvjax run: invalid config: {e}", file=sys.stderr)
         return 2
+    over = {}
     if args.no_progress:
-        cfg = cfg_mod.from_dict({**cfg_mod.to_dict(cfg), "progress": False}, cfg_mod.RunConfig)
-    os.makedirs(args.out, exist_ok=True)
+        over["progress"] = False
+    dist = {k: v for k, v in (("coordinator_address", args.coordinator),
+                              ("num_processes", args.num_processes),
+                              ("process_id", args.process_id)) if v is not None}
+    if dist:  # command-line flags override the config's `distributed` section
+        over["distributed"] = {**cfg_mod.to_dict(cfg)["distributed"], **dist}
+    if over:
+        try:
+            cfg = cfg_mod.from_dict({**cfg_mod.to_dict(cfg), **over}, cfg_mod.RunConfig)
+        except cfg_mod.ConfigError as e:
+            print(f"nvjax run: invalid option: {e}", file=sys.stderr)
+            return 2
+    d = cfg.distributed  # before any JAX computation
+    try:
+        sweep.init_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    except ValueError as e:
+        print(f"nvjax run: {e}", file=sys.stderr)
+        return 2
+    import jax
+    main = jax.process_index() == 0
+    if main:
+        os.makedirs(args.out, exist_ok=True)
     summary = sweep.reliability(cfg, args.out)
-    t = summary["timings"]
+    if not main:
+        return 0
+    t, c = summary["timings"], summary["chunks"]
     print(sweep.format_table(summary))
-    print(f"\n{cfg.sweep.num_instances} chip instances per point; sweep {t['sweep_s']:.1f} s "
-          f"({t['instances_per_s']:.0f} instances/s incl. compile); results in {args.out}/")
+    print(f"\n{cfg.sweep.num_instances} chip instances per point on {c['devices']} device(s), "
+          f"{c['processes']} process(es); sweep {t['sweep_s']:.1f} s "
+          f"({t['instances_per_s']:.0f} instances/s incl. compile"
+          + (f", {c['loaded']} of {c['total']} chunks resumed" if c["loaded"] else "")
+          + f"); results in {args.out}/")
     return 0
 
 
@@ -57,11 +86,42 @@ def _cmd_lifetime(args) -> int:
     return 0
 
 
+def _int_list(text: str):
+    """'10,100,1000' -> (10, 100, 1000); '' or 'none' -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        vals = tuple(int(float(v)) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _vmap_width(text: str):
+    """'none' -> 0 (vmap the whole chunk); otherwise an int >= 1."""
+    if text.strip().lower() == "none":
+        return 0
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"vmap width must be an int >= 1 or 'none', got {text!r}")
+    return v
+
+
 def _cmd_bench(args) -> int:
     from . import bench
-    res = bench.run(instances=args.instances, chunk_size=args.chunk_size,
-                    workloads=args.workloads, numpy_baseline=not args.no_numpy,
-                    aihwkit_python=args.aihwkit_python, log=lambda s: print(s, file=sys.stderr))
+    chunk = bench.CHUNK_SIZE if args.chunk_size is None else args.chunk_size
+    width = bench.VMAP_WIDTH if args.vmap_width is None else (args.vmap_width or None)
+    res = bench.run(instances=args.instances, chunk_size=chunk, vmap_width=width,
+                    workloads=args.workloads, generators=args.generators or bench.GENERATORS,
+                    repeat=args.repeat, counts=args.counts,
+                    num_devices=args.devices, numpy_baseline=not args.no_numpy,
+                    aihwkit_python=args.aihwkit_python, aihwkit_threads=args.aihwkit_threads,
+                    log=lambda s: print(s, file=sys.stderr, flush=True))
     if not args.json:
         print(bench.format_report(res))
     print(json.dumps(res))
@@ -76,6 +136,13 @@ def main(argv=None) -> int:
     r.add_argument("config", help="YAML run configuration (see configs/)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process run: process 0's coordinator address "
+                        "(else distributed.coordinator_address, else $NVJAX_COORDINATOR)")
+    r.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="multi-process run: number of processes (else $NVJAX_NUM_PROCESSES)")
+    r.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="multi-process run: this process's id, 0..N-1 (else $NVJAX_PROCESS_ID)")
     r.set_defaults(func=_cmd_run)
     lt = sub.add_parser("lifetime", help="lifetime loop with read disturb and reprogramming")
     lt.add_argument("config", help="YAML lifetime configuration (see configs/lifetime.yaml)")
@@ -84,12 +151,29 @@ def main(argv=None) -> int:
     lt.set_defaults(func=_cmd_lifetime)
     b = sub.add_parser("bench", help="throughput on the standard workloads (DESIGN.md §11)")
     b.add_argument("--json", action="store_true", help="print only the JSON result line")
-    b.add_argument("--instances", type=int, default=64, help="timed instances per workload")
-    b.add_argument("--chunk-size", type=int, default=8, help="instances per compiled chunk")
+    b.add_argument("--instances", type=int, default=64,
+                   help="timed instances per workload and generator (default 64)")
+    b.add_argument("--repeat", type=int, default=3, help="timed runs, the best is kept (default 3)")
+    b.add_argument("--chunk-size", type=int, default=None,
+                   help="instances per compiled chunk (default: bench.CHUNK_SIZE)")
+    b.add_argument("--vmap-width", type=_vmap_width, default=None,
+                   help="instances vmapped together inside a chunk, or 'none' for the whole chunk "
+                        "(default: bench.VMAP_WIDTH)")
     b.add_argument("--workloads", nargs="+", default=["pcm-ideal-io", "pcm-default-io"])
+    b.add_argument("--generators", nargs="+", default=None,
+                   help="generators to time (default: all of nvjax.prng.IMPLS); the fastest one "
+                        "gives the headline numbers")
+    b.add_argument("--counts", type=_int_list, default=(10, 100, 1000, 10000),
+                   help="instance counts for instances/s and peak memory vs count, each in a "
+                        "fresh process (default 10,100,1000,10000; 'none' skips)")
+    b.add_argument("--devices", type=_int_list, default=(1, 2, 4),
+                   help="forced host device counts for the scaling runs, in subprocesses "
+                        "(default 1,2,4; 'none' skips)")
     b.add_argument("--no-numpy", action="store_true", help="skip the NumPy baseline")
     b.add_argument("--aihwkit-python", default=None,
                    help="python of a venv with aihwkit to run ../shared/tools/aihwkit_mc.py beside")
+    b.add_argument("--aihwkit-threads", type=_int_list, default=(1, 2),
+                   help="torch thread counts tried for aihwkit, its fastest kept (default 1,2)")
     b.set_defaults(func=_cmd_bench)
     args = p.parse_args(argv)
     return args.func(args)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Literal, Optional, Tuple, Union
 
 from . import devices as dev_mod
+from . import prng as prng_mod
 from ._strict import ConfigError, from_dict, load_yaml, to_dict
 from .crossbar import TileConfig
 from .lifetime import LifetimeConfig
@@ -19,7 +20,7 @@ from .lifetime import LifetimeConfig
 __all__ = ["ConfigError", "ModelConfig", "DeviceConfig", "SweepConfig", "RunConfig", "load",
            "from_dict", "to_dict", "make_device", "device_points", "DisturbConfig",
            "LifetimeRunConfig", "load_lifetime", "make_disturb", "load_any",
-           "PlacementOptions", "EDisturbConfig"]
+           "PlacementOptions", "EDisturbConfig", "DistributedConfig"]
 
 ParamValue = Union[int, float, Tuple[float, ...]]
 
@@ -109,16 +110,51 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """A multi-process (multi-host) run (:func:`nvjax.sweep.init_distributed`).
+
+    Every field left null is read from the environment (``NVJAX_COORDINATOR``,
+    ``NVJAX_NUM_PROCESSES``, ``NVJAX_PROCESS_ID``); all null and no environment: one process.
+    These settings do not change the results.
+
+    Attributes:
+        coordinator_address: ``'host:port'`` of process 0's coordinator, reachable by all.
+        num_processes: number of processes (>= 1).
+        process_id: this process's id in [0, num_processes) (usually from the environment).
+    """
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+    def validate(self):
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        if self.process_id is not None and self.process_id < 0:
+            raise ValueError(f"process_id must be >= 0, got {self.process_id}")
+        if (self.process_id is not None and self.num_processes is not None
+                and self.process_id >= self.num_processes):
+            raise ValueError(f"process_id must be < num_processes ({self.num_processes}), "
+                             f"got {self.process_id}")
+        if self.coordinator_address is not None and ":" not in self.coordinator_address:
+            raise ValueError(f"coordinator_address must be 'host:port', "
+                             f"got {self.coordinator_address!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Configuration of ``nvjax run`` (the main Monte Carlo reliability job)."""
     seed: int = 0
+    prng: str = "threefry"  # random-number generator, one of nvjax.prng.IMPLS
     model: ModelConfig = field(default_factory=ModelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     tile: TileConfig = field(default_factory=TileConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     progress: bool = True
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self):
+        if self.prng not in prng_mod.IMPLS:
+            raise ValueError(f"prng: expected one of {list(prng_mod.IMPLS)}, got {self.prng!r}")
         for k in self.sweep.device_grid:
             try:
                 make_device(self.device, **{k: self.sweep.device_grid[k][0]})

@@ -9,7 +9,8 @@ from nvjax import devices, sweep
 
 def test_top_level_surface():
     assert set(nvjax.__all__) == {"chip", "config", "crossbar", "data", "devices", "disturb", "encoding", "irdrop",
-                                  "lifetime", "mapping", "models", "placement", "programming", "sensitivity", "sweep", "__version__"}
+                                  "lifetime", "mapping", "models", "placement", "prng", "programming", "sensitivity", "sweep",
+                                  "training", "__version__"}
     assert isinstance(nvjax.__version__, str)
 
 
