@@ -24,3 +24,12 @@ def test_quickstart_has_two_commands():
     assert len(cmds) == 2
     assert "nvjax run configs/quickstart.yaml --out" in cmds[0]
     assert "pytest" in cmds[1]
+
+
+def test_readme_mitigation_example_executes():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "training" in b][0]
+    ns = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    assert ns["logits"].shape == (len(ns["ds"].y_test), 10)
+    assert len(ns["hist"]["train_loss"]) == 2 and set(ns["pulses"]) == set(ns["c"].tiles)
