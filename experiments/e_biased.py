@@ -226,11 +226,16 @@ def run_model(name, cfg: EBiasedConfig, out_dir, log=print):
     return out, rows
 
 
-def best_ratio(results):
+def best_ratio(results, min_conventional=0.0):
+    """The largest biased/conventional ratio over the grid, among points whose conventional
+    hardware accuracy is at least ``min_conventional`` (a ratio over an arm at chance level, 10 %,
+    says little)."""
     best = None
     for m, res in results.items():
         for k, c in res["cells"].items():
             for s, e in c["strengths"].items():
+                if e["accuracy"]["conventional"]["mean"] < min_conventional:
+                    continue
                 for l, r in e["ratio"].items():
                     if best is None or r["ratio"] > best[0]["ratio"]:
                         best = (r, m, k, s, l)
@@ -249,7 +254,7 @@ def plot(path, results, cfg: EBiasedConfig):
         for v, l in enumerate(c["variants"]):
             mean = [100 * c["strengths"][f"{s:g}"]["accuracy"][l]["mean"] for s in ss]
             p1 = [100 * c["strengths"][f"{s:g}"]["accuracy"][l]["p1"] for s in ss]
-            ax.plot(ss, mean, "o-" if v else "s-k", color=None if v == 0 else f"C{v}",
+            ax.plot(ss, mean, "o-" if v else "s-", color="k" if v == 0 else f"C{v}",
                     label=l + " (mean)")
             ax.plot(ss, p1, "v:", color="k" if v == 0 else f"C{v}", alpha=0.6)
         ax.axhline(100 * results[m]["software_accuracy"], color="gray", ls="--", lw=1,
@@ -290,12 +295,14 @@ def markdown(results, cfg: EBiasedConfig):
                 lines.append(f"| {s} | " + " | ".join(cells) +
                              f" | {b[1]['ratio']:.3f} ± {b[1]['bootstrap_std']:.3f} ({b[0]}) |")
             lines.append("")
-    b = best_ratio(results)
-    if b is not None:
-        r, m, k, s, l = b
-        lines += [f"**Best ratio: {r['ratio']:.3f} ± {r['bootstrap_std']:.3f} (95 % CI "
-                  f"{r['ci95'][0]:.3f}–{r['ci95'][1]:.3f}) — {m}, {k}-bit cells, s = {s}, {l}.** "
-                  "Paper: up to 2.4×.", ""]
+    for floor, what in ((0.0, "Best ratio"),
+                        (0.4, "Best ratio where conventional QAT keeps ≥ 40 % (4× chance)")):
+        b = best_ratio(results, floor)
+        if b is not None:
+            r, m, k, s, l = b
+            lines += [f"**{what}: {r['ratio']:.3f} ± {r['bootstrap_std']:.3f} (95 % CI "
+                      f"{r['ci95'][0]:.3f}–{r['ci95'][1]:.3f}) — {m}, {k}-bit cells, s = {s}, "
+                      f"{l}.** Paper: up to 2.4×.", ""]
     return "\n".join(lines)
 
 
@@ -303,9 +310,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--from-results", action="store_true",
+                    help="rewrite the figure and summary from OUT/results.json (no simulation)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     os.makedirs(args.out, exist_ok=True)
+    if args.from_results:
+        saved = json.load(open(os.path.join(args.out, "results.json")))
+        plot(os.path.join(args.out, "e_biased.png"), saved["models"], cfg)
+        md = markdown(saved["models"], cfg) + f"\nTotal run time {saved['total_s']:.1f} s.\n"
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(md)
+        print(md)
+        return 0
     t0 = time.perf_counter()
     results, rows = {}, []
     for m in cfg.models:

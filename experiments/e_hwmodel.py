@@ -378,9 +378,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--from-results", action="store_true",
+                    help="rewrite the figure and summary from OUT/results.json (no simulation)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     os.makedirs(args.out, exist_ok=True)
+    if args.from_results:
+        saved = json.load(open(os.path.join(args.out, "results.json")))
+        plot(os.path.join(args.out, "e_hwmodel.png"), saved["models"], cfg)
+        md = markdown(saved["models"], cfg) + f"\nTotal run time {saved['total_s']:.1f} s.\n"
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(md)
+        print(md)
+        return 0
     t0 = time.perf_counter()
     results, rows = {}, []
     for m in cfg.models:
