@@ -2,23 +2,36 @@
 
 Workload: MLP 784-256-128-10 (random weights, fixed seed; each layer scaled so that max|W| maps to
 g_max), a batch of 1000 inputs uniform in [0, 1), D1 PCM on differential pairs; one chip instance
-= programming + drift to 1 day + read noise + global drift compensation + the forward pass.
+= programming + drift to 1 day + read noise + global drift compensation + the forward pass, run
+exactly as users run it: ``chip.deploy`` + ``chip.apply`` under :func:`nvjax.sweep.run_instances`.
 
 * ``pcm-ideal-io``: the device model alone.
 * ``pcm-default-io``: adds a 7-bit DAC (absmax), a 9-bit ADC (bound 12) and output noise
   σ = 0.06 (units of input-max × weight-max), per 256-row tile, like aihwkit's default periphery.
 
-Reported next to (a) the machine's limit for the same work — the measured time of the workload's
-matmuls plus the time to draw the same number of normal random numbers with the generator used —
-(b) a straightforward NumPy implementation of the same computation, timed in the same run, and
-(c) aihwkit when a Python with aihwkit is given (``../shared/tools/aihwkit_mc.py``).
+Each workload is timed with every generator of :mod:`nvjax.prng` and reported next to
+
+* the machine's limit for the same work with the same generator: the measured time of the
+  workload's matmuls plus the time to draw the same number of normal random numbers
+  (``jax.random.normal``); the headline limit uses the fastest generator nvjax offers;
+* a straightforward NumPy implementation of the same computation, timed in the same run;
+* aihwkit, when a Python with aihwkit is given (``../shared/tools/aihwkit_mc.py``, run in a
+  subprocess in the same run, at 1 and 2 torch threads, keeping its fastest back-end);
+* instances/s and peak resident memory against the instance count (each count in a fresh
+  process, so the peak is that run's), and against the number of devices (forced host devices,
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, in subprocesses).
+
+``python -m nvjax.bench --child SPEC`` is the subprocess entry point (one JSON line out).
+This module imports ``chip``, ``crossbar``, ``devices``, ``prng`` and ``sweep``.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
+import sys
 import time
 from typing import Dict, Optional, Sequence
 
@@ -30,9 +43,12 @@ import numpy as np
 from . import chip as chip_mod
 from . import crossbar as xb
 from . import devices as dev_mod
+from . import prng
 from . import sweep
 
-__all__ = ["WORKLOADS", "run", "format_report", "numpy_instance", "workload_model"]
+__all__ = ["WORKLOADS", "GENERATORS", "run", "format_report", "numpy_instance", "workload_model",
+           "machine_limit", "nvjax_rate", "numpy_rate", "aihwkit_rates", "rate_vs_count",
+           "device_scaling"]
 
 LAYERS = (784, 256, 128, 10)
 BATCH = 1000
@@ -42,6 +58,14 @@ WORKLOADS = {
     "pcm-default-io": xb.TileConfig(dac_bits=7, adc_bits=9, adc_range="fixed", adc_bound=12.0,
                                     out_noise=0.06),
 }
+#: Generators timed (names of :data:`nvjax.prng.IMPLS`).
+GENERATORS = tuple(prng.IMPLS)
+#: Instances per compiled chunk for each workload (the fastest on the 2-core development CPU:
+#: pcm-default-io's per-tile output-noise arrays stay in cache at 2), and the vmap width (None:
+#: the whole chunk vmapped); see README "Benchmark".
+CHUNK_SIZES = {"pcm-ideal-io": 4, "pcm-default-io": 2}
+CHUNK_SIZE = 4
+VMAP_WIDTH = None
 
 
 class _BenchMLP(nn.Module):
@@ -81,19 +105,61 @@ def _timeit(f, *args, repeat=5):
     return best
 
 
-def machine_limit(config: xb.TileConfig, chunk: int = 8) -> Dict[str, float]:
-    """Time per instance of the workload's matmuls and of its normal draws (threefry), measured.
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB: ``VmHWM`` of /proc/self/status where there is one
+    (``ru_maxrss`` of a child started from a large parent can report the parent's size, kept
+    through ``exec`` on Linux), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    per_mb = 2.0 ** 20 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb
 
-    Each is timed in two layouts — a chunk of instances vmapped, and instances one after another
-    under ``lax.map`` — and the faster is kept, so the limit is the strictest of the two.
+
+def _draw_shapes(config: xb.TileConfig):
+    """The shapes of one instance's normal draws in the library: per layer 2 devices ×
+    (programming, drift exponent, read) arrays [n_in, n_out], and output noise [B, Ti, n_out]."""
+    shapes = []
+    for a, b in zip(LAYERS[:-1], LAYERS[1:]):
+        shapes += [(a, b)] * 6
+        if config.out_noise > 0:
+            shapes.append((BATCH, xb.num_row_tiles(a, config), b))
+    return shapes
+
+
+LIMIT_CHUNKS = (2, 8)
+
+
+def normals_time(n: int, generator: str = "threefry", chunks: Sequence[int] = LIMIT_CHUNKS,
+                 shapes: Optional[Sequence[tuple]] = None) -> float:
+    """Seconds per instance to draw ``n`` standard normals (``jax.random.normal``) with a generator.
+
+    The best of several layouts, so that the result bounds what any code can reach: one array of
+    ``n`` per instance or the arrays ``shapes`` (the library's own draws), for a chunk of instances
+    vmapped or one instance after another under ``lax.map``, at each chunk size of ``chunks``.
     """
-    n_norm = _normals_per_instance(config)
-    keys = jax.random.split(jax.random.key(0), chunk)
-    draw = lambda k: jnp.sum(jax.random.normal(k, (n_norm,)))  # noqa: E731
-    t_rng = min(_timeit(jax.jit(jax.vmap(draw)), keys),
-                _timeit(jax.jit(lambda ks: jax.lax.map(draw, ks)), keys)) / chunk
-    ws = [jax.random.normal(jax.random.key(i), (chunk, a, b)) for i, (a, b) in
-          enumerate(zip(LAYERS[:-1], LAYERS[1:]))]
+    layouts = [lambda k: jnp.sum(jax.random.normal(k, (n,)))]
+    if shapes:
+        def per_shape(k):
+            ks = jax.random.split(k, len(shapes))
+            return sum(jnp.sum(jax.random.normal(ki, s)) for ki, s in zip(ks, shapes))
+        layouts.append(per_shape)
+    best = np.inf
+    for chunk in chunks:
+        keys = jax.random.split(prng.key(0, generator), chunk)
+        for draw in layouts:
+            best = min(best, _timeit(jax.jit(jax.vmap(draw)), keys) / chunk,
+                       _timeit(jax.jit(lambda ks, d=draw: jax.lax.map(d, ks)), keys) / chunk)
+    return best
+
+
+def matmul_time(chunks: Sequence[int] = LIMIT_CHUNKS) -> float:
+    """Seconds per instance of the workload's matmuls (batch 1000 through 784-256-128-10), with
+    per-instance weights; the best of the vmapped and the ``lax.map`` layout at each chunk size."""
     x = jax.random.uniform(jax.random.key(9), (BATCH, LAYERS[0]))
 
     def one(x, w):
@@ -101,8 +167,39 @@ def machine_limit(config: xb.TileConfig, chunk: int = 8) -> Dict[str, float]:
         for wi in w:
             h = h @ wi
         return jnp.sum(h)
-    t_mm = min(_timeit(jax.jit(lambda x, ws: jax.vmap(lambda *w: one(x, w))(*ws)), x, ws),
-               _timeit(jax.jit(lambda x, ws: jax.lax.map(lambda w: one(x, w), ws)), x, ws)) / chunk
+    best = np.inf
+    for chunk in chunks:
+        ws = [jax.random.normal(jax.random.key(i), (chunk, a, b)) for i, (a, b) in
+              enumerate(zip(LAYERS[:-1], LAYERS[1:]))]
+        best = min(best,
+                   _timeit(jax.jit(lambda x, ws: jax.vmap(lambda *w: one(x, w))(*ws)), x, ws) / chunk,
+                   _timeit(jax.jit(lambda x, ws: jax.lax.map(lambda w: one(x, w), ws)), x, ws) / chunk)
+    return best
+
+
+def machine_limit(config: xb.TileConfig, *, generator: str = "threefry",
+                  chunks: Sequence[int] = LIMIT_CHUNKS,
+                  t_matmul: Optional[float] = None) -> Dict[str, float]:
+    """The machine's limit for one instance: time of its matmuls + time of its normal draws.
+
+    Both are the best over layouts and chunk sizes (:func:`normals_time`, :func:`matmul_time`), so
+    the limit is an upper bound for the workload with that generator.
+
+    Args:
+        config: the workload's tile options (decide the number of normals).
+        generator: a name of :data:`nvjax.prng.IMPLS`.
+        chunks: chunk sizes tried.
+        t_matmul: a matmul time (s per instance) measured before, to reuse.
+
+    Returns:
+        normals and FLOPs per instance, their measured rates and times, and
+        ``limit_instances_per_s = 1 / (t_normals + t_matmul)``.
+    """
+    n_norm = _normals_per_instance(config)
+    shapes = _draw_shapes(config)
+    assert sum(int(np.prod(s)) for s in shapes) == n_norm
+    t_rng = normals_time(n_norm, generator, chunks, shapes)
+    t_mm = matmul_time(chunks) if t_matmul is None else t_matmul
     flops = 2 * BATCH * sum(a * b for a, b in zip(LAYERS[:-1], LAYERS[1:]))
     return {"normals_per_instance": n_norm, "normals_per_s": n_norm / t_rng,
             "matmul_flops_per_instance": flops, "matmul_flops_per_s": flops / t_mm,
@@ -121,21 +218,32 @@ def _instance_fn(model, config):
     return fn
 
 
-def nvjax_rate(config: xb.TileConfig, instances: int, chunk_size: int,
-               vmap_width: Optional[int] = 2) -> Dict[str, float]:
-    """Chip instances per second of nvjax on a workload (compile time excluded)."""
+def nvjax_rate(config: xb.TileConfig, instances: int, chunk_size: int = CHUNK_SIZE, *,
+               vmap_width: Optional[int] = VMAP_WIDTH, generator: str = "threefry",
+               repeat: int = 1) -> Dict[str, float]:
+    """Chip instances per second of nvjax on a workload (compile time excluded).
+
+    The sweep runs through :func:`nvjax.sweep.run_instances` with a sweep key of ``generator``,
+    on every visible device (sharded when there are several); the best of ``repeat`` timed runs
+    is kept.
+    """
     model, params, x = workload_model()
     fn = _instance_fn(model, config)
     compiled = sweep.compile_chunk(fn, vmap_width=vmap_width)
-    key = jax.random.key(0)
+    key = prng.key(0, generator)
     t = time.perf_counter()
     sweep.run_instances(fn, key, chunk_size, params, x, chunk_size=chunk_size, compiled=compiled)
     compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    sweep.run_instances(fn, key, instances, params, x, chunk_size=chunk_size, compiled=compiled)
-    dt = time.perf_counter() - t
-    return {"instances_per_s": instances / dt, "compile_s": compile_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    rss_warm = _peak_rss_mb()
+    best = np.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        sweep.run_instances(fn, key, instances, params, x, chunk_size=chunk_size,
+                            compiled=compiled)
+        best = min(best, time.perf_counter() - t)
+    return {"instances_per_s": instances / best, "compile_s": compile_s, "run_s": best,
+            "rss_after_compile_mb": rss_warm, "peak_rss_mb": _peak_rss_mb(),
+            "num_devices": jax.device_count()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +295,7 @@ def numpy_instance(rng: np.random.Generator, weights: Sequence[np.ndarray], bias
 
 
 def numpy_rate(config: xb.TileConfig, instances: int = 6) -> float:
+    """Instances per second of :func:`numpy_instance` (one warm-up instance first)."""
     _, params, x = workload_model()
     ws = [np.asarray(params[f"Dense_{i}"]["kernel"]) for i in range(len(LAYERS) - 1)]
     bs = [np.asarray(params[f"Dense_{i}"]["bias"]) for i in range(len(LAYERS) - 1)]
@@ -199,55 +308,293 @@ def numpy_rate(config: xb.TileConfig, instances: int = 6) -> float:
     return instances / (time.perf_counter() - t)
 
 
-def aihwkit_rates(python: str) -> Optional[dict]:
-    """Run ../shared/tools/aihwkit_mc.py with the given Python; its JSON, or None on failure."""
+# ---------------------------------------------------------------------------------------------
+# aihwkit, in another Python
+# ---------------------------------------------------------------------------------------------
+def _aihwkit_script() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
-    script = os.path.normpath(os.path.join(here, "..", "..", "shared", "tools", "aihwkit_mc.py"))
+    return os.path.normpath(os.path.join(here, "..", "..", "shared", "tools", "aihwkit_mc.py"))
+
+
+def aihwkit_rates(python: str, threads: Sequence[int] = (1, 2)) -> Optional[dict]:
+    """Run ``../shared/tools/aihwkit_mc.py`` with the given Python at each torch thread count.
+
+    Returns:
+        ``{workload: {"instances_per_s", "backend", "threads", "all": {"<backend>@<n>t": rate}}}``
+        with the fastest back-end and thread count per workload; ``{"error": ...}`` if every run
+        failed; None if the script is missing.
+    """
+    script = _aihwkit_script()
     if not os.path.exists(script):
         return None
-    out = subprocess.run([python, script, "2"], capture_output=True, text=True)
+    best: dict = {}
+    errors = []
+    for n in threads:
+        try:
+            out = subprocess.run([python, script, str(int(n))], capture_output=True, text=True)
+        except OSError as e:
+            errors.append(f"{n} threads: {e}")
+            continue
+        if out.returncode != 0:
+            errors.append(f"{n} threads: " + " ".join(out.stderr.strip().splitlines()[-1:]))
+            continue
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        for name, r in res.items():
+            entry = best.setdefault(name, {"instances_per_s": 0.0, "all": {}})
+            for backend, rate in r.get("all", {r["backend"]: r["instances_per_s"]}).items():
+                entry["all"][f"{backend}@{n}t"] = rate
+                if rate > entry["instances_per_s"]:
+                    entry.update(instances_per_s=rate, backend=backend, threads=int(n))
+    if not best:
+        return {"error": errors}
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements in fresh processes: rate and peak memory vs instance count, device scaling
+# ---------------------------------------------------------------------------------------------
+def _child_main(spec: dict) -> dict:
+    """The subprocess side: one :func:`nvjax_rate` measurement described by ``spec``."""
+    r = nvjax_rate(WORKLOADS[spec["workload"]], int(spec["instances"]), int(spec["chunk_size"]),
+                   vmap_width=spec.get("vmap_width"), generator=spec.get("generator", "threefry"),
+                   repeat=int(spec.get("repeat", 1)))
+    r["instances"] = int(spec["instances"])
+    return r
+
+
+def _force_devices_flags(flags: str, n: int) -> str:
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags).strip()
+    return f"{flags} --xla_force_host_platform_device_count={int(n)}".strip()
+
+
+def measure_in_subprocess(spec: dict, *, num_devices: Optional[int] = None,
+                          timeout: Optional[float] = None) -> dict:
+    """Run one measurement (see :func:`_child_main`) in a fresh Python; its JSON result.
+
+    Args:
+        spec: workload, instances, chunk_size, vmap_width, generator, repeat.
+        num_devices: force this many host (CPU) devices in the child; None keeps the parent's
+            ``XLA_FLAGS``.
+        timeout: seconds before the child is stopped.
+    """
+    env = dict(os.environ)
+    if num_devices is not None:
+        env["XLA_FLAGS"] = _force_devices_flags(env.get("XLA_FLAGS", ""), num_devices)
+    cmd = [sys.executable, "-m", "nvjax.bench", "--child", json.dumps(spec)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1:]}
+        return {"error": " ".join(out.stderr.strip().splitlines()[-2:])}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(*, instances: int = 64, chunk_size: int = 8, workloads=("pcm-ideal-io", "pcm-default-io"),
-        numpy_baseline: bool = True, aihwkit_python: Optional[str] = None, log=print) -> dict:
-    """Benchmark the workloads; returns {workload: {...}} (the JSON printed by ``nvjax bench``)."""
-    res = {}
-    aihw = aihwkit_rates(aihwkit_python) if aihwkit_python else None
+def rate_vs_count(workload: str, counts: Sequence[int], *, chunk_size: int = CHUNK_SIZE,
+                  vmap_width: Optional[int] = VMAP_WIDTH, generator: str = "threefry",
+                  log=print) -> list:
+    """Instances/s and peak RSS for each instance count, each in a fresh process.
+
+    Returns:
+        One dict per count: instances, instances_per_s (compile excluded), compile_s,
+        rss_after_compile_mb and peak_rss_mb of that process.
+    """
+    rows = []
+    for n in counts:
+        log(f"[{workload}] {n} instances in a fresh process ({generator}) ...")
+        r = measure_in_subprocess({"workload": workload, "instances": int(n),
+                                   "chunk_size": chunk_size, "vmap_width": vmap_width,
+                                   "generator": generator})
+        r.setdefault("instances", int(n))
+        rows.append(r)
+    return rows
+
+
+def device_scaling(workload: str, num_devices: Sequence[int] = (1, 2, 4), *, instances: int = 64,
+                   chunk_size: int = CHUNK_SIZE, vmap_width: Optional[int] = VMAP_WIDTH,
+                   generator: str = "threefry", repeat: int = 2, log=print) -> list:
+    """Instances/s on N forced host devices (a subprocess each), sharding each chunk over them.
+
+    The chunk grows with the device count (``chunk_size`` per device) and the instance count is
+    rounded up to whole chunks. On a CPU the forced devices share the machine's cores, so the
+    scaling is bounded by the core count.
+    """
+    rows = []
+    for d in num_devices:
+        chunk = chunk_size * int(d)
+        n = -(-max(instances, chunk) // chunk) * chunk
+        log(f"[{workload}] {d} forced host device(s), {n} instances, chunk {chunk} ...")
+        r = measure_in_subprocess({"workload": workload, "instances": n, "chunk_size": chunk,
+                                   "vmap_width": vmap_width, "generator": generator,
+                                   "repeat": repeat}, num_devices=int(d))
+        r["num_devices"] = int(d)
+        rows.append(r)
+    base = rows[0].get("instances_per_s") if rows else None
+    for r in rows:
+        if base and "instances_per_s" in r:
+            r["speedup"] = r["instances_per_s"] / base
+    return rows
+
+
+def _peak_growth(rows, lo=1000) -> Optional[float]:
+    """Relative growth of peak RSS from the smallest count >= ``lo`` to the largest count."""
+    ok = [r for r in rows if "peak_rss_mb" in r and r["instances"] >= lo]
+    if len(ok) < 2:
+        return None
+    ok.sort(key=lambda r: r["instances"])
+    return ok[-1]["peak_rss_mb"] / ok[0]["peak_rss_mb"] - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole benchmark
+# ---------------------------------------------------------------------------------------------
+def run(*, instances: int = 64, chunk_size: Optional[int] = None,
+        vmap_width: Optional[int] = VMAP_WIDTH, workloads=("pcm-ideal-io", "pcm-default-io"),
+        generators: Sequence[str] = GENERATORS, repeat: int = 3, counts: Sequence[int] = (),
+        num_devices: Sequence[int] = (), numpy_baseline: bool = True,
+        aihwkit_python: Optional[str] = None, aihwkit_threads: Sequence[int] = (1, 2),
+        log=print) -> dict:
+    """Benchmark the workloads; returns ``{workload: {...}}`` (the JSON printed by ``nvjax bench``).
+
+    Args:
+        instances: timed instances per workload and generator (best of ``repeat`` runs).
+        chunk_size: instances per compiled chunk (None: :data:`CHUNK_SIZES` of the workload).
+        vmap_width: the chunked execution (:func:`nvjax.sweep.compile_chunk`).
+        workloads: names of :data:`WORKLOADS`.
+        generators: generators to time (:data:`nvjax.prng.IMPLS`); the headline numbers use the
+            one with the highest measured normal throughput.
+        counts: instance counts for rate and peak memory vs count (fresh processes); () skips.
+        num_devices: forced host device counts for the scaling runs; () skips.
+        numpy_baseline: time the NumPy implementation.
+        aihwkit_python: a Python with aihwkit to run beside (same run), or None.
+        aihwkit_threads: torch thread counts tried for aihwkit (its fastest is kept).
+
+    Returns:
+        Per workload: ``instances_per_s``, ``limit_instances_per_s``, ``fraction_of_limit`` and
+        ``generator`` (the fastest generator), ``generators`` (the same per generator), machine
+        rates, ``numpy_instances_per_s``, ``aihwkit_instances_per_s`` and the speedups, and
+        ``vs_count`` / ``devices`` rows when asked for.
+    """
     for name in workloads:
         if name not in WORKLOADS:
             raise ValueError(f"unknown workload {name!r}; valid: {sorted(WORKLOADS)}")
+    for g in generators:
+        if g not in prng.IMPLS:
+            raise ValueError(f"unknown generator {g!r}; valid: {list(prng.IMPLS)}")
+    if not generators:
+        raise ValueError("generators: name at least one generator")
+    aihw = None
+    if aihwkit_python:
+        log(f"aihwkit ({aihwkit_python}, torch threads {list(aihwkit_threads)}) ...")
+        aihw = aihwkit_rates(aihwkit_python, aihwkit_threads)
+    log("machine: matmul time ...")
+    t_mm = matmul_time()
+    res = {}
+    for name in workloads:
         cfg = WORKLOADS[name]
-        log(f"[{name}] nvjax: {instances} instances, chunk {chunk_size} ...")
-        r = nvjax_rate(cfg, instances, chunk_size)
-        log(f"[{name}] machine limit ...")
-        lim = machine_limit(cfg, chunk_size)
-        r.update(lim)
-        r["fraction_of_limit"] = r["instances_per_s"] / lim["limit_instances_per_s"]
+        chunk = chunk_size or CHUNK_SIZES.get(name, CHUNK_SIZE)
+        per_gen = {}
+        for g in generators:
+            log(f"[{name}] nvjax ({g}): {instances} instances, chunk {chunk}, "
+                f"vmap_width {vmap_width} ...")
+            r = nvjax_rate(cfg, instances, chunk, vmap_width=vmap_width, generator=g,
+                           repeat=repeat)
+            log(f"[{name}] machine limit ({g}) ...")
+            lim = machine_limit(cfg, generator=g, t_matmul=t_mm)
+            r.update(lim)
+            r["fraction_of_limit"] = r["instances_per_s"] / lim["limit_instances_per_s"]
+            per_gen[g] = r
+        fastest = max(per_gen, key=lambda g: per_gen[g]["normals_per_s"])
+        r = dict(per_gen[fastest])
+        r["generator"] = fastest
+        r["generators"] = {g: {k: v[k] for k in ("instances_per_s", "limit_instances_per_s",
+                                                 "fraction_of_limit", "normals_per_s",
+                                                 "t_normals_s", "compile_s")}
+                           for g, v in per_gen.items()}
+        r.update(instances=instances, chunk_size=chunk, vmap_width=vmap_width,
+                 repeat=repeat, backend=jax.default_backend(), cpu_count=os.cpu_count())
         if numpy_baseline:
             log(f"[{name}] NumPy baseline ...")
             r["numpy_instances_per_s"] = numpy_rate(cfg)
             r["speedup_vs_numpy"] = r["instances_per_s"] / r["numpy_instances_per_s"]
         if aihw and name in aihw:
-            r["aihwkit_instances_per_s"] = aihw[name]["instances_per_s"]
-            r["aihwkit_backend"] = aihw[name].get("backend")
-            r["speedup_vs_aihwkit"] = r["instances_per_s"] / r["aihwkit_instances_per_s"]
-        r["generator"] = str(jax.config.jax_default_prng_impl)
-        r["instances"] = instances
-        r["chunk_size"] = chunk_size
+            a = aihw[name]
+            r["aihwkit_instances_per_s"] = a["instances_per_s"]
+            r["aihwkit_backend"] = a.get("backend")
+            r["aihwkit_threads"] = a.get("threads")
+            r["aihwkit_all"] = a.get("all")
+            r["speedup_vs_aihwkit"] = r["instances_per_s"] / a["instances_per_s"]
+        elif aihw and "error" in aihw:
+            r["aihwkit_error"] = aihw["error"]
+        if counts:
+            r["vs_count"] = rate_vs_count(name, counts, chunk_size=chunk,
+                                          vmap_width=vmap_width, generator=fastest, log=log)
+            r["peak_rss_growth_from_1e3"] = _peak_growth(r["vs_count"])
+        if num_devices:
+            r["devices"] = device_scaling(name, num_devices, instances=instances,
+                                          chunk_size=chunk, vmap_width=vmap_width,
+                                          generator=fastest, log=log)
         res[name] = r
     return res
 
 
+def _f(v, fmt=".1f"):
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
+
+
 def format_report(res: dict) -> str:
-    lines = [f"{'workload':<16} {'inst/s':>8} {'limit':>8} {'frac':>6} {'numpy':>8} {'aihwkit':>8}"]
+    """A plain-text report of :func:`run`'s result."""
+    lines = [f"{'workload':<16} {'generator':<9} {'inst/s':>8} {'limit':>8} {'frac':>6} "
+             f"{'numpy':>7} {'aihwkit':>8} {'x aihw':>7}"]
     for name, r in res.items():
-        lines.append(f"{name:<16} {r['instances_per_s']:>8.1f} {r['limit_instances_per_s']:>8.1f} "
-                     f"{r['fraction_of_limit']:>6.0%} {r.get('numpy_instances_per_s', float('nan')):>8.1f} "
-                     f"{r.get('aihwkit_instances_per_s', float('nan')):>8.1f}")
+        for g, rg in r["generators"].items():
+            head = g == r["generator"]
+            lines.append(
+                f"{name:<16} {g + ('*' if head else ''):<9} {rg['instances_per_s']:>8.1f} "
+                f"{rg['limit_instances_per_s']:>8.1f} {rg['fraction_of_limit']:>6.0%} "
+                f"{_f(r.get('numpy_instances_per_s')) if head else '':>7} "
+                f"{_f(r.get('aihwkit_instances_per_s')) if head else '':>8} "
+                f"{_f(rg['instances_per_s'] / r['aihwkit_instances_per_s'], '.2f') if r.get('aihwkit_instances_per_s') else '-':>7}")
     r = next(iter(res.values()))
-    lines.append(f"machine: matmul {r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, normals "
-                 f"{r['normals_per_s'] / 1e6:.0f} M/s ({r['generator']})")
+    rates = ", ".join(f"{g} {v['normals_per_s'] / 1e6:.0f} M/s" for g, v in r["generators"].items())
+    lines.append(f"machine: matmul {r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s; normals {rates} "
+                 f"(* fastest generator, used for the headline numbers)")
+    for name, r in res.items():
+        if r.get("aihwkit_backend"):
+            lines.append(f"aihwkit on {name}: {r['aihwkit_backend']}, {r['aihwkit_threads']} torch "
+                         f"thread(s)")
+        if r.get("vs_count"):
+            lines.append(f"{name}: instances/s and peak RSS vs instance count (fresh processes)")
+            for c in r["vs_count"]:
+                if "error" in c:
+                    lines.append(f"  {c['instances']:>8}  error: {c['error']}")
+                    continue
+                lines.append(f"  {c['instances']:>8} {c['instances_per_s']:>8.1f} inst/s "
+                             f"{c['peak_rss_mb']:>8.0f} MB peak ({c['rss_after_compile_mb']:.0f} MB "
+                             f"after compile)")
+            if r.get("peak_rss_growth_from_1e3") is not None:
+                lines.append(f"  peak RSS growth from 10^3 to {r['vs_count'][-1]['instances']}: "
+                             f"{r['peak_rss_growth_from_1e3']:+.1%}")
+        if r.get("devices"):
+            lines.append(f"{name}: forced host devices (this machine has {r['cpu_count']} cores)")
+            for d in r["devices"]:
+                if "error" in d:
+                    lines.append(f"  {d['num_devices']:>3} devices  error: {d['error']}")
+                    continue
+                lines.append(f"  {d['num_devices']:>3} devices {d['instances_per_s']:>8.1f} inst/s "
+                             f"(x{d.get('speedup', float('nan')):.2f})")
     return "\n".join(lines)
+
+
+def _main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m nvjax.bench",
+                                description="subprocess entry of the benchmark (use `nvjax bench`)")
+    p.add_argument("--child", required=True, help="JSON measurement spec")
+    args = p.parse_args(argv)
+    print(json.dumps(_child_main(json.loads(args.child))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -114,9 +114,8 @@ def _vmap_width(text: str):
 
 def _cmd_bench(args) -> int:
     from . import bench
-    chunk = bench.CHUNK_SIZE if args.chunk_size is None else args.chunk_size
     width = bench.VMAP_WIDTH if args.vmap_width is None else (args.vmap_width or None)
-    res = bench.run(instances=args.instances, chunk_size=chunk, vmap_width=width,
+    res = bench.run(instances=args.instances, chunk_size=args.chunk_size, vmap_width=width,
                     workloads=args.workloads, generators=args.generators or bench.GENERATORS,
                     repeat=args.repeat, counts=args.counts,
                     num_devices=args.devices, numpy_baseline=not args.no_numpy,
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
                    help="timed instances per workload and generator (default 64)")
     b.add_argument("--repeat", type=int, default=3, help="timed runs, the best is kept (default 3)")
     b.add_argument("--chunk-size", type=int, default=None,
-                   help="instances per compiled chunk (default: bench.CHUNK_SIZE)")
+                   help="instances per compiled chunk (default: bench.CHUNK_SIZES per workload)")
     b.add_argument("--vmap-width", type=_vmap_width, default=None,
                    help="instances vmapped together inside a chunk, or 'none' for the whole chunk "
                         "(default: bench.VMAP_WIDTH)")

@@ -327,8 +327,10 @@ def drift(device: Device, g_prog: Array, nu: Optional[Array], t) -> Array:
 def _pcm_read_noise_scale(device: PCM, g_prog, t):
     """|g|-relative σ of the PCM 1/f read noise: Q_s·sqrt(ln((t + t_r)/(2 t_r)))."""
     # max(ĝ^e, 1e-3) written as max(ĝ, 1e-3^(1/e))^e: the same value, finite gradients at ĝ = 0.
-    gh = jnp.maximum(g_prog / device.g_max, 1e-3 ** (1.0 / device.read_q_exp))
-    q = jnp.minimum(device.read_q / gh ** device.read_q_exp, device.read_q_max)
+    # ĝ^(−e) as exp(−e·ln ĝ) (ĝ > 0 after the floor): XLA:CPU's elementwise pow is ~10x slower.
+    e = device.read_q_exp
+    gh = jnp.maximum(g_prog / device.g_max, 1e-3 ** (1.0 / e))
+    q = jnp.minimum(device.read_q * jnp.exp(-e * jnp.log(gh)), device.read_q_max)
     t = jnp.asarray(t, g_prog.dtype)
     arg = jnp.maximum(jnp.log((t + device.t_read) / (2.0 * device.t_read)), 0.0)
     return q * jnp.sqrt(arg)

@@ -407,7 +407,9 @@ def _run_instances(instance_fn, sweep_key, num_instances, *args, chunk_size, pro
             idx = np.arange(start + lo, start + lo + batch, dtype=np.uint32)
             res = _fetch(f(sweep_key, idx, *args))
             leaves, treedef = jax.tree_util.tree_flatten(res)
-            leaves = [np.asarray(a)[:n] for a in leaves]
+            # copies: a view would keep each chunk's device buffer (and its ~kB of overhead)
+            # alive until the end, so memory would grow with the instance count
+            leaves = [np.array(np.asarray(a)[:n], copy=True) for a in leaves]
             if path is not None and main:
                 _save_chunk(path, leaves)
         outs.append(leaves)
