@@ -208,14 +208,21 @@ def machine_limit(config: xb.TileConfig, *, generator: str = "threefry",
 
 
 def _instance_fn(model, config):
+    """The workload's instance function, as the library's sweeps run it: two stages
+    (:class:`nvjax.sweep.Staged`), programming (``chip.deploy``) then the read at one day
+    (``chip.apply``). Parameters and inputs are arguments, not compile-time constants."""
     device = dev_mod.pcm()
 
-    def fn(key, params, x):  # params and inputs are arguments, not compile-time constants
-        k_prog, k_read = jax.random.split(key)
-        chip = chip_mod.deploy(k_prog, model, params, device, config)
+    def prepare(key, params, x):
+        k_prog, _ = jax.random.split(key)
+        return chip_mod.deploy(k_prog, model, params, device, config).tiles
+
+    def finish(key, tiles, params, x):
+        _, k_read = jax.random.split(key)
+        chip = chip_mod.with_tiles(model, params, device, config, tiles)
         logits = chip_mod.apply(k_read, chip, x, T_READ)
         return jnp.mean(logits, axis=0)  # a small output that depends on every logit
-    return fn
+    return sweep.Staged(prepare, finish)
 
 
 def nvjax_rate(config: xb.TileConfig, instances: int, chunk_size: int = CHUNK_SIZE, *,

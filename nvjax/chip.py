@@ -25,7 +25,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from . import crossbar as xb
 from . import devices as dev_mod
 
-__all__ = ["Chip", "deploy", "apply", "kernel_matrix", "layer_names", "effective_params"]
+__all__ = ["Chip", "deploy", "with_tiles", "apply", "kernel_matrix", "layer_names", "effective_params"]
 
 
 @struct.dataclass
@@ -198,6 +198,22 @@ def _layer_inputs(model, params, x):
     with nn.intercept_methods(rec):
         model.apply({"params": params}, x)
     return seen
+
+
+def with_tiles(model: nn.Module, params, device, config: xb.TileConfig, tiles: Dict[str, Any], *,
+               placement: Optional[Dict[str, Any]] = None) -> Chip:
+    """The :class:`Chip` of ``tiles`` programmed earlier by :func:`deploy` with the same model,
+    parameters, device, config and placement.
+
+    For a two-stage sweep (:class:`nvjax.sweep.Staged`) whose first stage returns only
+    ``deploy(...).tiles`` (the part that differs between chip instances) and whose second stage
+    rebuilds the chip here from the shared parts.
+    """
+    if set(tiles) != set(layer_names(params)):
+        raise ValueError(f"with_tiles: tiles for layers {sorted(tiles)} do not match the "
+                         f"parameters' layers {sorted(layer_names(params))}")
+    return Chip(tiles=tiles, params=_strip_params(params), device=device, model=model,
+                config=config, placement=placement)
 
 
 def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bool = False):

@@ -49,6 +49,68 @@ def test_results_do_not_depend_on_chunk_size_and_instance_alone(small_sweep):
     assert not np.array_equal(sweep.run_instances(small_sweep, jax.random.key(1), 50, dev), ref[:50])
 
 
+def test_staged_is_prepare_then_finish():
+    """A Staged pair: called directly it is finish(key, prepare(key)); swept, each chunk runs as two
+    compiled calls and gives exactly the values of a hand-written one-stage function (integer-valued
+    draws, so no rounding can differ)."""
+    def prepare(key, scale):
+        return {"a": jnp.floor(8 * jax.random.uniform(key, (3,))) * scale}
+
+    def finish(key, state, scale):
+        return state["a"].sum() + jnp.floor(4 * jax.random.uniform(jax.random.fold_in(key, 1)))
+
+    def plain(key, scale):
+        a = jnp.floor(8 * jax.random.uniform(key, (3,))) * scale
+        return a.sum() + jnp.floor(4 * jax.random.uniform(jax.random.fold_in(key, 1)))
+
+    staged = sweep.Staged(prepare, finish)
+    k = jax.random.key(5)
+    assert float(staged(k, 2.0)) == float(plain(k, 2.0))
+    ref = sweep.run_instances(plain, k, 23, 2.0, chunk_size=23)
+    for chunk in (23, 4):
+        for width in (None, 2):
+            f = sweep.compile_chunk(staged, vmap_width=width)
+            assert len(f._jits) == 2
+            got = sweep.run_instances(staged, k, 23, 2.0, chunk_size=chunk, compiled=f)
+            np.testing.assert_array_equal(got, ref)
+    with pytest.raises(TypeError, match="callable"):
+        sweep.Staged(prepare, None)
+
+
+def test_two_stage_accuracy_instance_equals_one_stage(small_sweep):
+    """accuracy_instance (two stages: deploy, then reads) gives the accuracies of deploy + apply
+    written as one function, and with_tiles rebuilds the deployed chip exactly."""
+    from nvjax import chip as chip_mod
+    assert isinstance(small_sweep, sweep.Staged)
+    model = MLP(features=(16, 10))
+    x = jax.random.uniform(jax.random.key(0), (40, 64))
+    params = model.init(jax.random.key(1), x)
+    y = jnp.argmax(model.apply(params, x), -1)
+    times = jnp.asarray((1.0, 86400.0), jnp.float32)
+    cfg = xb.TileConfig()
+
+    def one_stage(key, device):
+        k_prog, k_read = jax.random.split(key)
+        chip = chip_mod.deploy(k_prog, model, params, device, cfg)
+        return jnp.stack([jnp.mean(jnp.argmax(chip_mod.apply(jax.random.fold_in(k_read, j), chip,
+                                                             x, times[j]), -1) == y)
+                          for j in range(2)])
+    dev = D.pcm(g_max=5.0)
+    key = jax.random.key(42)
+    a = sweep.run_instances(small_sweep, key, 64, dev, chunk_size=16)
+    b = sweep.run_instances(one_stage, key, 64, dev, chunk_size=16)
+    assert a.std() > 0
+    # accuracies are multiples of 1/40: float rounding between the two compilations could flip a
+    # logit tie at most, never on this many instances
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    chip = chip_mod.deploy(key, model, params, dev, cfg)
+    again = chip_mod.with_tiles(model, params, dev, cfg, chip.tiles)
+    np.testing.assert_array_equal(chip_mod.apply(key, again, x, 10.0),
+                                  chip_mod.apply(key, chip, x, 10.0))
+    with pytest.raises(ValueError, match="do not match"):
+        chip_mod.with_tiles(model, params, dev, cfg, {"Dense_0": chip.tiles["Dense_0"]})
+
+
 def test_summarize_closed_form():
     a = np.arange(1, 101) / 100.0
     s = sweep.summarize(a)
