@@ -3,7 +3,8 @@
 Workload: MLP 784-256-128-10 (random weights, fixed seed; each layer scaled so that max|W| maps to
 g_max), a batch of 1000 inputs uniform in [0, 1), D1 PCM on differential pairs; one chip instance
 = programming + drift to 1 day + read noise + global drift compensation + the forward pass, run
-exactly as users run it: ``chip.deploy`` + ``chip.apply`` under :func:`nvjax.sweep.run_instances`.
+exactly as the library's own sweeps run it: ``chip.deploy`` then ``chip.apply`` as the two stages
+of a :class:`nvjax.sweep.Staged` instance function under :func:`nvjax.sweep.run_instances`.
 
 * ``pcm-ideal-io``: the device model alone.
 * ``pcm-default-io``: adds a 7-bit DAC (absmax), a 9-bit ADC (bound 12) and output noise
@@ -18,7 +19,8 @@ Each workload is timed with every generator of :mod:`nvjax.prng` and reported ne
 * aihwkit, when a Python with aihwkit is given (``../shared/tools/aihwkit_mc.py``, run in a
   subprocess in the same run, at 1 and 2 torch threads, keeping its fastest back-end);
 * instances/s and peak resident memory against the instance count (each count in a fresh
-  process, so the peak is that run's), and against the number of devices (forced host devices,
+  process, so the peak is that run's; the child caps malloc arenas as ``nvjax`` does, see
+  :func:`nvjax.sweep.limit_malloc_arenas`), and against the number of devices (forced host devices,
   ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, in subprocesses).
 
 ``python -m nvjax.bench --child SPEC`` is the subprocess entry point (one JSON line out).
@@ -599,6 +601,7 @@ def _main(argv=None) -> int:
                                 description="subprocess entry of the benchmark (use `nvjax bench`)")
     p.add_argument("--child", required=True, help="JSON measurement spec")
     args = p.parse_args(argv)
+    sweep.limit_malloc_arenas()  # as `nvjax` does, before the first computation
     print(json.dumps(_child_main(json.loads(args.child))))
     return 0
 

@@ -171,3 +171,48 @@ def test_every_device_kind_runs_from_config(tmp_path, device):
     summary = sweep.reliability(cfg, None, log=lambda s: None)
     assert len(summary["points"]) == 2
     assert all(0.0 <= p["mean"] <= 1.0 and p["n"] == 6 for p in summary["points"])
+
+
+def test_limit_malloc_arenas(monkeypatch):
+    """The cap is set with glibc's mallopt on Linux, left to MALLOC_ARENA_MAX when that is set, and
+    bad counts are refused."""
+    import ctypes.util
+    import sys
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
+    assert sweep.limit_malloc_arenas(8) is glibc  # 8: glibc's own per-core default, harmless here
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert sweep.limit_malloc_arenas(1) is False
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="n must be"):
+            sweep.limit_malloc_arenas(bad)
+
+
+def test_heap_trimmer_runs_at_most_once_per_interval(monkeypatch):
+    """The trimmer calls glibc's malloc_trim only after its interval has passed (a no-op callable
+    elsewhere)."""
+    import ctypes
+    import sys
+    trimmer = sweep._heap_trimmer(0.0)
+    trimmer()  # a real trim (or a no-op off glibc): must not fail
+    if not sys.platform.startswith("linux"):
+        return
+    calls = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            calls.append(pad.value)
+            return 1
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    t = [100.0]
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: t[0])
+    trim = sweep._heap_trimmer(0.5)
+    trim()
+    assert calls == []          # 0 s since creation
+    t[0] += 0.6
+    trim()
+    trim()
+    assert calls == [0]         # once after 0.6 s, not again at once
+    t[0] += 0.5
+    trim()
+    assert calls == [0, 0]
