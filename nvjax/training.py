@@ -33,8 +33,6 @@ This module imports ``devices``, ``encoding``, ``crossbar``, ``chip``, ``sensiti
 from __future__ import annotations
 
 import dataclasses
-import numbers
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -158,14 +156,6 @@ def noisy_forward(key, model: nn.Module, params, x, noise=None):
 # --------------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------------
-def _check_positive(name, value, integer):
-    kinds = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0 \
-            or not np.isfinite(value):
-        raise ValueError(f"train: {name} must be a positive {'int' if integer else 'number'}, "
-                         f"got {value!r}")
-
-
 def train(key, model: nn.Module, data, *, params=None, noise=None,
           transform: Optional[Callable[[Params], Params]] = None, epochs: int,
           batch_size: int = 64, learning_rate: float = 1e-3,
@@ -197,20 +187,14 @@ def train(key, model: nn.Module, data, *, params=None, noise=None,
         ``test_accuracy`` (software accuracy of ``transform(params)``), ``time_s``.
     """
     from . import models as models_mod
-    _check_positive("epochs", epochs, True)
-    _check_positive("batch_size", batch_size, True)
-    _check_positive("learning_rate", learning_rate, False)
+    for name, value, integer in (("epochs", epochs, True), ("batch_size", batch_size, True),
+                                 ("learning_rate", learning_rate, False)):
+        models_mod._check_positive(name, value, integer, prefix="train: ")
     _check_noise(noise)
     if isinstance(noise, ChipNoise) and noise.config.ir_drop == "solver":
         raise ValueError("train: ChipNoise with ir_drop='solver' is not reverse-differentiable "
                          "(while_loop); train with TileConfig(ir_drop='first_order')")
-    x_train = jnp.asarray(data.x_train, jnp.float32)
-    y_train = jnp.asarray(data.y_train, jnp.int32)
-    n = x_train.shape[0]
-    if batch_size > n:
-        raise ValueError(f"train: batch_size must be <= the number of training samples ({n}), "
-                         f"got {batch_size}")
-    steps = n // batch_size
+    x_train, y_train, steps = models_mod._train_data(data, batch_size, prefix="train: ")
     key = models_mod._as_key(key)
     k_init, k_shuffle, k_noise = jax.random.split(key, 3)
     if params is None:
@@ -218,39 +202,15 @@ def train(key, model: nn.Module, data, *, params=None, noise=None,
     variables = {"params": chip_mod._strip_params(params)}
     tform = transform if transform is not None else (lambda p: p)
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)
-    opt_state = tx.init(variables)
 
-    def loss_fn(v, k, xb_, yb, noise_):
-        logits = noisy_forward(k, model, tform(v), xb_, noise_)
+    def loss_fn(v, t, xb_, yb, noise_):
+        logits = noisy_forward(jax.random.fold_in(k_noise, t), model, tform(v), xb_, noise_)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    @jax.jit
-    def epoch(v, s, k, e, noise_):
-        def step(carry, inp):
-            v, s = carry
-            idx, t = inp
-            loss, grads = jax.value_and_grad(loss_fn)(v, jax.random.fold_in(k_noise, t),
-                                                      x_train[idx], y_train[idx], noise_)
-            updates, s = tx.update(grads, s, v)
-            return (optax.apply_updates(v, updates), s), loss
-        perm = jax.random.permutation(k, n)[: steps * batch_size].reshape(steps, batch_size)
-        t = e * steps + jnp.arange(steps, dtype=jnp.uint32)
-        (v, s), losses = jax.lax.scan(step, (v, s), (perm, t))
-        return v, s, losses.mean()
-
-    history: Dict[str, List[float]] = {"train_loss": [], "test_accuracy": [], "time_s": []}
-    t0 = time.perf_counter()
-    for e in range(int(epochs)):
-        variables, opt_state, loss = epoch(variables, opt_state, jax.random.fold_in(k_shuffle, e),
-                                           jnp.uint32(e), noise)
-        acc = models_mod.accuracy(model, tform(variables), data.x_test, data.y_test)
-        history["train_loss"].append(float(loss))
-        history["test_accuracy"].append(acc)
-        history["time_s"].append(time.perf_counter() - t0)
-        if progress:
-            print(f"epoch {e + 1}/{epochs}: train loss {float(loss):.4f}, software test accuracy "
-                  f"{acc:.4f} ({history['time_s'][-1]:.1f} s)", flush=True)
-    return variables, history
+    return models_mod._fit(
+        loss_fn, variables, tx, x_train, y_train, steps=steps, batch_size=batch_size,
+        epochs=epochs, shuffle_key=k_shuffle, progress=progress, extra=(noise,),
+        evaluate=lambda v: models_mod.accuracy(model, tform(v), data.x_test, data.y_test),
+        what="software test accuracy")
 
 
 # --------------------------------------------------------------------------------------------

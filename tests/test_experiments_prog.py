@@ -1,10 +1,8 @@
 """The E-rowprog and E-swim experiment scripts: end to end on tiny configs, strict configs, and
 SWIM's fast composition equal to selective write-verify mask by mask."""
 import csv
-import importlib.util
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,32 +14,14 @@ from nvjax._strict import ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_script(name):
-    """Import experiments/<name>.py as a module (registered, so its dataclass hints resolve)."""
-    mod_name = f"_exp_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name,
-                                                  os.path.join(ROOT, "experiments", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def rowprog(load_script):
+    return load_script("e_rowprog")
 
 
 @pytest.fixture(scope="module")
-def rowprog():
-    return _load_script("e_rowprog")
-
-
-@pytest.fixture(scope="module")
-def swim():
-    return _load_script("e_swim")
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("models"))
+def swim(load_script):
+    return load_script("e_swim")
 
 
 def _write(path, text):

@@ -1,35 +1,11 @@
 """The E-hwmodel and E-biased experiment scripts end to end on tiny configs, and their strict
 configs."""
 import csv
-import importlib.util
 import json
-import os
-import sys
 
-import numpy as np
 import pytest
 
 from nvjax._strict import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_script(name):
-    mod_name = f"_exp_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name,
-                                                  os.path.join(ROOT, "experiments", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("models"))
-
 
 HW_TINY = """
 experiment: e_hwmodel
@@ -69,8 +45,8 @@ progress: false
 """
 
 
-def test_hwmodel_main_tiny(tmp_path, model_cache):
-    mod = _load_script("e_hwmodel")
+def test_hwmodel_main_tiny(tmp_path, model_cache, load_script):
+    mod = load_script("e_hwmodel")
     cfg = tmp_path / "hw.yaml"
     cfg.write_text(HW_TINY.format(cache=model_cache))
     out = tmp_path / "out"
@@ -97,8 +73,8 @@ def test_hwmodel_main_tiny(tmp_path, model_cache):
     assert "Paper claim" in (out / "summary.md").read_text()
 
 
-def test_biased_main_tiny(tmp_path, model_cache):
-    mod = _load_script("e_biased")
+def test_biased_main_tiny(tmp_path, model_cache, load_script):
+    mod = load_script("e_biased")
     cfg = tmp_path / "b.yaml"
     cfg.write_text(BIASED_TINY.format(cache=model_cache))
     out = tmp_path / "out"
@@ -122,8 +98,8 @@ def test_biased_main_tiny(tmp_path, model_cache):
     ("e_biased", "experiment: e_biased\ncells: [{bits: 3}]\n", "multiple"),
     ("e_biased", "experiment: e_biased\nfractions: [0.0]\n", "fractions"),
 ])
-def test_bad_configs_raise(tmp_path, script, text, needle):
-    mod = _load_script(script)
+def test_bad_configs_raise(tmp_path, script, text, needle, load_script):
+    mod = load_script(script)
     p = tmp_path / "bad.yaml"
     p.write_text(text)
     with pytest.raises(ConfigError, match=needle):

@@ -188,13 +188,12 @@ def test_limit_malloc_arenas(monkeypatch):
             sweep.limit_malloc_arenas(bad)
 
 
-def test_heap_trimmer_runs_at_most_once_per_interval(monkeypatch):
-    """The trimmer calls glibc's malloc_trim only after its interval has passed (a no-op callable
-    elsewhere)."""
+def test_heap_trimmer_trims_near_the_peak_at_most_once_per_interval(monkeypatch):
+    """The trimmer calls glibc's malloc_trim only when its interval has passed and the resident set
+    is within the margin of the peak (a no-op callable elsewhere)."""
     import ctypes
     import sys
-    trimmer = sweep._heap_trimmer(0.0)
-    trimmer()  # a real trim (or a no-op off glibc): must not fail
+    sweep._heap_trimmer(0.0, 1e9)()  # a real check and trim (or a no-op off glibc): must not fail
     if not sys.platform.startswith("linux"):
         return
     calls = []
@@ -205,14 +204,19 @@ def test_heap_trimmer_runs_at_most_once_per_interval(monkeypatch):
             return 1
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
     t = [100.0]
+    mem = [(400.0, 500.0)]
     monkeypatch.setattr(sweep.time, "perf_counter", lambda: t[0])
-    trim = sweep._heap_trimmer(0.5)
+    monkeypatch.setattr(sweep, "_rss_and_peak_mb", lambda: mem[0])
+    trim = sweep._heap_trimmer(0.5, 16.0)
     trim()
     assert calls == []          # 0 s since creation
     t[0] += 0.6
     trim()
+    assert calls == []          # 100 MB below the peak: nothing to do
+    mem[0] = (490.0, 500.0)
     trim()
-    assert calls == [0]         # once after 0.6 s, not again at once
-    t[0] += 0.5
+    assert calls == []          # near the peak, but checked 0 s ago
+    t[0] += 0.6
     trim()
-    assert calls == [0, 0]
+    trim()
+    assert calls == [0]         # near the peak after the interval: one trim, not two
