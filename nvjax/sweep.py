@@ -123,9 +123,9 @@ def limit_malloc_arenas(n: int = 1) -> bool:
 
 
 #: Seconds between two checks of a sweep's resident memory (see :func:`run_instances`).
-TRIM_INTERVAL_S = 0.25
+TRIM_INTERVAL_S = 0.1
 #: A check trims the C heap when the resident set is within this many MB of its peak.
-TRIM_MARGIN_MB = 16.0
+TRIM_MARGIN_MB = 24.0
 
 
 def _rss_and_peak_mb():
@@ -541,7 +541,7 @@ def _run_instances(instance_fn, sweep_key, num_instances, *args, chunk_size, pro
         template = jax.tree_util.tree_flatten(shapes)
     bar = _progress(num_instances, desc) if progress and main else None
     trim_heap = _heap_trimmer()
-    outs, treedef = [], None
+    result, treedef = None, None  # preallocated [num_instances, ...] per leaf
     for (lo, hi), path, is_done in zip(spans, paths, done):
         n = hi - lo
         if is_done:
@@ -553,18 +553,19 @@ def _run_instances(instance_fn, sweep_key, num_instances, *args, chunk_size, pro
             idx = np.arange(start + lo, start + lo + batch, dtype=np.uint32)
             res = _fetch(f(sweep_key, idx, *args))
             leaves, treedef = jax.tree_util.tree_flatten(res)
-            # copies: a view would keep each chunk's device buffer (and its ~kB of overhead)
-            # alive until the end, so memory would grow with the instance count
-            leaves = [np.array(np.asarray(a)[:n], copy=True) for a in leaves]
+            leaves = [np.asarray(a)[:n] for a in leaves]
             if path is not None and main:
                 _save_chunk(path, leaves)
             trim_heap()
-        outs.append(leaves)
+        if result is None:
+            result = [np.empty((num_instances,) + a.shape[1:], a.dtype) for a in leaves]
+        for r, a in zip(result, leaves):
+            r[lo:hi] = a  # a copy: no chunk buffer is kept, memory stays flat in the count
         if bar is not None:
             bar.update(n)
     if bar is not None:
         bar.close()
-    leaves = [np.concatenate(col, axis=0) for col in zip(*outs)]
+    leaves = result
     if done.any():
         leaves = _broadcast(leaves)  # process 0 loaded the finished chunks
     return jax.tree_util.tree_unflatten(treedef, leaves), int(done.sum())
