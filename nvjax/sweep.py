@@ -47,7 +47,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import chip as chip_mod
 
-__all__ = ["instance_keys", "run_instances", "compile_chunk", "Staged", "limit_malloc_arenas", "instance_mesh", "init_distributed",
+__all__ = ["instance_keys", "run_instances", "compile_chunk", "Staged", "limit_malloc_arenas",
+           "instance_mesh", "init_distributed",
            "open_checkpoint", "accuracy_instance", "summarize", "reliability", "write_results",
            "plot_accuracy_vs_time", "versions", "format_table", "ENV_COORDINATOR",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
@@ -148,9 +149,9 @@ def _heap_trimmer(interval_s: float = TRIM_INTERVAL_S,
     Why: each chunk's XLA temporaries (tens of MB) are freed into the heap, and the holes they
     leave are reused in a different order chunk after chunk, so the resident set creeps up with
     the number of chunks although nothing leaks (benchmark workload: peak +28 % from 10³ to 10⁵
-    instances without trimming). Trimming only near the peak keeps the peak where compilation
-    put it; a trim costs about 6 ms and happens about once a second (2-core development machine),
-    well under 1 % of a run.
+    instances without trimming). Trimming only near the peak keeps the peak close to where
+    compilation put it; a trim costs about 6 ms and, on the benchmark workload, happens a few
+    times a second (2-core development machine), a few per cent of the run time.
     """
     import ctypes
     trim = None
