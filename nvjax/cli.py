@@ -129,7 +129,7 @@ def _cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     from . import sweep as sweep_mod
-    sweep_mod.limit_malloc_arenas()  # one malloc arena: smaller footprint (before JAX starts threads)
+    sweep_mod.limit_malloc_arenas()  # one malloc arena (before JAX starts its threads)
     p = argparse.ArgumentParser(prog="nvjax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
