@@ -45,9 +45,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from nvjax import data as data_mod
 from nvjax import devices as dev_mod
 from nvjax import models as models_mod
+from nvjax import jobs
 from nvjax import sweep
 from nvjax import training as tr
-from nvjax._strict import load_yaml, to_dict
+from nvjax.config import load_yaml, to_dict
 
 CLAIM = "biased training toward favorable states gives up to 2.4× the hardware accuracy of " \
         "conventional quantization-aware training when the variation is severe (Diware et al., " \
@@ -332,7 +333,7 @@ def main(argv=None):
     b = best_ratio(results)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"experiment": "e_biased", "claim": CLAIM, "config": to_dict(cfg),
-                   "versions": sweep.versions(), "total_s": total,
+                   "versions": jobs.versions(), "total_s": total,
                    "best_ratio": None if b is None else {"model": b[1], "cell_bits": b[2],
                                                          "strength": b[3], "variant": b[4], **b[0]},
                    "models": results}, f, indent=2)

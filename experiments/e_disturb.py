@@ -28,6 +28,8 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Tuple
 
 import jax
 import numpy as np
@@ -36,10 +38,77 @@ from nvjax import config as cfg_mod
 from nvjax import data as data_mod
 from nvjax import lifetime as lt
 from nvjax import models as models_mod
+from nvjax import jobs
 from nvjax import placement as pl
-from nvjax import sweep
-from nvjax._strict import load_yaml
-from nvjax.config import EDisturbConfig
+from nvjax.config import LifetimeRunConfig, load_yaml
+
+
+@dataclass(frozen=True)
+class PlacementOptions:
+    """How the optimized placements are found.
+
+    Attributes:
+        criticality: 'saliency' or 'hessian' (synapse criticality of the linear cost).
+        cost_samples: training inputs used for criticality, read statistics and the objective.
+        objective_inferences: n of the non-linear objective (inferences of disturb).
+        relaxed_steps, learning_rate, tau_start, tau_end: Sinkhorn search.
+        relaxed_start: 'uniform' (logits 0) or 'exact' (logits ``start_sharpness`` on the exact
+            linear solution).
+        random_seed: seed of the random placement.
+        conv_disturb_rows: ``max_disturb_rows`` of the lifetime loop for conv models.
+        objective_ir_mvm: the non-linear objective includes the IR-drop distortion of the MVM.
+        conv_num_steps: lifetime steps for conv models (None: as the base config); their rows
+            are read once per patch, so disturb acts tens of times faster than in the MLP.
+    """
+    criticality: str = "saliency"
+    cost_samples: int = 256
+    objective_inferences: float = 2e7
+    relaxed_steps: int = 300
+    learning_rate: float = 0.1
+    tau_start: float = 1.0
+    tau_end: float = 0.02
+    relaxed_start: Literal["uniform", "exact"] = "uniform"
+    start_sharpness: float = 3.0
+    conv_disturb_rows: Optional[int] = 128
+    objective_ir_mvm: bool = True
+    conv_num_steps: Optional[int] = 30
+    random_seed: int = 1
+
+    def validate(self):
+        if self.criticality not in ("saliency", "hessian"):
+            raise ValueError(f"criticality must be 'saliency' or 'hessian', got {self.criticality!r}")
+        if self.cost_samples < 1 or self.relaxed_steps < 1:
+            raise ValueError("cost_samples and relaxed_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class EDisturbConfig:
+    """Configuration of the E-disturb experiment (this script; ``configs/e_disturb.yaml``).
+
+    Attributes:
+        experiment: must be 'e_disturb' (lets a generic loader recognise the file).
+        models: 'mlp' and/or 'lenet'.
+        base: the lifetime run every placement is simulated with (see configs/lifetime.yaml).
+        placement: how the optimized placements are found.
+    """
+    experiment: Literal["e_disturb"] = "e_disturb"
+    models: Tuple[str, ...] = ("mlp", "lenet")
+    base: LifetimeRunConfig = field(default_factory=LifetimeRunConfig)
+    placement: PlacementOptions = field(default_factory=PlacementOptions)
+
+    def validate(self):
+        for m in self.models:
+            if m not in ("mlp", "lenet"):
+                raise ValueError(f"models: unknown model {m!r} (mlp, lenet)")
+
+
+
+
+def load_config(path) -> EDisturbConfig:
+    """Load and validate an :class:`EDisturbConfig` from a YAML file."""
+    return load_yaml(path, EDisturbConfig)
+
+
 
 
 def _first_intervals(rec, horizon):
@@ -55,7 +124,7 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
     ds = data_mod.digits(seed=base.seed, flatten=name == "mlp")
     model_dir = os.path.join(out_dir, name)
     os.makedirs(model_dir, exist_ok=True)
-    model, params, _ = sweep._get_model(mcfg, ds, model_dir, models_mod)
+    model, params, _ = jobs.get_model(mcfg, ds, model_dir)
     if name != "mlp":  # conv layers: one row vector per patch; cap the disturb-voltage rows
         steps = cfg.placement.conv_num_steps or base.lifetime.num_steps
         base = dataclasses.replace(base, lifetime=dataclasses.replace(
@@ -212,7 +281,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", nargs="+", default=None)
     args = ap.parse_args(argv)
-    cfg = load_yaml(args.config, EDisturbConfig)
+    cfg = load_config(args.config)
     if args.models:
         cfg = dataclasses.replace(cfg, models=tuple(args.models))
     os.makedirs(args.out, exist_ok=True)
@@ -229,7 +298,7 @@ def write_all(out, cfg, results):
     lc = cfg.base.lifetime
     args = argparse.Namespace(out=out)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"config": cfg_mod.to_dict(cfg), "versions": sweep.versions(),
+        json.dump({"config": cfg_mod.to_dict(cfg), "versions": jobs.versions(),
                    "inferences": lt.eval_inferences(lc).tolist(), "models": results}, f, indent=2)
     with open(os.path.join(args.out, "chips.csv"), "w", newline="") as f:
         w = csv.writer(f)

@@ -10,7 +10,7 @@ numbers: chip ``i`` uses ``fold_in(k_chips, i)`` for every variant):
 * ideal     — software accuracy of the trained model;
 * non-ideal — the trained model deployed on the chip (:func:`nvjax.chip.deploy`/``apply``);
 * corrected — the trained model + post-programming correction
-  (:func:`nvjax.training.correct`: read-verify re-programming of cells outside ``tol``, then a
+  (:func:`nvjax.correction.correct`: read-verify re-programming of cells outside ``tol``, then a
   per-column gain/offset calibration on ``calib_samples`` training images at the read time;
   IR-drop pre-distortion at programming when the non-ideality has IR drop);
 * HW-aware  — the model fine-tuned with :func:`nvjax.training.train` through the same chip
@@ -44,13 +44,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvjax import chip as chip_mod
+from nvjax import correction as corr
 from nvjax import crossbar as xb
 from nvjax import data as data_mod
 from nvjax import devices as dev_mod
 from nvjax import models as models_mod
+from nvjax import jobs
 from nvjax import sweep
 from nvjax import training as tr
-from nvjax._strict import load_yaml, to_dict
+from nvjax.config import load_yaml, to_dict
 
 CLAIM = "hardware-aware training plus weight-mapping correction recovers ~95 % of the accuracy " \
         "lost to each non-ideality, R ≈ 0.95 (Han et al., Sci. China Inf. Sci.)"
@@ -220,7 +222,7 @@ def make_instance(model, cfg: EHwmodelConfig, ni: NonIdeality, x, y, x_cal):
             chip = chip_mod.deploy(k_prog, model, p, device, tile)
             out.append(acc(k_read, chip))
             chip_c = chip_mod.deploy(k_prog, model, p_c, device, tile_c)
-            chip_c, _ = tr.correct(k_corr, chip_c, x_cal, t, tol=co.tol, max_rounds=co.max_rounds,
+            chip_c, _ = corr.correct(k_corr, chip_c, x_cal, t, tol=co.tol, max_rounds=co.max_rounds,
                                    calibration=co.calibration)
             out.append(acc(k_read, chip_c))
         return jnp.stack(out)          # nonideal, corrected, hwaware, hwaware_corrected
@@ -238,8 +240,8 @@ def bootstrap_r(acc_ideal, a_non, a_mit, n, seed):
     """R from the chip means, and its bootstrap std over chips (same resample for both)."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, a_non.shape[0], size=(n, a_non.shape[0]))
-    r = tr.recovered_fraction(acc_ideal, a_non[idx].mean(1), a_mit[idx].mean(1))
-    return float(tr.recovered_fraction(acc_ideal, a_non.mean(), a_mit.mean())), \
+    r = corr.recovered_fraction(acc_ideal, a_non[idx].mean(1), a_mit[idx].mean(1))
+    return float(corr.recovered_fraction(acc_ideal, a_non.mean(), a_mit.mean())), \
         float(np.nanstd(r)), [float(v) for v in np.nanpercentile(r, [2.5, 97.5])]
 
 
@@ -413,7 +415,7 @@ def main(argv=None):
     m, s, k, _ = mean_r(results)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"experiment": "e_hwmodel", "claim": CLAIM, "config": to_dict(cfg),
-                   "versions": sweep.versions(), "total_s": total,
+                   "versions": jobs.versions(), "total_s": total,
                    "mean_R_hwaware_corrected": {"mean": m, "std": s, "cells": k},
                    "models": results}, f, indent=2)
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:

@@ -15,7 +15,7 @@ and variability level — common random numbers, so curves are smooth):
   of ``program`` (``n_coarse, n_correct, n_fine`` → ``round(s·n)``); for every target set
   (Gaussian, uniform, Laplacian synthetic matrices [rows, cols]; the digits MLP and LSTM kernels
   from :func:`nvjax.models.get_trained`, each kernel in its crossbar layout
-  :func:`nvjax.chip.kernel_matrix` and scaled by :func:`nvjax.programming.weight_scale`) and
+  :func:`nvjax.layers.kernel_matrix` and scaled by :func:`nvjax.programming.weight_scale`) and
   every device-variability level (``sigma_gain``, ``sigma_gmax`` of :func:`pulse_pcm`);
 * **eps**: Pfail vs tolerance ε at the default budget (nominal variability);
 * **pareto**: budget scale × step scale grid, Pfail vs mean row time (pulses of the slowest weight
@@ -43,12 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvjax import chip as chip_mod
+from nvjax import layers
 from nvjax import data as data_mod
 from nvjax import models as models_mod
 from nvjax import programming as pr
+from nvjax import jobs
 from nvjax import sweep
-from nvjax._strict import load_yaml, to_dict
+from nvjax.config import load_yaml, to_dict
 
 SYNTHETIC = ("gaussian", "uniform", "laplace")
 MODELS = ("mlp", "lstm")
@@ -221,11 +222,11 @@ def _kernels(params):
     """Layer name → kernel in crossbar layout [n_in, n_out] (chip.layer_names order)."""
     inner = params["params"] if set(params) == {"params"} else params
     out = {}
-    for name in chip_mod.layer_names(inner):
+    for name in layers.layer_names(inner):
         node = inner
         for part in name.split("/"):
             node = node[part]
-        out[name] = chip_mod.kernel_matrix(node["kernel"])
+        out[name] = layers.kernel_matrix(node["kernel"])
     return out
 
 
@@ -681,7 +682,7 @@ def main(argv=None):
     res, rows = run(cfg, args.out)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"experiment": "e_rowprog", "claim": CLAIM, "config": to_dict(cfg),
-                   "versions": sweep.versions(), **res}, f, indent=2)
+                   "versions": jobs.versions(), **res}, f, indent=2)
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
         w.writeheader()

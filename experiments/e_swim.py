@@ -55,8 +55,9 @@ from nvjax import encoding as enc
 from nvjax import models as models_mod
 from nvjax import programming as pr
 from nvjax import sensitivity as sens
+from nvjax import jobs
 from nvjax import sweep
-from nvjax._strict import load_yaml, to_dict
+from nvjax.config import load_yaml, to_dict
 
 RANKINGS = ("swim", "magnitude", "random")
 CLAIM = "write-verifying p ≈ 0.1 of the weights (SWIM ranking) keeps accuracy within ~1 % of " \
@@ -482,7 +483,7 @@ def main(argv=None):
     total = time.perf_counter() - t0
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"experiment": "e_swim", "claim": CLAIM, "config": to_dict(cfg),
-                   "versions": sweep.versions(), "total_s": total, "models": results}, f,
+                   "versions": jobs.versions(), "total_s": total, "models": results}, f,
                   indent=2)
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)

@@ -24,6 +24,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import crossbar as xb
 from . import devices as dev_mod
+from .layers import (as_rows, inverse_permutation, kernel_matrix, layer_inputs, layer_names,
+                     matrix_to_kernel, module_name, strip_params)
+from ._checks import is_concrete
 
 __all__ = ["Chip", "deploy", "with_tiles", "apply", "kernel_matrix", "layer_names", "effective_params"]
 
@@ -58,39 +61,14 @@ class Chip:
     offset: Optional[Dict[str, Any]] = None
 
 
-def _strip_params(params):
-    return params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
-
-
-def kernel_matrix(kernel):
-    """A Dense kernel [n_in, n_out] as is; a Conv kernel [*window, C_in, C_out] → [C_in·Πwindow, C_out]
-    (channel-major, the feature order of ``lax.conv_general_dilated_patches``)."""
-    kernel = jnp.asarray(kernel)
-    if kernel.ndim == 2:
-        return kernel
-    nd = kernel.ndim - 2
-    perm = (nd,) + tuple(range(nd)) + (nd + 1,)
-    return jnp.transpose(kernel, perm).reshape(-1, kernel.shape[-1])
-
-
-def layer_names(params) -> Tuple[str, ...]:
-    """Names ('/'-joined module paths) of every parametrized layer holding a ``kernel``."""
-    flat = flatten_dict(_strip_params(params))
-    return tuple("/".join(k[:-1]) for k in flat if k[-1] == "kernel")
-
-
 def _check_perm(name, what, perm, n):
     perm = jnp.asarray(perm)
     if perm.shape != (n,) or not jnp.issubdtype(perm.dtype, jnp.integer):
         raise ValueError(f"deploy: placement[{name!r}] {what} must be an int array [{n}], got "
                          f"{perm.dtype} {tuple(perm.shape)}")
-    if dev_mod._is_concrete(perm) and not (jnp.sort(perm) == jnp.arange(n)).all():
+    if is_concrete(perm) and not (jnp.sort(perm) == jnp.arange(n)).all():
         raise ValueError(f"deploy: placement[{name!r}] {what} is not a permutation of 0..{n - 1}")
     return perm.astype(jnp.int32)
-
-
-def _inverse(perm):
-    return jnp.argsort(perm)
 
 
 def deploy(key, model: nn.Module, params, device, config: xb.TileConfig = xb.TileConfig(), *,
@@ -111,14 +89,13 @@ def deploy(key, model: nn.Module, params, device, config: xb.TileConfig = xb.Til
     Returns:
         :class:`Chip`.
     """
-    if not isinstance(device, dev_mod._DEVICE_TYPES):
-        raise dev_mod._bad_device(device)
-    params = _strip_params(params)
+    dev_mod.check_device(device, "deploy: device")
+    params = strip_params(params)
     flat = flatten_dict(params)
     kernels = {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "kernel"}
     if not kernels:
         raise ValueError("deploy: the parameter tree has no 'kernel' leaves (Dense/Conv layers)")
-    layer_inputs = _layer_inputs(model, params, calibration) if calibration is not None else {}
+    layer_inputs = layer_inputs(model, params, calibration) if calibration is not None else {}
     if placement is not None:
         unknown = set(placement) - set(kernels)
         if unknown:
@@ -135,69 +112,13 @@ def deploy(key, model: nn.Module, params, device, config: xb.TileConfig = xb.Til
         w = kernel_matrix(kernel)
         calib = layer_inputs.get(name)
         if placement is not None and name in placement:
-            inv_r, inv_c = (_inverse(p) for p in placement[name])
+            inv_r, inv_c = (inverse_permutation(p) for p in placement[name])
             w = w[inv_r][:, inv_c]                      # W_phys[row_perm[i], col_perm[j]] = W[i, j]
             calib = None if calib is None else calib[:, inv_r]
         tiles[name] = xb.program_tiles(jax.random.fold_in(key, i), device, w, config,
                                        calibration=calib)
     return Chip(tiles=tiles, params=params, device=device, model=model, config=config,
                 placement=placement)
-
-
-def _module_name(module: nn.Module) -> str:
-    return "/".join(module.path)
-
-
-def _as_rows(module, x):
-    """Inputs of a Dense/Conv call as a 2-D batch of row vectors, and a function to reshape back."""
-    if isinstance(module, nn.Dense):
-        lead = x.shape[:-1]
-        return x.reshape(-1, x.shape[-1]), lambda y: y.reshape(lead + (y.shape[-1],))
-    # nn.Conv
-    if getattr(module, "feature_group_count", 1) != 1:
-        raise NotImplementedError("chip: grouped convolutions are not supported")
-    ks = tuple(module.kernel_size)
-    nd = len(ks)
-    if any(d not in (None, 1) and d != (1,) * nd for d in (module.input_dilation, module.kernel_dilation)):
-        raise NotImplementedError("chip: dilated convolutions are not supported")
-    strides = module.strides or 1
-    strides = (strides,) * nd if isinstance(strides, int) else tuple(strides)
-    padding = module.padding
-    if isinstance(padding, str):
-        padding = padding.upper()
-        if padding not in ("SAME", "VALID"):
-            raise NotImplementedError(f"chip: conv padding {padding!r} is not supported")
-    elif isinstance(padding, int):
-        padding = [(padding, padding)] * nd
-    else:
-        padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    batched = x.ndim == nd + 2
-    xb_ = x if batched else x[None]
-    spatial = "HWD"[:nd] if nd <= 3 else None
-    dn = ("N" + spatial + "C", "OI" + spatial, "N" + spatial + "C")
-    patches = jax.lax.conv_general_dilated_patches(xb_, ks, strides, padding, dimension_numbers=dn)
-    out_sp = patches.shape[1:-1]
-
-    def back(y):
-        y = y.reshape((xb_.shape[0],) + out_sp + (y.shape[-1],))
-        return y if batched else y[0]
-    return patches.reshape(-1, patches.shape[-1]), back
-
-
-def _layer_inputs(model, params, x):
-    """Record the 2-D input rows of every Dense/Conv layer for input ``x`` (ideal weights)."""
-    seen = {}
-
-    def rec(next_fun, args, kwargs, context):
-        mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
-            rows, _ = _as_rows(mod, args[0])
-            seen[_module_name(mod)] = rows
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(rec):
-        model.apply({"params": params}, x)
-    return seen
 
 
 def with_tiles(model: nn.Module, params, device, config: xb.TileConfig, tiles: Dict[str, Any], *,
@@ -212,7 +133,7 @@ def with_tiles(model: nn.Module, params, device, config: xb.TileConfig, tiles: D
     if set(tiles) != set(layer_names(params)):
         raise ValueError(f"with_tiles: tiles for layers {sorted(tiles)} do not match the "
                          f"parameters' layers {sorted(layer_names(params))}")
-    return Chip(tiles=tiles, params=_strip_params(params), device=device, model=model,
+    return Chip(tiles=tiles, params=strip_params(params), device=device, model=model,
                 config=config, placement=placement)
 
 
@@ -244,13 +165,13 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bo
         mod = context.module
         if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
             return next_fun(*args, **kwargs)
-        name = _module_name(mod)
+        name = module_name(mod)
         if name not in new_tiles:
             raise KeyError(f"chip.apply: layer {name!r} was not deployed (deployed: {names})")
-        rows, back = _as_rows(mod, jnp.asarray(args[0]))
+        rows, back = as_rows(mod, jnp.asarray(args[0]))
         placed = chip.placement is not None and name in chip.placement
         if placed:
-            rows = rows[:, _inverse(chip.placement[name][0])]   # physical row order
+            rows = rows[:, inverse_permutation(chip.placement[name][0])]   # physical row order
         c = calls.get(name, 0)
         calls[name] = c + 1
         inputs[name] = rows if c == 0 else jnp.concatenate([inputs[name], rows])
@@ -309,9 +230,5 @@ def effective_params(key, chip: Chip, t):
                 raise NotImplementedError(f"effective_params: layer {name!r} has a column offset "
                                           "but no bias to fold it into")
             flat[bpath] = flat[bpath] + chip.offset[name]
-        if kern.ndim > 2:
-            nd = kern.ndim - 2
-            w = w.reshape((kern.shape[-2],) + kern.shape[:nd] + (kern.shape[-1],))
-            w = jnp.transpose(w, tuple(range(1, nd + 1)) + (0, nd + 1))
-        flat[path] = w
+        flat[path] = matrix_to_kernel(w, kern.shape)
     return unflatten_dict(flat)

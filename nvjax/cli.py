@@ -9,7 +9,11 @@
                                    a chip's working life: inferences, drift, read disturb and
                                    reprogramming (writes summary.json, results.csv, events.csv,
                                    lifetime.png)
-    nvjax bench [--json] [...]     Monte Carlo throughput on the standard workloads
+    nvjax bench [--json] [...]     Monte Carlo throughput on the two standard workloads (an
+                                   MLP 784-256-128-10 on PCM: pcm-ideal-io, pcm-default-io)
+
+Every config key is documented in the README's "Configuration reference" and in the commented
+configs/*.yaml of the repository. Units: conductance µS, time s, voltage V.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ __all__ = ["main"]
 
 def _cmd_run(args) -> int:
     from . import config as cfg_mod
-    from . import sweep
+    from . import jobs
     try:
         cfg = cfg_mod.load(args.config)
     except cfg_mod.ConfigError as e:
@@ -45,7 +49,7 @@ def _cmd_run(args) -> int:
             return 2
     d = cfg.distributed  # before any JAX computation
     try:
-        sweep.init_distributed(d.coordinator_address, d.num_processes, d.process_id)
+        jobs.init_distributed(d.coordinator_address, d.num_processes, d.process_id)
     except ValueError as e:
         print(f"nvjax run: {e}", file=sys.stderr)
         return 2
@@ -53,11 +57,11 @@ def _cmd_run(args) -> int:
     main = jax.process_index() == 0
     if main:
         os.makedirs(args.out, exist_ok=True)
-    summary = sweep.reliability(cfg, args.out)
+    summary = jobs.reliability(cfg, args.out)
     if not main:
         return 0
     t, c = summary["timings"], summary["chunks"]
-    print(sweep.format_table(summary))
+    print(jobs.format_table(summary))
     print(f"\n{cfg.sweep.num_instances} chip instances per point on {c['devices']} device(s), "
           f"{c['processes']} process(es); sweep {t['sweep_s']:.1f} s "
           f"({t['instances_per_s']:.0f} instances/s incl. compile"
@@ -68,7 +72,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_lifetime(args) -> int:
     from . import config as cfg_mod
-    from . import lifetime
+    from . import jobs
     try:
         cfg = cfg_mod.load_lifetime(args.config)
     except cfg_mod.ConfigError as e:
@@ -78,9 +82,9 @@ def _cmd_lifetime(args) -> int:
         cfg = cfg_mod.from_dict({**cfg_mod.to_dict(cfg), "progress": False},
                                 cfg_mod.LifetimeRunConfig)
     os.makedirs(args.out, exist_ok=True)
-    summary = lifetime.run_config(cfg, args.out)
+    summary = jobs.run_lifetime(cfg, args.out)
     t = summary["timings"]
-    print(lifetime.format_report(summary))
+    print(jobs.format_lifetime_report(summary))
     print(f"\n{cfg.num_chips} chips; simulation {t['simulate_s']:.1f} s "
           f"({t['chip_steps_per_s']:.0f} chip-steps/s incl. compile); results in {args.out}/")
     return 0
@@ -128,10 +132,10 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    from . import sweep as sweep_mod
-    sweep_mod.limit_malloc_arenas()  # one malloc arena (before JAX starts its threads)
+    from ._version import __version__
     p = argparse.ArgumentParser(prog="nvjax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"nvjax {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="Monte Carlo reliability sweep from a YAML config")
     r.add_argument("config", help="YAML run configuration (see configs/)")
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
     lt.add_argument("--out", required=True, help="output folder")
     lt.add_argument("--no-progress", action="store_true", help="no progress bar")
     lt.set_defaults(func=_cmd_lifetime)
-    b = sub.add_parser("bench", help="throughput on the standard workloads (DESIGN.md §11)")
+    b = sub.add_parser("bench", help="chip instances/s on the standard workloads, vs the machine's limit")
     b.add_argument("--json", action="store_true", help="print only the JSON result line")
     b.add_argument("--instances", type=int, default=64,
                    help="timed instances per workload and generator (default 64)")
@@ -172,11 +176,14 @@ def main(argv=None) -> int:
                         "(default 1,2,4; 'none' skips)")
     b.add_argument("--no-numpy", action="store_true", help="skip the NumPy baseline")
     b.add_argument("--aihwkit-python", default=None,
-                   help="python of a venv with aihwkit to run ../shared/tools/aihwkit_mc.py beside")
+                   help="python of a venv with IBM aihwkit, to time its side of the same workloads "
+                        "(needs the aihwkit_mc.py script beside the repository, see the README)")
     b.add_argument("--aihwkit-threads", type=_int_list, default=(1, 2),
                    help="torch thread counts tried for aihwkit, its fastest kept (default 1,2)")
     b.set_defaults(func=_cmd_bench)
     args = p.parse_args(argv)
+    from ._runtime import limit_malloc_arenas
+    limit_malloc_arenas()  # one malloc arena, before JAX starts its threads
     return args.func(args)
 
 

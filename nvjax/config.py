@@ -11,7 +11,10 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Optional, Tuple, Union
 
+import yaml
+
 from . import devices as dev_mod
+from . import disturb as dist_mod
 from . import prng as prng_mod
 from ._strict import ConfigError, from_dict, load_yaml, to_dict
 from .crossbar import TileConfig
@@ -20,7 +23,7 @@ from .lifetime import LifetimeConfig
 __all__ = ["ConfigError", "ModelConfig", "DeviceConfig", "SweepConfig", "RunConfig", "load",
            "from_dict", "to_dict", "make_device", "device_points", "DisturbConfig",
            "LifetimeRunConfig", "load_lifetime", "make_disturb", "load_any",
-           "PlacementOptions", "EDisturbConfig", "DistributedConfig"]
+           "DistributedConfig", "load_yaml"]
 
 ParamValue = Union[int, float, Tuple[float, ...]]
 
@@ -219,7 +222,6 @@ class DisturbConfig:
 
 def make_disturb(cfg: DisturbConfig, device_cfg: DeviceConfig):
     """The :class:`nvjax.disturb.DisturbParams` of a config (preset, then overrides)."""
-    from . import disturb as dist_mod
     preset = cfg.preset
     if preset == "auto":
         preset = "reram" if device_cfg.kind == "reram" else "pcm"
@@ -270,65 +272,12 @@ def load_lifetime(path) -> LifetimeRunConfig:
     return load_yaml(path, LifetimeRunConfig)
 
 
-@dataclass(frozen=True)
-class PlacementOptions:
-    """How the optimized placements are found.
-
-    Attributes:
-        criticality: 'saliency' or 'hessian' (synapse criticality of the linear cost).
-        cost_samples: training inputs used for criticality, read statistics and the objective.
-        objective_inferences: n of the non-linear objective (inferences of disturb).
-        relaxed_steps, learning_rate, tau_start, tau_end: Sinkhorn search.
-        relaxed_start: 'uniform' (logits 0) or 'exact' (logits ``start_sharpness`` on the exact
-            linear solution).
-        random_seed: seed of the random placement.
-        conv_disturb_rows: ``max_disturb_rows`` of the lifetime loop for conv models.
-        objective_ir_mvm: the non-linear objective includes the IR-drop distortion of the MVM.
-        conv_num_steps: lifetime steps for conv models (None: as the base config); their rows
-            are read once per patch, so disturb acts tens of times faster than in the MLP.
-    """
-    criticality: str = "saliency"
-    cost_samples: int = 256
-    objective_inferences: float = 2e7
-    relaxed_steps: int = 300
-    learning_rate: float = 0.1
-    tau_start: float = 1.0
-    tau_end: float = 0.02
-    relaxed_start: Literal["uniform", "exact"] = "uniform"
-    start_sharpness: float = 3.0
-    conv_disturb_rows: Optional[int] = 128
-    objective_ir_mvm: bool = True
-    conv_num_steps: Optional[int] = 30
-    random_seed: int = 1
-
-    def validate(self):
-        if self.criticality not in ("saliency", "hessian"):
-            raise ValueError(f"criticality must be 'saliency' or 'hessian', got {self.criticality!r}")
-        if self.cost_samples < 1 or self.relaxed_steps < 1:
-            raise ValueError("cost_samples and relaxed_steps must be >= 1")
-
-
-@dataclass(frozen=True)
-class EDisturbConfig:
-    """Configuration of the E-disturb experiment (``experiments/e_disturb.py``)."""
-    models: Tuple[str, ...] = ("mlp", "lenet")
-    base: LifetimeRunConfig = field(default_factory=LifetimeRunConfig)
-    placement: PlacementOptions = field(default_factory=PlacementOptions)
-
-    def validate(self):
-        for m in self.models:
-            if m not in ("mlp", "lenet"):
-                raise ValueError(f"models: unknown model {m!r} (mlp, lenet)")
-
-
 def load_any(path):
-    """Load a config file of any kind: a lifetime config (it has a ``lifetime`` section), an
-    E-disturb config (a ``placement`` section) or a run config (the reliability sweep)."""
-    import yaml
+    """Load a command-line config file of either kind: a lifetime config (it has a ``lifetime``
+    section) or a run config (the reliability sweep). Experiment configs belong to their scripts
+    (``experiments/*.py``), which load them with :func:`load_yaml` and their own schema."""
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if isinstance(raw, dict) and "lifetime" in raw:
         return load_lifetime(path)
-    if isinstance(raw, dict) and "placement" in raw:
-        return load_yaml(path, EDisturbConfig)
     return load(path)

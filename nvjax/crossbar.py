@@ -17,7 +17,7 @@ input vector (``dac_range='absmax'``) or ``dac_bound``; its weight scale is ``w_
 (g_max − g_min)/κ, the weight of a full-scale pair. ADC bounds and output noise are given in units
 of ``s_x·w_max``.
 
-This module imports ``devices`` and ``encoding``.
+This module imports ``devices``, ``encoding``, ``irdrop`` and ``_ops``.
 """
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ from flax import struct
 
 from . import devices as dev_mod
 from . import encoding
+from . import irdrop
 from ._ops import round_ste
 
 __all__ = ["TileConfig", "Tiles", "tile", "program_tiles", "mvm", "read_weights",
            "num_row_tiles", "quantize_symmetric", "cell_voltages", "input_scale",
-           "predistort_ir"]
+           "predistort_ir", "reference_sum", "tile_grid", "untile_grid", "ir_transfer_tiles",
+           "ir_transfer"]
 
 Array = jax.Array
 
@@ -215,21 +217,17 @@ def predistort_ir(g_target: Array, config: TileConfig, *, g_min=0.0, g_max=None,
         Han et al., Sci. China Inf. Sci. (mapping correction with IR-drop pre-distortion);
         the fixed point on the first-order transfer is *our model*.
     """
-    from . import irdrop
     g_target = _check_weight("predistort_ir", g_target)
     n = config.ir_predistort if num_iter is None else num_iter
     n_in, n_out = g_target.shape
-    t = _tile_grid(g_target, config)                                # [Ti, Tj, R, C]
-    transfer = jax.vmap(jax.vmap(lambda g: irdrop.first_order_transfer(g, config.r_wire)))
+    t = tile_grid(g_target, config)                                # [Ti, Tj, R, C]
     hi = jnp.inf if g_max is None else g_max
 
     def body(_, g):
-        m = transfer(g)
+        m = _grid_transfer(g, config)
         ratio = jnp.where(m > 0, t / jnp.where(m > 0, m, 1.0), 1.0)
         return jnp.where(t > 0, jnp.clip(g * ratio, g_min, hi), t)
-    g = jax.lax.fori_loop(0, n, body, t)
-    ti, tj, r, c = g.shape
-    return g.transpose(0, 2, 1, 3).reshape(ti * r, tj * c)[:n_in, :n_out]
+    return untile_grid(jax.lax.fori_loop(0, n, body, t), n_in, n_out)
 
 
 def _check_weight(fn, w):
@@ -261,7 +259,7 @@ def program_tiles(key: Array, device, w: Array, config: TileConfig = TileConfig(
     k_pos, k_neg = jax.random.split(key)
     pos = dev_mod.program(k_pos, device, tp)
     neg = dev_mod.program(k_neg, device, tm)
-    ref0 = _ref_sum(pos.g - neg.g, kappa)
+    ref0 = reference_sum(pos.g - neg.g, kappa)
     adc_scale = None
     if calibration is not None and config.adc_range in ("max", "percentile"):
         adc_scale = _calibrate_adc(w, calibration, config)
@@ -269,8 +267,16 @@ def program_tiles(key: Array, device, w: Array, config: TileConfig = TileConfig(
                  reads=jnp.zeros((w.shape[0],), jnp.int32))
 
 
-def _ref_sum(g_diff, kappa):
-    """Σ_j |Σ_i g_diff[i, j]|/κ_j: the drift-compensation readout with x_ref = ones."""
+def reference_sum(g_diff, kappa):
+    """Σ_j |Σ_i g_diff[i, j]|/κ_j: the drift-compensation readout with x_ref = ones.
+
+    Args:
+        g_diff: G⁺ − G⁻, µS, [n_in, n_out].
+        kappa: µS per weight unit, scalar or [n_out].
+
+    Returns:
+        A scalar in weight units.
+    """
     return jnp.sum(jnp.abs(jnp.sum(g_diff, axis=-2) / kappa))
 
 
@@ -321,20 +327,47 @@ def _read_pair(key, device, tiles: Tiles, t, config: TileConfig):
     else:
         gp, gm = tiles.pos.g, tiles.neg.g
     if config.drift_compensation:
-        alpha = tiles.ref0 / jnp.maximum(_ref_sum(gp - gm, tiles.kappa), 1e-30)
+        alpha = tiles.ref0 / jnp.maximum(reference_sum(gp - gm, tiles.kappa), 1e-30)
     else:
         alpha = jnp.ones((), gp.dtype)
     return gp, gm, alpha
 
 
-def _tile_grid(g, config: TileConfig):
+def tile_grid(g, config: TileConfig):
     """A conductance array [n_in, n_out] as its grid of tiles [Ti, Tj, R, C] (zero-G padding:
-    cells outside the weight carry no current)."""
+    cells outside the weight carry no current); :func:`untile_grid` is its inverse."""
     n_in, n_out = g.shape
     ti, tj = num_row_tiles(n_in, config), -(-n_out // config.cols)
     r, c = config.rows, config.cols
     g = jnp.pad(g, ((0, ti * r - n_in), (0, tj * c - n_out)))
     return g.reshape(ti, r, tj, c).transpose(0, 2, 1, 3)
+
+
+def untile_grid(grid, n_in: int, n_out: int):
+    """A grid of tiles [Ti, Tj, R, C] back to the array [n_in, n_out] (padding dropped)."""
+    ti, tj, r, c = grid.shape
+    return grid.transpose(0, 2, 1, 3).reshape(ti * r, tj * c)[:n_in, :n_out]
+
+
+def ir_transfer_tiles(g, config: TileConfig):
+    """First-order IR-drop transfer of every tile of an array, [Ti, Tj, R, C] (µS = µA/V).
+
+    Tile (a, b) of the result is :func:`nvjax.irdrop.first_order_transfer` of tile (a, b) of
+    ``g`` [n_in, n_out] at ``config.r_wire``: its column currents are ``v_rows @ M`` per tile.
+    Accurate only while r·G·N² is small (see :mod:`nvjax.irdrop`).
+    """
+    return _grid_transfer(tile_grid(g, config), config)
+
+
+def _grid_transfer(grid, config: TileConfig):
+    """:func:`nvjax.irdrop.first_order_transfer` of every tile of a grid [Ti, Tj, R, C]."""
+    return jax.vmap(jax.vmap(lambda t: irdrop.first_order_transfer(t, config.r_wire)))(grid)
+
+
+def ir_transfer(g, config: TileConfig):
+    """First-order IR-drop transfer of a whole array, [n_in, n_out]: tile by tile (row tiles add
+    digitally), so ``x @ ir_transfer(G)`` is the column-current map (µA per V of row drive)."""
+    return untile_grid(ir_transfer_tiles(g, config), *g.shape)
 
 
 def _tile_rows(v, config: TileConfig):
@@ -345,7 +378,6 @@ def _tile_rows(v, config: TileConfig):
 
 def _tile_cell_voltages(g, v_in, config: TileConfig):
     """Per-cell voltages [R, C] of one tile for word-line drives ``v_in`` [R] (V)."""
-    from . import irdrop
     if config.ir_drop == "first_order":
         return irdrop.voltages_first_order(g, v_in, config.r_wire)
     return irdrop.voltages(g, v_in, config.r_wire, omega=config.ir_omega,
@@ -369,10 +401,9 @@ def cell_voltages(g: Array, v_rows: Array, config: TileConfig = TileConfig()) ->
         raise ValueError(f"cell_voltages: expected v_rows [B, {n_in}], got shape {tuple(v_rows.shape)}")
     if config.ir_drop == "none":
         return jnp.broadcast_to(v_rows[:, :, None], (v_rows.shape[0], n_in, n_out)).astype(g.dtype)
-    grid = _tile_grid(g, config)                                   # [Ti, Tj, R, C]
+    grid = tile_grid(g, config)                                   # [Ti, Tj, R, C]
     vt = _tile_rows(v_rows, config)                                # [B, Ti, R]
     if config.ir_drop == "first_order":  # batched closed form, one tile at a time
-        from . import irdrop
         one = lambda gt, v: irdrop.voltages_first_order(gt, v, config.r_wire)  # noqa: E731
         v = jax.vmap(jax.vmap(one, (0, None)), (0, 1))(grid, vt)   # [Ti, Tj, B, R, C]
         v = v.transpose(2, 0, 1, 3, 4)
@@ -393,11 +424,9 @@ def _ir_partials(gp, gm, kappa, x, config: TileConfig):
 
     def column_currents(g, v_in):  # µA arriving at the sense amplifiers of one tile, [C]
         return jnp.sum(g * _tile_cell_voltages(g, v_in, config), axis=0)
-    tp, tm = _tile_grid(gp, config), _tile_grid(gm, config)
+    tp, tm = tile_grid(gp, config), tile_grid(gm, config)
     if config.ir_drop == "first_order":  # linear in the drives: one transfer matrix per tile
-        from . import irdrop
-        transfer = jax.vmap(jax.vmap(lambda g: irdrop.first_order_transfer(g, config.r_wire)))
-        m = transfer(tp) - transfer(tm)                     # [Ti, Tj, R, C]
+        m = _grid_transfer(tp, config) - _grid_transfer(tm, config)     # [Ti, Tj, R, C]
         m = m.transpose(0, 2, 1, 3).reshape(ti, config.rows, tj * config.cols)[:, :, :n_out]
         cur = jnp.einsum("bti,tij->btj", v, m)
         return cur / (config.v_read * kappa)

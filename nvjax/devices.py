@@ -24,12 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ._checks import is_concrete
 from ._ops import round_ste
 
 __all__ = [
     "StuckAt", "PCM", "ReRAM", "Levels", "Flash", "Ideal", "Device", "CellState",
     "pcm", "reram", "levels", "flash", "ideal", "program", "read", "drift",
-    "programming_sigma", "g_range", "check_conductances",
+    "programming_sigma", "g_range", "check_conductances", "check_device", "apply_faults",
+    "DEVICE_TYPES",
 ]
 
 Array = jax.Array
@@ -141,7 +143,8 @@ class Ideal:
 
 
 Device = Union[PCM, ReRAM, Levels, Flash, Ideal]
-_DEVICE_TYPES = (PCM, ReRAM, Levels, Flash, Ideal)
+#: The device pytree classes of this module (what :func:`check_device` accepts).
+DEVICE_TYPES = (PCM, ReRAM, Levels, Flash, Ideal)
 
 
 class CellState(NamedTuple):
@@ -275,7 +278,8 @@ def programming_sigma(device: Device, g_target: Array, *, t: float = 1.0) -> Arr
         return g_target * jnp.sqrt(jnp.expm1(s ** 2)) * jnp.exp(s ** 2 / 2)
     if isinstance(device, Ideal):
         return jnp.zeros_like(g_target)
-    raise _bad_device(device)
+    check_device(device, "programming_sigma: device")
+    raise AssertionError("unreachable")
 
 
 def _pcm_nu_params(device: PCM, g_target):
@@ -339,13 +343,17 @@ def _pcm_read_noise_scale(device: PCM, g_prog, t):
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-def _bad_device(device):
-    return TypeError(f"expected a device from nvjax.devices ({', '.join(t.__name__ for t in _DEVICE_TYPES)}), "
-                     f"got {type(device).__name__}")
+def check_device(device, where: str = "device") -> None:
+    """Raise TypeError unless ``device`` is one of this module's device pytrees (``DEVICE_TYPES``).
 
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    Args:
+        device: the value to check.
+        where: the caller and argument, for the message (e.g. ``'deploy: device'``).
+    """
+    if not isinstance(device, DEVICE_TYPES):
+        raise TypeError(f"{where}: expected a device from nvjax.devices "
+                        f"({', '.join(t.__name__ for t in DEVICE_TYPES)}), "
+                        f"got {type(device).__name__}")
 
 
 def check_conductances(name: str, g, device: Optional[Device] = None) -> None:
@@ -353,7 +361,7 @@ def check_conductances(name: str, g, device: Optional[Device] = None) -> None:
 
     Traced values (inside ``jit``) cannot be checked and are accepted as they are.
     """
-    if not _is_concrete(g):
+    if not is_concrete(g):
         return
     a = np.asarray(g)
     if not np.issubdtype(a.dtype, np.floating):
@@ -364,7 +372,7 @@ def check_conductances(name: str, g, device: Optional[Device] = None) -> None:
     if np.any(a < 0):
         raise ValueError(f"{name}: conductances must be >= 0 µS; found min {a.min():.4g} µS "
                          f"({np.sum(a < 0)} negative value(s))")
-    if device is not None and _is_concrete(device.g_max):
+    if device is not None and is_concrete(device.g_max):
         gmax = np.max(np.asarray(device.g_max))
         if np.any(a > gmax * (1 + 1e-5)):
             raise ValueError(f"{name}: conductances must be <= g_max = {gmax:g} µS of the "
@@ -380,7 +388,9 @@ def _draw_faults(key, device, shape):
     return jnp.where(u < p0, 1, jnp.where(u < p0 + p1, 2, 0)).astype(jnp.int8)
 
 
-def _apply_faults(device, g, stuck):
+def apply_faults(device, g, stuck):
+    """Conductances ``g`` (µS) with the stuck cells of ``stuck`` (0 free, 1 at g_min, 2 at g_max)
+    set to their stuck value; ``stuck`` None: ``g`` unchanged."""
     if stuck is None:
         return g
     return jnp.where(stuck == 1, jnp.asarray(device.g_min, g.dtype),
@@ -403,8 +413,7 @@ def program(key: Array, device: Device, g_target: Array) -> CellState:
     References:
         DESIGN.md §3 (D1, D2, D3, D5, D6).
     """
-    if not isinstance(device, _DEVICE_TYPES):
-        raise _bad_device(device)
+    check_device(device, "program: device")
     check_conductances("program(g_target)", g_target, device)
     g_target = jnp.asarray(g_target)
     if not jnp.issubdtype(g_target.dtype, jnp.floating):
@@ -435,7 +444,7 @@ def program(key: Array, device: Device, g_target: Array) -> CellState:
         g = g_target
     if device.faults is not None:
         stuck = _draw_faults(k_fault, device, shape)
-        g = _apply_faults(device, g, stuck)
+        g = apply_faults(device, g, stuck)
         if nu is not None:
             nu = jnp.where(stuck > 0, 0.0, nu)
     return CellState(g=g, nu=nu, relax=relax, stuck=stuck)
@@ -458,9 +467,8 @@ def read(key: Array, device: Device, state: CellState, t) -> Array:
     Returns:
         Conductances, µS, shape of ``state.g``.
     """
-    if not isinstance(device, _DEVICE_TYPES):
-        raise _bad_device(device)
-    if _is_concrete(t) and np.any(np.asarray(t) < 0):
+    check_device(device, "read: device")
+    if is_concrete(t) and np.any(np.asarray(t) < 0):
         raise ValueError(f"read(t): time since programming must be >= 0 s, got {t}")
     g0 = state.g
     if isinstance(device, PCM):
@@ -475,4 +483,4 @@ def read(key: Array, device: Device, state: CellState, t) -> Array:
         g = jnp.maximum(g0 + amp * state.relax, 0.0)
     else:
         g = g0
-    return _apply_faults(device, g, state.stuck)
+    return apply_faults(device, g, state.stuck)

@@ -28,7 +28,8 @@ resolved to ``eval_every·inferences_per_step`` inferences.
 Everything runs as one jitted function of the chip key: ``lax.scan`` over evaluation points with
 an inner ``lax.scan`` over steps, ``vmap`` over chips (:func:`run`).
 
-This module imports ``chip``, ``crossbar``, ``devices``, ``disturb`` and ``sweep``.
+This module imports ``chip``, ``crossbar``, ``devices``, ``disturb``, ``sweep`` and ``_checks``.
+The ``nvjax lifetime`` job (config, files, figures) is :func:`nvjax.jobs.run_lifetime`.
 """
 from __future__ import annotations
 
@@ -44,10 +45,11 @@ from . import chip as chip_mod
 from . import crossbar as xb
 from . import devices as dev_mod
 from . import disturb as dist_mod
+from . import sweep
+from ._checks import is_concrete
 
 __all__ = ["LifetimeConfig", "LifetimeState", "LifetimeRecord", "Lifetime", "lifetime", "run",
-           "eval_inferences", "reprogram_events", "summarize", "run_config", "write", "plot",
-           "format_report"]
+           "eval_inferences", "reprogram_events", "summarize"]
 
 Array = jax.Array
 
@@ -205,12 +207,11 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
         >>> #                               x_test, y_test)
         >>> # state, record = jax.jit(fns.simulate)(jax.random.key(0))
     """
-    if not isinstance(device, dev_mod._DEVICE_TYPES):
-        raise dev_mod._bad_device(device)
+    dev_mod.check_device(device, "lifetime: device")
     if not isinstance(disturb, dist_mod.DisturbParams):
         raise TypeError(f"lifetime: disturb must be a DisturbParams, got {type(disturb).__name__}")
     g_min, g_max = dev_mod.g_range(device)
-    if dev_mod._is_concrete(disturb.g_inf) and dev_mod._is_concrete(g_max):
+    if is_concrete(disturb.g_inf) and is_concrete(g_max):
         if not float(g_min) <= float(disturb.g_inf) <= float(g_max):
             raise ValueError(f"lifetime: disturb.g_inf = {float(disturb.g_inf)} µS lies outside the "
                              f"device's range [{float(g_min)}, {float(g_max)}] µS")
@@ -375,7 +376,7 @@ def _disturbed_cells(params, cells: dev_mod.CellState, damage) -> dev_mod.CellSt
 def _keep_faults(device, new: dev_mod.CellState, old: dev_mod.CellState) -> dev_mod.CellState:
     if old.stuck is None:
         return new
-    g = dev_mod._apply_faults(device, new.g, old.stuck)
+    g = dev_mod.apply_faults(device, new.g, old.stuck)
     nu = None if new.nu is None else jnp.where(old.stuck > 0, 0.0, new.nu)
     return new._replace(g=g, nu=nu, stuck=old.stuck)
 
@@ -387,7 +388,6 @@ def run(fns: Lifetime, key, num_chips: int, *, chunk_size: int = 32, progress: b
     Returns:
         :class:`LifetimeRecord` of NumPy arrays [num_chips, num_evals].
     """
-    from . import sweep
     rec = sweep.run_instances(lambda k: fns.simulate(k)[1], key, num_chips, chunk_size=chunk_size,
                               progress=progress, desc="chips", start=start)
     return LifetimeRecord(*rec)
@@ -445,148 +445,3 @@ def summarize(record: LifetimeRecord, config: LifetimeConfig) -> Dict[str, Any]:
         "accuracy_p1": np.percentile(acc, 1, axis=0).tolist(),
         "accuracy_mean": acc.mean(axis=0).tolist(),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# The `nvjax lifetime` job
-# --------------------------------------------------------------------------------------------
-def run_config(cfg, out_dir: Optional[str] = None, *, log=print) -> Dict[str, Any]:
-    """Run a :class:`nvjax.config.LifetimeRunConfig`: train/load the model, simulate the chips,
-    write ``summary.json``, ``results.csv`` (one row per chip and evaluation point),
-    ``events.csv`` (one row per reprogramming) and ``lifetime.png`` into ``out_dir``.
-
-    Returns:
-        The summary dict.
-    """
-    import os
-    import time
-
-    from . import config as cfg_mod
-    from . import data as data_mod
-    from . import models as models_mod
-    from . import sweep
-
-    t0 = time.perf_counter()
-    timings = {}
-    ds = data_mod.digits(seed=cfg.seed, flatten=cfg.model.name == "mlp")
-    model, params, trained = sweep._get_model(cfg, ds, out_dir, models_mod)
-    timings["model_s"] = time.perf_counter() - t0
-    x, y = ds.x_test, ds.y_test
-    if cfg.eval_samples is not None:
-        x, y = x[: cfg.eval_samples], y[: cfg.eval_samples]
-    ideal_acc = float(models_mod.accuracy(model, params, x, y))
-    log(f"model {cfg.model.name}: software test accuracy {ideal_acc:.4f} "
-        f"({'trained' if trained else 'loaded'} in {timings['model_s']:.1f} s)")
-    device = cfg_mod.make_device(cfg.device)
-    disturb = cfg_mod.make_disturb(cfg.disturb, cfg.device)
-    lc = cfg.lifetime
-    fns = lifetime(model, params, device, cfg.tile, disturb, x, y, lc)
-    log(f"{cfg.num_chips} chips × {lc.num_steps} steps of {lc.inferences_per_step:.3g} inferences "
-        f"({lc.num_steps * lc.inferences_per_step:.3g} in all, {lc.num_steps * lc.dt_s:.3g} s), "
-        f"policy {lc.policy}")
-    t1 = time.perf_counter()
-    rec = run(fns, jax.random.key(cfg.seed), cfg.num_chips, chunk_size=cfg.chunk_size,
-              progress=cfg.progress)
-    timings["simulate_s"] = time.perf_counter() - t1
-    timings["chip_steps_per_s"] = cfg.num_chips * lc.num_steps / timings["simulate_s"]
-    summary = {"config": cfg_mod.to_dict(cfg), "versions": sweep.versions(), "seed": cfg.seed,
-               "software_accuracy": ideal_acc, "timings": timings,
-               "inferences": eval_inferences(lc).tolist(), **summarize(rec, lc)}
-    if out_dir is not None:
-        write(out_dir, summary, rec, lc)
-        plot(os.path.join(out_dir, "lifetime.png"), rec, lc, ideal_acc,
-             title=f"{cfg.model.name} on {cfg.device.kind}, {cfg.num_chips} chips, "
-                   f"v_read {cfg.tile.v_read} V, IR drop {cfg.tile.ir_drop}, policy {lc.policy}")
-    return summary
-
-
-def write(out_dir: str, summary: Dict[str, Any], record: LifetimeRecord,
-          config: LifetimeConfig) -> None:
-    """Write ``summary.json``, ``results.csv`` and ``events.csv`` (atomically)."""
-    import csv
-    import json
-    import os
-
-    from .sweep import _atomic_write
-    os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    total = eval_inferences(config)
-    cols = ("accuracy", "fresh_accuracy", "g_error", "reprogrammed", "t_s", "inferences_since",
-            "max_row_reads")
-    tmp = os.path.join(out_dir, "results.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(("chip", "eval", "inferences") + cols)
-        arrs = [np.asarray(getattr(record, c)) for c in cols]
-        for c in range(arrs[0].shape[0]):
-            for e in range(arrs[0].shape[1]):
-                w.writerow([c, e, f"{total[e]:.6g}"] + [
-                    int(a[c, e]) if a.dtype == bool else f"{float(a[c, e]):.6g}" for a in arrs])
-    os.replace(tmp, os.path.join(out_dir, "results.csv"))
-    tmp = os.path.join(out_dir, "events.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(("chip", "event", "inferences", "inferences_since_programming",
-                    "t_since_programming_s", "max_row_reads"))
-        for row in reprogram_events(record, config):
-            w.writerow([row[0], row[1]] + [f"{v:.6g}" for v in row[2:]])
-    os.replace(tmp, os.path.join(out_dir, "events.csv"))
-
-
-def plot(path: str, record: LifetimeRecord, config: LifetimeConfig, ideal_acc=None, *,
-         title: str = "") -> None:
-    """Accuracy vs inferences (median, 25–75 % and 5–95 % bands over chips) with reprogramming
-    events (ticks: how many chips reprogrammed at each point), and reprogrammings per chip."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = eval_inferences(config)
-    acc = np.asarray(record.accuracy) * 100
-    flags = np.asarray(record.reprogrammed)
-    q = np.percentile(acc, [5, 25, 50, 75, 95], axis=0)
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.8, 5.6), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot(n, q[2], "-", color="C0", label="median over chips")
-    ax.fill_between(n, q[1], q[3], color="C0", alpha=0.3, lw=0, label="25–75 %")
-    ax.fill_between(n, q[0], q[4], color="C0", alpha=0.12, lw=0, label="5–95 %")
-    ax.plot(n, acc[0], "-", color="C3", lw=0.8, alpha=0.8, label="chip 0")
-    ev = np.flatnonzero(flags[0])
-    ax.plot(n[ev], acc[0, ev], "v", color="C3", ms=5, label="chip 0 reprogrammed")
-    fresh = float(np.asarray(record.fresh_accuracy)[:, 0].mean()) * 100
-    if config.policy == "accuracy":
-        ax.axhline(fresh - 100 * config.accuracy_drop, color="C2", ls=":", lw=1,
-                   label=f"mean fresh − {100 * config.accuracy_drop:g} %")
-    if ideal_acc is not None:
-        ax.axhline(ideal_acc * 100, color="k", ls="--", lw=1, label="software")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
-    ax2.plot(n, flags.cumsum(axis=1).mean(axis=0), "-", color="C1", label="mean reprogrammings")
-    ax2.bar(n, flags.mean(axis=0), width=np.diff(np.concatenate([[0], n])) * 0.8, color="C1",
-            alpha=0.4, align="edge", label="fraction of chips reprogrammed here")
-    ax2.set_xlabel("inferences served")
-    ax2.set_ylabel("per chip")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def format_report(summary: Dict[str, Any]) -> str:
-    """A few lines on the run's outcome."""
-    n = summary["inferences"]
-    p50, p5 = summary["accuracy_p50"], summary["accuracy_p5"]
-    marks = sorted({0, len(n) // 10, len(n) // 4, len(n) // 2, len(n) - 1})
-    rows = [f"{'inferences':>12} {'p50 %':>7} {'p5 %':>7}"]
-    rows += [f"{n[i]:>12.3g} {100 * p50[i]:>7.2f} {100 * p5[i]:>7.2f}" for i in marks]
-
-    def fmt(v):
-        return "-" if v is None else f"{v:.3g}"
-    rows.append(f"fresh accuracy {100 * summary['fresh_accuracy_mean']:.2f} %; reprogrammings per "
-                f"chip {summary['reprograms_mean']:.2f} ± {summary['reprograms_std']:.2f} "
-                f"({summary['chips_reprogrammed']}/{summary['num_chips']} chips); first interval "
-                f"median {fmt(summary['first_interval_median'])} inferences; mean interval "
-                f"{fmt(summary['interval_mean'])}")
-    return "\n".join(rows)

@@ -30,6 +30,11 @@ import numpy as np
 import optax
 from flax import serialization
 
+from . import data as data_mod
+from ._train_loop import as_key as _as_key
+from ._train_loop import check_positive as _check_positive
+from ._train_loop import fit as _fit
+from ._train_loop import train_data as _train_data
 from .data import Dataset
 
 __all__ = ["MLP", "LeNet", "LSTMClassifier", "MODELS", "train", "accuracy", "predict", "save_params",
@@ -186,12 +191,6 @@ def _variables(params: Params) -> Params:
     return {"params": params}
 
 
-def _as_key(key):
-    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
-        return jax.random.key(int(key))
-    return key
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(model, variables, x):
     return model.apply(variables, x)
@@ -236,67 +235,6 @@ def accuracy(model: nn.Module, params: Params, x, y, *, batch_size: int = 2048) 
     if y.shape[0] == 0:
         raise ValueError("accuracy of an empty set (x has no rows)")
     return float(np.mean(predict(model, params, x, batch_size=batch_size) == y))
-
-
-def _check_positive(name, value, integer, prefix=""):
-    kinds = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0 \
-            or not np.isfinite(value):
-        raise ValueError(f"{prefix}{name} must be a positive {'int' if integer else 'number'}, "
-                         f"got {value!r}")
-
-
-def _train_data(data, batch_size, prefix=""):
-    """(x_train f32, y_train i32, steps per epoch), checked."""
-    x_train = jnp.asarray(data.x_train, jnp.float32)
-    y_train = jnp.asarray(data.y_train, jnp.int32)
-    n = x_train.shape[0]
-    if y_train.shape != (n,):
-        raise ValueError(f"{prefix}data.y_train must have shape ({n},), got {tuple(y_train.shape)}")
-    if batch_size > n:
-        raise ValueError(f"{prefix}batch_size must be <= the number of training samples ({n}), "
-                         f"got {batch_size}")
-    return x_train, y_train, n // batch_size
-
-
-def _fit(loss_fn, variables, tx, x_train, y_train, *, steps, batch_size, epochs, shuffle_key,
-         evaluate, progress, extra=(), what="test accuracy"):
-    """The minibatch loop shared by :func:`train` and :func:`nvjax.training.train`.
-
-    ``loss_fn(v, t, xb, yb, *extra)`` with ``t`` the global step (uint32, counted over all
-    epochs); epoch ``e`` visits ``permutation(fold_in(shuffle_key, e), N)`` in ``steps``
-    minibatches (the rest skipped) as one jitted ``lax.scan``; ``extra`` are traced jit
-    arguments (e.g. noise parameters). ``evaluate(v) -> accuracy`` after each epoch.
-    """
-    n = x_train.shape[0]
-    opt_state = tx.init(variables)
-
-    @jax.jit
-    def epoch(v, s, k, e, extra_):
-        def step(carry, inp):
-            v, s = carry
-            idx, t = inp
-            loss, grads = jax.value_and_grad(loss_fn)(v, t, x_train[idx], y_train[idx], *extra_)
-            updates, s = tx.update(grads, s, v)
-            return (optax.apply_updates(v, updates), s), loss
-        perm = jax.random.permutation(k, n)[: steps * batch_size].reshape(steps, batch_size)
-        t = e * steps + jnp.arange(steps, dtype=jnp.uint32)
-        (v, s), losses = jax.lax.scan(step, (v, s), (perm, t))
-        return v, s, losses.mean()
-
-    history: Dict[str, List[float]] = {"train_loss": [], "test_accuracy": [], "time_s": []}
-    t0 = time.perf_counter()
-    for e in range(int(epochs)):
-        variables, opt_state, loss = epoch(variables, opt_state, jax.random.fold_in(shuffle_key, e),
-                                           jnp.uint32(e), tuple(extra))
-        acc = evaluate(variables)
-        history["train_loss"].append(float(loss))
-        history["test_accuracy"].append(acc)
-        history["time_s"].append(time.perf_counter() - t0)
-        if progress:
-            print(f"epoch {e + 1}/{epochs}: train loss {float(loss):.4f}, {what} "
-                  f"{acc:.4f} ({history['time_s'][-1]:.1f} s)", flush=True)
-    return variables, history
 
 
 def train(key, model: nn.Module, data: Dataset, *, epochs: int, batch_size: int = 64,
@@ -433,7 +371,6 @@ def get_trained(name: str, *, cache_dir: Optional[str] = None, seed: int = 0,
     Raises:
         ValueError: on an unknown ``name`` (the message lists the valid names) or bad ``epochs``.
     """
-    from . import data as data_mod
     if name not in MODELS:
         raise ValueError(f"name must be one of {sorted(MODELS)}, got {name!r}")
     make, flatten, default_epochs = MODELS[name]

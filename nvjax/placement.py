@@ -17,7 +17,7 @@ IR drop (voltage at each physical cell) and D7 (:mod:`nvjax.disturb`) to the sol
   physical array, D7 damage and conductance shift, global drift compensation — which no exact
   solver can optimize (:func:`relaxed_placement`).
 
-This module imports ``chip``, ``crossbar``, ``devices``, ``disturb``, ``irdrop``, ``mapping``,
+This module imports ``crossbar``, ``devices``, ``disturb``, ``layers``, ``mapping``,
 ``sensitivity`` and flax.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import chip as chip_mod
 from . import crossbar as xb
 from . import devices as dev_mod
 from . import disturb as dist_mod
+from . import layers
 from . import mapping
 from . import sensitivity
 
@@ -41,10 +41,6 @@ __all__ = ["layer_reads", "position_factor", "linear_costs", "exact_placement",
            "relaxed_placement"]
 
 Placement = Dict[str, Tuple[np.ndarray, np.ndarray]]
-
-
-def _inputs(model, params, x):
-    return chip_mod._layer_inputs(model, chip_mod._strip_params(params), jnp.asarray(x))
 
 
 def layer_reads(model, params, x, tile_config: xb.TileConfig, disturb: dist_mod.DisturbParams):
@@ -56,7 +52,7 @@ def layer_reads(model, params, x, tile_config: xb.TileConfig, disturb: dist_mod.
     """
     n = jnp.asarray(x).shape[0]
     out = {}
-    for name, rows in _inputs(model, params, x).items():
+    for name, rows in layers.layer_inputs(model, params, x).items():
         u = jnp.abs(rows) / xb.input_scale(rows, tile_config)
         w = (rows != 0) * jnp.exp((u * tile_config.v_read - disturb.v_ref) / disturb.v0)
         out[name] = jnp.sum(w, axis=0) / n
@@ -97,7 +93,7 @@ def linear_costs(model, params, x, y, device, tile_config: xb.TileConfig,
                          f"{criticality!r}")
     crit = sensitivity.kernel_criticality(crit, params)
     reads = layer_reads(model, params, x, tile_config, disturb)
-    kernels = _kernels(params)
+    kernels = layers.kernels(params)
     out = {}
     for name, c in crit.items():
         gp, gm, _ = xb.tile(kernels[name], device, tile_config)
@@ -106,19 +102,14 @@ def linear_costs(model, params, x, y, device, tile_config: xb.TileConfig,
     return out
 
 
-def _kernels(params):
-    flat = flatten_dict(chip_mod._strip_params(params))
-    return {"/".join(k[:-1]): chip_mod.kernel_matrix(v) for k, v in flat.items() if k[-1] == "kernel"}
-
-
 def identity_placement(params) -> Placement:
-    return {n: (np.arange(k.shape[0]), np.arange(k.shape[1])) for n, k in _kernels(params).items()}
+    return {n: (np.arange(k.shape[0]), np.arange(k.shape[1])) for n, k in layers.kernels(params).items()}
 
 
 def random_placement(seed: int, params) -> Placement:
     rng = np.random.default_rng(seed)
     return {n: (rng.permutation(k.shape[0]), rng.permutation(k.shape[1]))
-            for n, k in _kernels(params).items()}
+            for n, k in layers.kernels(params).items()}
 
 
 def exact_placement(costs) -> Placement:
@@ -151,10 +142,10 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
         (and IR drop in ``tile_config``) the forward pass also carries the IR-drop distortion
         of the MVM of the placed, disturbed arrays (first-order transfer of every tile).
     """
-    params = chip_mod._strip_params(params)
-    kernels = _kernels(params)
+    params = layers.strip_params(params)
+    kernels = layers.kernels(params)
     names = list(kernels)
-    inputs = _inputs(model, params, x)
+    inputs = layers.layer_inputs(model, params, x)
     n_model = jnp.asarray(x).shape[0]
     targets = {n: xb.tile(kernels[n], device, tile_config) for n in names}
     flat = flatten_dict(params)
@@ -186,12 +177,12 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
             g_d = dist_mod.disturbed_conductance(disturb, g_phys, dmg)
             g_plain.append(g_d)
             if ir_mvm and cfg.ir_drop != "none":
-                g_d = _transfer(g_d, cfg)   # column current per volt of row drive, µS
+                g_d = xb.ir_transfer(g_d, cfg)   # column current per volt of row drive, µS
             g_new.append(pr @ g_d @ pc.T)
         w_d = (g_new[0] - g_new[1]) / kappa
         # global drift compensation as in the crossbar: from the read conductances (no IR drop)
-        ref0 = jnp.sum(jnp.abs(jnp.sum(gp - gm, 0) / kappa))
-        ref = jnp.sum(jnp.abs(jnp.sum(g_plain[0] - g_plain[1], 0) / kappa))
+        ref0 = xb.reference_sum(gp - gm, kappa)
+        ref = xb.reference_sum(g_plain[0] - g_plain[1], kappa)
         return w_d * (ref0 / jnp.maximum(ref, 1e-30))
 
     def objective(mats):
@@ -200,26 +191,11 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
             w = disturbed_kernel(name, mats[2 * k], mats[2 * k + 1])
             path = tuple(name.split("/")) + ("kernel",)
             kern = flat[path]
-            if kern.ndim > 2:
-                nd = kern.ndim - 2
-                w = w.reshape((kern.shape[-2],) + kern.shape[:nd] + (kern.shape[-1],))
-                w = jnp.transpose(w, tuple(range(1, nd + 1)) + (0, nd + 1))
-            new[path] = w
+            new[path] = layers.matrix_to_kernel(w, kern.shape)
         logits = model.apply({"params": unflatten_dict(new)}, x)
         logp = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
     return objective, names
-
-
-def _transfer(g, cfg: xb.TileConfig):
-    """First-order IR-drop transfer of a whole array [n_in, n_out]: tile by tile (row tiles add
-    digitally), so ``x @ _transfer(G)`` is the MVM's column-current map."""
-    from . import irdrop
-    n_in, n_out = g.shape
-    grid = xb._tile_grid(g, cfg)                                   # [Ti, Tj, R, C]
-    m = jax.vmap(jax.vmap(lambda t: irdrop.first_order_transfer(t, cfg.r_wire)))(grid)
-    ti, tj, r, c = m.shape
-    return m.transpose(0, 2, 1, 3).reshape(ti * r, tj * c)[:n_in, :n_out]
 
 
 def relaxed_placement(key, model, params, x, y, device, tile_config: xb.TileConfig,
@@ -238,7 +214,7 @@ def relaxed_placement(key, model, params, x, y, device, tile_config: xb.TileConf
     """
     objective, names = relaxed_objective(model, params, x, y, device, tile_config, disturb,
                                          num_inferences, ir_mvm=ir_mvm)
-    kernels = _kernels(params)
+    kernels = layers.kernels(params)
     sizes = []
     for n in names:
         sizes += [kernels[n].shape[0], kernels[n].shape[1]]

@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["IMPLS", "key", "impl_name", "PHILOX"]
+__all__ = ["IMPLS", "key", "impl_name", "PHILOX", "philox4x32", "mulhi32", "mulhi32_halves"]
 
 #: Generator names accepted by :func:`key` (and by ``RunConfig.prng``).
 IMPLS: Tuple[str, ...] = ("threefry", "philox")
@@ -92,7 +92,7 @@ _FOLD_TAG = np.uint32(0x40000000)    # keeps word 1 = 0 (it allows < 2**32 value
 _MAX_VALUES = 2 ** 32 - 1
 
 
-def _mulhi_16(x, m):
+def mulhi32_halves(x, m):
     """High 32 bits of the 64-bit product ``x * m`` of uint32 arrays, from 16-bit halves."""
     mask = np.uint32(0xFFFF)
     sh = np.uint32(16)
@@ -115,7 +115,7 @@ def _x64_scope():
     return scope(True)
 
 
-def _mulhi(x, m):
+def mulhi32(x, m):
     """High 32 bits of ``x * m`` (uint32), from a uint64 product.
 
     ``lax.mulhi`` would be as fast but cannot be lowered in a multi-device (sharded) program
@@ -123,7 +123,7 @@ def _mulhi(x, m):
     """
     scope = _x64_scope()
     if scope is None:
-        return _mulhi_16(x, jnp.asarray(m, np.uint32))
+        return mulhi32_halves(x, jnp.asarray(m, np.uint32))
     with scope:
         prod = (lax.convert_element_type(x, np.uint64)
                 * lax.convert_element_type(jnp.asarray(m, np.uint32), np.uint64))
@@ -131,7 +131,7 @@ def _mulhi(x, m):
         return lax.convert_element_type(hi, np.uint32)
 
 
-def _philox4x32(k0, k1, x0, x1, x2, x3):
+def philox4x32(k0, k1, x0, x1, x2, x3):
     """The Philox4x32-10 block function: 4 uint32 counter words → 4 uint32 output words.
 
     Args:
@@ -151,8 +151,8 @@ def _philox4x32(k0, k1, x0, x1, x2, x3):
         if r:
             k0 = k0 + _W0
             k1 = k1 + _W1
-        hi0, lo0 = _mulhi(x0, _M0), x0 * _M0
-        hi1, lo1 = _mulhi(x2, _M1), x2 * _M1
+        hi0, lo0 = mulhi32(x0, _M0), x0 * _M0
+        hi1, lo1 = mulhi32(x2, _M1), x2 * _M1
         x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
     return x0, x1, x2, x3
 
@@ -187,7 +187,7 @@ def _derive(key_words, index, tag):
     """Child key words ``Philox_k(index, tag, c2, c3)``: ``[..., 4]`` for uint32 ``index[...]``."""
     k0, k1, c2, c3 = (key_words[i] for i in range(4))
     shape = jnp.shape(index)
-    out = _philox4x32(k0, k1, index, jnp.full(shape, tag, np.uint32),
+    out = philox4x32(k0, k1, index, jnp.full(shape, tag, np.uint32),
                       jnp.broadcast_to(c2, shape), jnp.broadcast_to(c3, shape))
     return jnp.stack(out, axis=-1)
 
@@ -222,14 +222,14 @@ def _random_bits_jit(key_words, bit_width, shape):
     c2, c3 = jnp.broadcast_to(c2, (num,)), jnp.broadcast_to(c3, (num,))
     if bit_width == 64:
         pair = (idx & np.uint32(1)).astype(np.int32)
-        o = _philox4x32(k0, k1, idx >> np.uint32(1), zero, c2, c3)
+        o = philox4x32(k0, k1, idx >> np.uint32(1), zero, c2, c3)
         hi = lax.select_n(pair, o[0], o[2])
         lo = lax.select_n(pair, o[1], o[3])
         hi, lo = (lax.convert_element_type(v, np.uint64) for v in (hi, lo))
         out = lax.shift_left(hi, jnp.asarray(32, np.uint64)) | lo
     else:
         lane = (idx & np.uint32(3)).astype(np.int32)
-        o = _philox4x32(k0, k1, idx >> np.uint32(2), zero, c2, c3)
+        o = philox4x32(k0, k1, idx >> np.uint32(2), zero, c2, c3)
         out = lax.select_n(lane, *o)
         if bit_width < 32:
             out = lax.convert_element_type(out, {8: np.uint8, 16: np.uint16}[bit_width])

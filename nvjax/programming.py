@@ -44,6 +44,11 @@ import numpy as np
 from flax import struct
 
 from . import devices as dev_mod
+from ._checks import check_float_array as _check_float_array
+from ._checks import check_int as _check_int
+from ._checks import check_key as _check_key
+from ._checks import check_real as _check_real
+from ._checks import is_concrete as _is_concrete
 
 __all__ = [
     # D4 pulse response
@@ -59,62 +64,6 @@ __all__ = [
 ]
 
 Array = jax.Array
-
-
-# --------------------------------------------------------------------------------------------
-# Validation helpers
-# --------------------------------------------------------------------------------------------
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} "
-                        f"({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(name: str, value, *, minimum=None, maximum=None, strict_min=False) -> None:
-    """A concrete real value (scalar or array) that is finite and within bounds; tracers pass."""
-    if not _is_concrete(value):
-        return
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    a = np.asarray(value)
-    if a.dtype == bool or not np.issubdtype(a.dtype, np.number) \
-            or np.issubdtype(a.dtype, np.complexfloating):
-        raise TypeError(f"{name} must be real, got dtype {a.dtype}")
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if minimum is not None:
-        bad = np.any(a <= minimum) if strict_min else np.any(a < minimum)
-        if bad:
-            op = ">" if strict_min else ">="
-            raise ValueError(f"{name} must be {op} {minimum}, got {value!r}")
-    if maximum is not None and np.any(a > maximum):
-        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
-
-
-def _check_float_array(name: str, x, *, ndim: Optional[int] = None) -> Array:
-    if not hasattr(x, "dtype") and not isinstance(x, (list, tuple, numbers.Real)):
-        raise TypeError(f"{name} must be a floating-point array, got {type(x).__name__}")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
-    if _is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
-        raise ValueError(f"{name} must be finite; found "
-                         f"{int(np.sum(~np.isfinite(np.asarray(x))))} non-finite value(s)")
-    return x
-
-
-def _check_key(name: str, key) -> None:
-    if not isinstance(key, jax.Array):
-        raise TypeError(f"{name} must be a PRNG key (jax.random.key), got {type(key).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +268,7 @@ class WriteVerifyResult(NamedTuple):
 
 
 def _check_device(device) -> None:
-    if not isinstance(device, dev_mod._DEVICE_TYPES):
+    if not isinstance(device, dev_mod.DEVICE_TYPES):
         raise TypeError(f"device must be a device from nvjax.devices (pcm(), reram(), levels(), "
                         f"flash(), ideal()), got {type(device).__name__}")
 

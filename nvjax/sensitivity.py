@@ -13,7 +13,7 @@ decisions are built on (DESIGN.md §6 selective write-verify, §7.3 read-disturb
 * :func:`activation_stats` -- per Dense/Conv layer and per crossbar row: reads per inference and
   the mean/max absolute input, from the ideal (software) forward pass.
 * :func:`kernel_criticality` -- a params-shaped tree mapped onto each layer's crossbar matrix
-  layout (:func:`nvjax.chip.kernel_matrix`), to combine with per-row reads.
+  layout (:func:`nvjax.layers.kernel_matrix`), to combine with per-row reads.
 
 Every sensitivity function takes a generic ``loss(params) -> scalar`` (e.g. from :func:`loss_fn`),
 so it works with any model and any parameter pytree; results have the structure of ``params``.
@@ -22,7 +22,7 @@ options) as static arguments: calling again with the *same* ``loss`` object reus
 computation (the jit cache then holds a reference to ``loss`` and whatever it closes over);
 calling them inside a user's ``jax.jit`` works too.
 
-This module imports NumPy, jax, flax, optax and :mod:`nvjax.chip` (for the layer helpers) only.
+This module imports NumPy, jax, flax, optax, ``layers`` and ``_checks`` only.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ import optax
 from flax.traverse_util import flatten_dict
 from jax.flatten_util import ravel_pytree
 
-from . import chip as chip_mod
+from . import layers
+from ._checks import is_concrete
 
 __all__ = ["loss_fn", "saliency", "hessian_diag", "activation_stats", "criticality_mc",
            "swim_sensitivity", "kernel_criticality"]
@@ -78,10 +79,6 @@ def _check_loss(loss, params) -> None:
         raise ValueError(f"loss must return a floating-point scalar, got {out!r}")
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _check_sigma(sigma, tree, tree_name: str):
     """σ as a pytree of the structure of ``tree`` (a scalar is broadcast to every leaf)."""
     treedef = jax.tree.structure(tree)
@@ -102,7 +99,7 @@ def _check_sigma(sigma, tree, tree_name: str):
         except ValueError:
             raise ValueError(f"sigma leaf of shape {np.shape(s)} does not broadcast to the "
                              f"{tree_name} leaf of shape {np.shape(leaf)}") from None
-        if _is_concrete(s):
+        if is_concrete(s):
             a = np.asarray(s)
             if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
                 raise ValueError(f"sigma must be real, got dtype {a.dtype}")
@@ -357,7 +354,7 @@ def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str,
     Runs the ideal (software) forward pass with every ``nn.Dense``/``nn.Conv`` call intercepted,
     as :func:`nvjax.chip.apply` does. A layer's crossbar inputs are its 2-D row vectors (Dense:
     one per input vector; Conv: one per patch, features in the channel-major im2col order of
-    :func:`nvjax.chip.kernel_matrix`); row ``i`` is *read* by a vector whose entry ``i`` is
+    :func:`nvjax.layers.kernel_matrix`); row ``i`` is *read* by a vector whose entry ``i`` is
     non-zero (the counting rule of :func:`nvjax.crossbar.mvm`). A layer called several times
     accumulates over all calls.
 
@@ -367,7 +364,7 @@ def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str,
         x: a batch of ``N >= 1`` model inputs ``[N, ...]``.
 
     Returns:
-        dict layer name (as :func:`nvjax.chip.layer_names`, in that order; layers that the forward
+        dict layer name (as :func:`nvjax.layers.layer_names`, in that order; layers that the forward
         pass never calls are left out) → dict with float arrays ``[n_in]``:
         ``'reads_per_inference'`` (reads of the row over the batch / N, i.e. per model input;
         for a conv, up to the number of output positions), ``'mean_abs'`` (mean ``|input|`` over
@@ -387,17 +384,17 @@ def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str,
     if x.ndim < 2 or x.shape[0] < 1:
         raise ValueError(f"x must be a non-empty batch of inputs [N, ...] with ndim >= 2, got "
                          f"shape {tuple(x.shape)}")
-    inner = chip_mod._strip_params(params)
+    inner = layers.strip_params(params)
     acc: Dict[str, list] = {}
 
     def record(next_fun, args, kwargs, context):
         mod = context.module
         if context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.Conv)):
-            rows, _ = chip_mod._as_rows(mod, jnp.asarray(args[0]))
+            rows, _ = layers.as_rows(mod, jnp.asarray(args[0]))
             a = jnp.abs(rows)
             stats = (jnp.sum(rows != 0, axis=0, dtype=jnp.int32), jnp.sum(a, axis=0),
                      jnp.max(a, axis=0, initial=0), rows.shape[0])
-            name = chip_mod._module_name(mod)
+            name = layers.module_name(mod)
             if name in acc:
                 old = acc[name]
                 stats = (old[0] + stats[0], old[1] + stats[1], jnp.maximum(old[2], stats[2]),
@@ -410,7 +407,7 @@ def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str,
     if not acc:
         raise ValueError("activation_stats: the model called no nn.Dense/nn.Conv layer")
     n = x.shape[0]
-    order = [name for name in chip_mod.layer_names(inner) if name in acc]
+    order = [name for name in layers.layer_names(inner) if name in acc]
     order += [name for name in acc if name not in order]
     out = {}
     for name in order:
@@ -425,7 +422,7 @@ def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str,
 def kernel_criticality(tree: Params, params: Params) -> Dict[str, jax.Array]:
     """A params-shaped tree (saliency, Hessian diagonal, ...) in each layer's crossbar layout.
 
-    Every ``kernel`` leaf is reshaped like :func:`nvjax.chip.kernel_matrix` (Dense ``[n_in,
+    Every ``kernel`` leaf is reshaped like :func:`nvjax.layers.kernel_matrix` (Dense ``[n_in,
     n_out]`` as is; Conv ``[*window, C_in, C_out]`` → ``[C_in·Πwindow, C_out]``), so entry
     ``[i, j]`` belongs to the synapse on crossbar row ``i`` (see :func:`activation_stats`) and
     column ``j``. Other leaves (biases) are dropped.
@@ -435,7 +432,7 @@ def kernel_criticality(tree: Params, params: Params) -> Dict[str, jax.Array]:
         params: the model parameters (gives the layer names and kernel shapes).
 
     Returns:
-        dict layer name (in :func:`nvjax.chip.layer_names` order) → ``[n_in, n_out]`` array.
+        dict layer name (in :func:`nvjax.layers.layer_names` order) → ``[n_in, n_out]`` array.
 
     Raises:
         ValueError: when ``tree`` lacks a kernel of ``params`` or its shape differs.
@@ -443,8 +440,8 @@ def kernel_criticality(tree: Params, params: Params) -> Dict[str, jax.Array]:
     Example:
         >>> crit = kernel_criticality(saliency(loss, params), params)   # doctest: +SKIP
     """
-    flat_p = flatten_dict(chip_mod._strip_params(params))
-    t_inner = chip_mod._strip_params(tree)
+    flat_p = flatten_dict(layers.strip_params(params))
+    t_inner = layers.strip_params(tree)
     if not isinstance(t_inner, dict):
         raise ValueError(f"tree must be a nested dict like params, got {type(tree).__name__}")
     flat_t = flatten_dict(t_inner)
@@ -460,7 +457,7 @@ def kernel_criticality(tree: Params, params: Params) -> Dict[str, jax.Array]:
         if np.shape(leaf) != np.shape(kernel):
             raise ValueError(f"tree's kernel of layer {name!r} has shape {np.shape(leaf)}, params' "
                              f"has {np.shape(kernel)}")
-        out[name] = chip_mod.kernel_matrix(leaf)
+        out[name] = layers.kernel_matrix(leaf)
     if not out:
         raise ValueError("params has no 'kernel' leaves (Dense/Conv layers)")
     return out

@@ -1,6 +1,6 @@
-"""Training-side mitigations: hardware-aware training, biased training, post-programming correction.
+"""Training-side mitigations: hardware-aware (noise-injection) training and biased training.
 
-DESIGN.md §7.1, §7.2, §7.4.
+DESIGN.md §7.1, §7.4.
 
 * **Hardware-aware (noise-injection) training** (§7.1). :func:`noisy_forward` runs any Flax
   model with its weights perturbed by a noise model drawn from an explicit key:
@@ -18,17 +18,12 @@ DESIGN.md §7.1, §7.2, §7.4.
   straight-through) and rounds the others to the plain M-bit grid. ``mask=None`` is conventional
   quantization-aware training. :func:`sliced_read` deploys quantized weights on bit-sliced cells
   for a Monte Carlo "hardware accuracy".
-* **Post-programming correction** (§7.2, Han et al., Sci. China Inf. Sci.): :func:`reprogram`
-  reads every cell back and re-programs those outside a tolerance (rounds of read-verify);
-  :func:`calibrate` fits a per-column digital gain and offset of every layer on calibration
-  inputs (:func:`fit_gain_offset`, least squares against the ideal layer output on the same
-  inputs); IR-drop pre-distortion is ``TileConfig(ir_predistort=n)``
-  (:func:`nvjax.crossbar.predistort_ir`). :func:`correct` chains them.
-  :func:`recovered_fraction` is the metric R = (acc_mitigated − acc_nonideal)/(acc_ideal −
-  acc_nonideal).
 
-This module imports ``devices``, ``encoding``, ``crossbar``, ``chip``, ``sensitivity``,
-``programming``, flax and optax.
+Post-programming correction (read-verify reprogramming, gain/offset calibration, IR-drop
+pre-distortion) is :mod:`nvjax.correction`.
+
+This module imports ``devices``, ``encoding``, ``crossbar``, ``layers``, ``chip``, ``models``,
+``sensitivity``, ``programming``, ``correction``, flax and optax.
 """
 from __future__ import annotations
 
@@ -44,15 +39,21 @@ from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import chip as chip_mod
+from . import layers
 from . import crossbar as xb
 from . import devices as dev_mod
 from . import encoding
+from . import models as models_mod
+from . import programming
+from . import sensitivity as sens
+from ._checks import is_concrete
 from ._ops import round_ste, straight_through
+from ._train_loop import as_key, check_positive, fit, train_data
+from .correction import calibrate
 
-__all__ = ["WeightNoise", "ChipNoise", "noisy_forward", "train", "round_ste", "straight_through",
+__all__ = ["WeightNoise", "ChipNoise", "perturb", "noisy_forward", "train", "round_ste", "straight_through",
            "quantize", "weight_codes", "favorable_levels", "favorable_codebook", "importance",
-           "top_mask", "sliced_read", "reprogram", "fit_gain_offset", "calibrate", "correct",
-           "recovered_fraction"]
+           "top_mask", "sliced_read"]
 
 Array = jax.Array
 Params = Any
@@ -77,7 +78,7 @@ class WeightNoise:
         if self.kind not in ("additive", "multiplicative"):
             raise ValueError(f"WeightNoise.kind must be 'additive' or 'multiplicative', got "
                              f"{self.kind!r}")
-        if dev_mod._is_concrete(self.sigma) and np.any(np.asarray(self.sigma) < 0):
+        if is_concrete(self.sigma) and np.any(np.asarray(self.sigma) < 0):
             raise ValueError(f"WeightNoise.sigma must be >= 0, got {self.sigma}")
 
 
@@ -91,7 +92,7 @@ class ChipNoise:
         config: :class:`nvjax.crossbar.TileConfig` (static). ``ir_drop='solver'`` is not
             reverse-differentiable (``while_loop``); train with 'first_order'.
         calibration: None, or model inputs [N, ...]: every drawn chip is first calibrated on
-            them (:func:`calibrate`, per-column gain/offset at ``t``; differentiable), so the
+            them (:func:`nvjax.correction.calibrate`, per-column gain/offset at ``t``; differentiable), so the
             model is trained for the chip as it will be corrected.
     """
     device: Any
@@ -108,7 +109,17 @@ def _wrap(variables, inner):
     return {"params": inner} if isinstance(variables, dict) and set(variables) == {"params"} else inner
 
 
-def _perturb(key, params, noise: WeightNoise):
+def perturb(key, params, noise: WeightNoise):
+    """Draw one weight-noise perturbation of every kernel (biases unchanged).
+
+    Args:
+        key: PRNG key; the k-th kernel uses ``fold_in(key, k)``.
+        params: the inner parameter dict (no ``{'params': ...}`` wrapper).
+        noise: a :class:`WeightNoise`.
+
+    Returns:
+        The perturbed parameter dict (differentiable in ``params``).
+    """
     flat = flatten_dict(params)
     for i, path in enumerate(p for p in flat if p[-1] == "kernel"):
         w = flat[path]
@@ -141,11 +152,11 @@ def noisy_forward(key, model: nn.Module, params, x, noise=None):
         rounding); with zero noise and an ideal periphery it equals ``model.apply``.
     """
     _check_noise(noise)
-    inner = chip_mod._strip_params(params)
+    inner = layers.strip_params(params)
     if noise is None:
         return model.apply({"params": inner}, x)
     if isinstance(noise, WeightNoise):
-        return model.apply({"params": _perturb(key, inner, noise)}, x)
+        return model.apply({"params": perturb(key, inner, noise)}, x)
     k_prog, k_read, k_cal = jax.random.split(key, 3)
     chip = chip_mod.deploy(k_prog, model, inner, noise.device, noise.config)
     if noise.calibration is not None:
@@ -186,27 +197,26 @@ def train(key, model: nn.Module, data, *, params=None, noise=None,
         ``transform(params)`` when a transform was used) and per-epoch lists ``train_loss``,
         ``test_accuracy`` (software accuracy of ``transform(params)``), ``time_s``.
     """
-    from . import models as models_mod
     for name, value, integer in (("epochs", epochs, True), ("batch_size", batch_size, True),
                                  ("learning_rate", learning_rate, False)):
-        models_mod._check_positive(name, value, integer, prefix="train: ")
+        check_positive(name, value, integer, prefix="train: ")
     _check_noise(noise)
     if isinstance(noise, ChipNoise) and noise.config.ir_drop == "solver":
         raise ValueError("train: ChipNoise with ir_drop='solver' is not reverse-differentiable "
                          "(while_loop); train with TileConfig(ir_drop='first_order')")
-    x_train, y_train, steps = models_mod._train_data(data, batch_size, prefix="train: ")
-    key = models_mod._as_key(key)
+    x_train, y_train, steps = train_data(data, batch_size, prefix="train: ")
+    key = as_key(key)
     k_init, k_shuffle, k_noise = jax.random.split(key, 3)
     if params is None:
         params = model.init(k_init, x_train[:1])
-    variables = {"params": chip_mod._strip_params(params)}
+    variables = {"params": layers.strip_params(params)}
     tform = transform if transform is not None else (lambda p: p)
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)
 
     def loss_fn(v, t, xb_, yb, noise_):
         logits = noisy_forward(jax.random.fold_in(k_noise, t), model, tform(v), xb_, noise_)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-    return models_mod._fit(
+    return fit(
         loss_fn, variables, tx, x_train, y_train, steps=steps, batch_size=batch_size,
         epochs=epochs, shuffle_key=k_shuffle, progress=progress, extra=(noise,),
         evaluate=lambda v: models_mod.accuracy(model, tform(v), data.x_test, data.y_test),
@@ -246,7 +256,7 @@ def quantize(params, *, bits: int = 8, mask=None, codebook=None):
     _check_bits(bits)
     if mask is not None and codebook is None:
         raise ValueError("quantize: a mask needs a codebook")
-    inner = chip_mod._strip_params(params)
+    inner = layers.strip_params(params)
     flat = flatten_dict(inner)
     masks = {} if mask is None else _flat_masks(mask)
     n = 2 ** bits - 1
@@ -272,7 +282,7 @@ def _flat_masks(mask):
     if isinstance(mask, dict) and all(isinstance(k, str) and not isinstance(v, dict)
                                       for k, v in mask.items()):
         return dict(mask)
-    flat = flatten_dict(chip_mod._strip_params(mask))
+    flat = flatten_dict(layers.strip_params(mask))
     return {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "kernel"}
 
 
@@ -317,8 +327,7 @@ def importance(model: nn.Module, params, x, y, *, method: str = "saliency",
     """Weight importance of every kernel: 'saliency' |w·∂L/∂w|, 'magnitude' |w| or 'hessian'
     ½·H_ii·w² (Hutchinson diagonal, ``probes`` probes from ``key``). Returns a tree of kernels only
     (flat dict '/'-joined layer name → [kernel shape])."""
-    from . import sensitivity as sens
-    inner = chip_mod._strip_params(params)
+    inner = layers.strip_params(params)
     if method == "magnitude":
         tree = jax.tree.map(jnp.abs, inner)
     elif method == "saliency":
@@ -337,7 +346,6 @@ def importance(model: nn.Module, params, x, y, *, method: str = "saliency",
 def top_mask(scores, p):
     """Boolean masks of the global top fraction ``p`` of ``scores`` (all layers ranked together;
     :func:`nvjax.programming.swim_mask`)."""
-    from . import programming
     return programming.swim_mask(scores, p)
 
 
@@ -369,197 +377,3 @@ def sliced_read(key, device, w, *, w_max, bits: int = 8, slice_bits: int = 2) ->
     gn = dev_mod.program(k_n, device, s.g_neg).g
     return encoding.from_slices(encoding.Sliced(gp, gn, s.w_step), bits=bits,
                                 slice_bits=slice_bits, g_min=g_min, g_max=g_max, signed="pair")
-
-
-# --------------------------------------------------------------------------------------------
-# Post-programming correction
-# --------------------------------------------------------------------------------------------
-def _layer_targets(chip: chip_mod.Chip, name: str):
-    """Target conductances (G⁺, G⁻) of a deployed layer in its physical layout."""
-    kern = flatten_dict(chip.params)[tuple(name.split("/")) + ("kernel",)]
-    w = chip_mod.kernel_matrix(kern)
-    if chip.placement is not None and name in chip.placement:
-        inv_r, inv_c = (chip_mod._inverse(p) for p in chip.placement[name])
-        w = w[inv_r][:, inv_c]
-    gp, gm, _ = xb.tile(w, chip.device, chip.config)
-    return gp, gm
-
-
-def _target_weights(chip: chip_mod.Chip, name: str):
-    """The weights (physical layout) that the layer's target conductances encode before any IR
-    pre-distortion: W itself, or for per-level cells the level-quantized (G⁺_T − G⁻_T)/κ."""
-    dev = chip.device
-    plain = chip.replace(config=dataclasses.replace(chip.config, ir_predistort=0))
-    tp, tm = _layer_targets(plain, name)          # not pre-distorted: the intended weights
-    if not isinstance(dev, dev_mod.Levels):
-        return (tp - tm) / _layer_kappa(plain, name)
-    g_min, g_max = dev_mod.g_range(dev)
-    tp, tm = (encoding.quantize_levels(t, g_min, g_max, dev.num_levels) for t in (tp, tm))
-    return (tp - tm) / _layer_kappa(plain, name)
-
-
-def _layer_kappa(chip: chip_mod.Chip, name: str):
-    kern = flatten_dict(chip.params)[tuple(name.split("/")) + ("kernel",)]
-    return xb.tile(chip_mod.kernel_matrix(kern), chip.device, chip.config)[2]
-
-
-def _reprogram_side(key, device, state: dev_mod.CellState, g_target, *, tol, max_rounds,
-                    t_verify, read_noise):
-    """Rounds of read-verify: re-program (new draw) every non-stuck cell read outside tol."""
-    free = device.replace(faults=None) if device.faults is not None else device
-    g_min, g_max = dev_mod.g_range(device)
-    band = tol * (g_max - g_min)
-    if isinstance(device, dev_mod.Levels):   # the cell is written to the nearest level
-        g_target = encoding.quantize_levels(g_target, g_min, g_max, device.num_levels)
-    movable = jnp.ones(g_target.shape, bool) if state.stuck is None else state.stuck == 0
-
-    def body(r, carry):
-        st, pulses = carry
-        k_read, k_prog = jax.random.split(jax.random.fold_in(key, r))
-        g_rb = dev_mod.read(k_read, device, st, t_verify) if read_noise else st.g
-        bad = (jnp.abs(g_rb - g_target) > band) & movable
-        new = dev_mod.program(k_prog, free, g_target)
-        pick = lambda a, b: None if a is None else jnp.where(bad, b, a)  # noqa: E731
-        st = st._replace(g=jnp.where(bad, new.g, st.g), nu=pick(st.nu, new.nu),
-                         relax=pick(st.relax, new.relax))
-        return st, pulses + jnp.sum(bad, dtype=jnp.int32)
-    return jax.lax.fori_loop(0, max_rounds, body, (state, jnp.zeros((), jnp.int32)))
-
-
-def reprogram(key, chip: chip_mod.Chip, *, tol: float, max_rounds: int = 10,
-              t_verify: float = 0.0):
-    """Read every cell back and re-program those outside tolerance, for ``max_rounds`` rounds.
-
-    Round r reads all cells at ``t_verify`` s after programming (drift and read noise of the
-    device; the programmed value when the chip's config has ``read_noise=False``); a movable cell
-    whose read-back differs from its target (for per-level cells: the target's level) by more
-    than ``tol·(g_max − g_min)`` gets a fresh
-    programming draw (its drift exponent / relaxation too). Stuck cells are left alone. The
-    drift-compensation reference is recomputed.
-
-    Args:
-        key: PRNG key; layer k uses ``fold_in(key, k)``, its G⁻ side ``fold_in(·, 1)``.
-        chip: from :func:`nvjax.chip.deploy`.
-        tol: tolerance, fraction of the conductance range (> 0).
-        max_rounds: read-verify rounds (≥ 1).
-        t_verify: time of the verify read after programming, s.
-
-    Returns:
-        ``(chip, pulses)``: the corrected chip and a dict layer name → extra programming pulses.
-    """
-    if not tol > 0:
-        raise ValueError(f"reprogram: tol must be > 0 (fraction of the conductance range), got {tol}")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"reprogram: max_rounds must be an int >= 1, got {max_rounds!r}")
-    tiles, pulses = dict(chip.tiles), {}
-    for i, name in enumerate(chip.tiles):
-        tl = tiles[name]
-        tp, tm = _layer_targets(chip, name)
-        k = jax.random.fold_in(key, i)
-        kw = dict(tol=tol, max_rounds=max_rounds, t_verify=t_verify,
-                  read_noise=chip.config.read_noise)
-        pos, n_p = _reprogram_side(jax.random.fold_in(k, 0), chip.device, tl.pos, tp, **kw)
-        neg, n_m = _reprogram_side(jax.random.fold_in(k, 1), chip.device, tl.neg, tm, **kw)
-        tiles[name] = tl.replace(pos=pos, neg=neg, ref0=xb._ref_sum(pos.g - neg.g, tl.kappa))
-        pulses[name] = n_p + n_m
-    return chip.replace(tiles=tiles), pulses
-
-
-def fit_gain_offset(y_hw, y_ref):
-    """Per-column least-squares fit y_ref ≈ gain·y_hw + offset.
-
-    Args:
-        y_hw: measured outputs [N, C]; y_ref: ideal outputs [N, C].
-
-    Returns:
-        ``(gain [C], offset [C])``; a column with constant y_hw gets gain 1 and the mean
-        difference as offset.
-    """
-    y_hw, y_ref = jnp.asarray(y_hw), jnp.asarray(y_ref)
-    if y_hw.ndim != 2 or y_hw.shape != y_ref.shape:
-        raise ValueError(f"fit_gain_offset: expected two arrays [N, C] of the same shape, got "
-                         f"{tuple(y_hw.shape)} and {tuple(y_ref.shape)}")
-    mh, mr = jnp.mean(y_hw, 0), jnp.mean(y_ref, 0)
-    dh, dr = y_hw - mh, y_ref - mr
-    var = jnp.sum(dh * dh, 0)
-    cov = jnp.sum(dh * dr, 0)
-    ok = var > 1e-12 * jnp.maximum(jnp.sum(dr * dr, 0), 1e-30)
-    gain = jnp.where(ok, cov / jnp.where(ok, var, 1.0), 1.0)
-    return gain, mr - gain * mh
-
-
-def calibrate(key, chip: chip_mod.Chip, x, t, *, reference_params=None) -> chip_mod.Chip:
-    """Fit a per-column digital gain/offset of every layer on calibration inputs ``x``.
-
-    Layers are calibrated in order: for layer k the model runs on the chip (read at ``t``, key
-    ``key``, with the corrections of layers < k already applied), the layer's crossbar inputs
-    X are recorded, its crossbar outputs on X are taken with the same read key as
-    :func:`nvjax.chip.apply` uses, and ``gain, offset`` are fitted so that
-    gain·y_hw + offset ≈ X @ W_ideal (least squares per column, :func:`fit_gain_offset`).
-    A layer called several times per forward pass (recurrent) is fitted on all its calls' inputs
-    with one read.
-
-    Args:
-        key: PRNG key of the calibration reads.
-        chip: from :func:`nvjax.chip.deploy`.
-        x: calibration model inputs [N, ...].
-        t: read time since programming, s.
-        reference_params: the ideal weights to calibrate toward. Default: the weights the
-            chip's target conductances encode — the chip's parameters, level-quantized for
-            per-level cells — so the calibration corrects deviations from the intended
-            programming (noise, stuck cells, IR drop, drift, ADC) and not a quantization the
-            model was trained for.
-
-    Returns:
-        The chip with ``gain`` and ``offset`` set for every layer.
-    """
-    ref = None if reference_params is None else flatten_dict(chip_mod._strip_params(reference_params))
-    names = list(chip.tiles)
-    gain, offset = {}, {}
-    cur = chip.replace(gain=None, offset=None)
-    for i, name in enumerate(names):
-        _, inputs = chip_mod.apply(key, cur, x, t, return_inputs=True)
-        rows = inputs[name]                                        # physical row order
-        y_hw, _ = xb.mvm(jax.random.fold_in(key, i), chip.device, chip.tiles[name], rows, t,
-                         chip.config)
-        if ref is None:   # the weights the targets encode, physical layout
-            y_ref = rows @ _target_weights(chip, name)
-        else:
-            w = chip_mod.kernel_matrix(ref[tuple(name.split("/")) + ("kernel",)])
-            if chip.placement is not None and name in chip.placement:
-                inv_r, inv_c = (chip_mod._inverse(p) for p in chip.placement[name])
-                w = w[inv_r][:, inv_c]
-            y_ref = rows @ w
-        if chip.placement is not None and name in chip.placement:
-            y_hw, y_ref = y_hw[:, chip.placement[name][1]], y_ref[:, chip.placement[name][1]]
-        a, b = fit_gain_offset(y_hw, y_ref)
-        gain[name], offset[name] = a, b
-        cur = cur.replace(gain=dict(gain), offset=dict(offset))
-    return cur
-
-
-def correct(key, chip: chip_mod.Chip, x_cal, t, *, tol: Optional[float] = 0.05,
-            max_rounds: int = 5, t_verify: float = 0.0, calibration: bool = True):
-    """The post-programming correction pipeline: :func:`reprogram` (when ``tol`` is not None)
-    then :func:`calibrate` on ``x_cal`` at read time ``t`` (when ``calibration``). IR-drop
-    pre-distortion happens at programming (``TileConfig.ir_predistort``).
-
-    Returns:
-        ``(chip, pulses)`` (``pulses`` = {} when no re-programming).
-    """
-    k_rp, k_cal = jax.random.split(key)
-    pulses = {}
-    if tol is not None:
-        chip, pulses = reprogram(k_rp, chip, tol=tol, max_rounds=max_rounds, t_verify=t_verify)
-    if calibration:
-        chip = calibrate(k_cal, chip, x_cal, t)
-    return chip, pulses
-
-
-def recovered_fraction(acc_ideal, acc_nonideal, acc_mitigated):
-    """R = (acc_mitigated − acc_nonideal)/(acc_ideal − acc_nonideal) (DESIGN.md §7.2); NaN when
-    the non-ideality costs nothing (acc_ideal == acc_nonideal)."""
-    a_i, a_n, a_m = (np.asarray(v, np.float64) for v in (acc_ideal, acc_nonideal, acc_mitigated))
-    gap = a_i - a_n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(gap != 0, (a_m - a_n) / np.where(gap != 0, gap, 1.0), np.nan)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nvjax import chip as C
+from nvjax import layers
 from nvjax import crossbar as xb
 from nvjax import devices as D
 
@@ -47,7 +48,7 @@ def test_kernel_matrix_is_the_im2col_layout():
     ref = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     p = jax.lax.conv_general_dilated_patches(x, (3, 2), (1, 1), "VALID",
                                              dimension_numbers=("NHWC", "OIHW", "NHWC"))
-    np.testing.assert_allclose(p @ C.kernel_matrix(k), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(p @ layers.kernel_matrix(k), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_effective_params_equal_apply_for_ideal_periphery():
@@ -63,7 +64,7 @@ def test_effective_params_equal_apply_for_ideal_periphery():
 def test_layer_names_and_read_counts():
     model = Nested()
     x, params = _init(model, (6, 11))
-    assert C.layer_names(params) == ("enc", "head")
+    assert layers.layer_names(params) == ("enc", "head")
     chip = C.deploy(jax.random.key(2), model, params, D.ideal())
     _, chip2 = C.apply(jax.random.key(3), chip, x, 0.0, return_chip=True)
     np.testing.assert_array_equal(chip2.tiles["enc"].reads, (np.asarray(x) != 0).sum(0))

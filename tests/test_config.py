@@ -28,7 +28,7 @@ def test_shipped_configs_load(path):
         mod.load_config(path)
         return
     cfg = cfg_mod.load_any(path)
-    assert isinstance(cfg, (cfg_mod.RunConfig, cfg_mod.LifetimeRunConfig, cfg_mod.EDisturbConfig))
+    assert isinstance(cfg, (cfg_mod.RunConfig, cfg_mod.LifetimeRunConfig))
 
 
 def _write(tmp_path, text):

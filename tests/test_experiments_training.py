@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from nvjax._strict import ConfigError
+from nvjax.config import ConfigError
 
 HW_TINY = """
 experiment: e_hwmodel

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nvjax import chip as C
+from nvjax import layers
 from nvjax import crossbar as xb
 from nvjax import data, models
 from nvjax import devices as D
@@ -58,7 +59,7 @@ def test_software_accuracy(trained):
 
 def test_layer_names_and_tiles(trained):
     model, params, _ = trained
-    names = C.layer_names(params)
+    names = layers.layer_names(params)
     assert len(names) == 3 and set(names) == LAYERS
     chip = C.deploy(jax.random.key(0), model, params, D.ideal(), CONFIG)
     assert set(chip.tiles) == LAYERS

@@ -12,6 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from nvjax import chip as C
+from nvjax import layers
 from nvjax import sensitivity as S
 
 
@@ -131,7 +132,7 @@ def test_activation_stats_dense_exact_counts():
     params = {"params": {"hid": {"kernel": jnp.asarray(w0), "bias": jnp.zeros(3)},
                          "out": params["params"]["out"]}}
     stats = S.activation_stats(model, params, x)
-    assert tuple(stats) == C.layer_names(params) == ("hid", "out")
+    assert tuple(stats) == layers.layer_names(params) == ("hid", "out")
     xn = np.asarray(x)
     np.testing.assert_array_equal(np.asarray(stats["hid"]["reads_per_inference"]) * 3, [1, 0, 2, 2])
     np.testing.assert_allclose(stats["hid"]["mean_abs"], np.abs(xn).mean(0), rtol=1e-6)
@@ -173,7 +174,7 @@ def test_activation_stats_conv_counts_per_patch_feature():
     x[0, :, :, 1] = 0.0                                            # a whole channel off
     params = model.init(jax.random.key(0), x)
     stats = S.activation_stats(model, params, x)
-    assert tuple(stats) == C.layer_names(params) == ("Conv_0", "Dense_0")
+    assert tuple(stats) == layers.layer_names(params) == ("Conv_0", "Dense_0")
     p = _numpy_patches_same3x3(x)
     assert p.shape == (2 * 4 * 5, 18)
     np.testing.assert_allclose(stats["Conv_0"]["reads_per_inference"], (p != 0).sum(0) / 2,
@@ -183,7 +184,7 @@ def test_activation_stats_conv_counts_per_patch_feature():
     # corner feature (channel 0, dy=0, dx=0) can never be read at the top row / left column
     assert stats["Conv_0"]["reads_per_inference"][0] <= 3 * 4
     assert stats["Dense_0"]["reads_per_inference"].shape == (4 * 5 * 3,)
-    assert C.kernel_matrix(params["params"]["Conv_0"]["kernel"]).shape[0] == 18
+    assert layers.kernel_matrix(params["params"]["Conv_0"]["kernel"]).shape[0] == 18
 
 
 def test_activation_stats_layer_names_match_chip_for_nested_models():
@@ -203,7 +204,7 @@ def test_activation_stats_layer_names_match_chip_for_nested_models():
     x = jax.random.uniform(jax.random.key(0), (3, 4, 4, 1))
     params = model.init(jax.random.key(1), x)
     stats = S.activation_stats(model, params["params"], x)
-    assert tuple(stats) == C.layer_names(params)
+    assert tuple(stats) == layers.layer_names(params)
     kc = S.kernel_criticality(params, params)
     for name in stats:
         assert stats[name]["reads_per_inference"].shape == (kc[name].shape[0],)
@@ -296,15 +297,15 @@ def test_kernel_criticality_shapes_and_layout():
     params = model.init(jax.random.key(0), x)
     sal = S.saliency(lambda p: jnp.sum(model.apply(p, x) ** 2), params)
     kc = S.kernel_criticality(sal, params)
-    assert tuple(kc) == C.layer_names(params)
+    assert tuple(kc) == layers.layer_names(params)
     for name, m in kc.items():
         kern = params["params"][name]["kernel"]
-        assert m.shape == C.kernel_matrix(kern).shape
-        np.testing.assert_array_equal(m, C.kernel_matrix(sal["params"][name]["kernel"]))
+        assert m.shape == layers.kernel_matrix(kern).shape
+        np.testing.assert_array_equal(m, layers.kernel_matrix(sal["params"][name]["kernel"]))
     # the inner dict works too, and identity maps to kernel_matrix of the kernels
     kc2 = S.kernel_criticality(params["params"], params["params"])
     np.testing.assert_array_equal(kc2["Conv_0"],
-                                  C.kernel_matrix(params["params"]["Conv_0"]["kernel"]))
+                                  layers.kernel_matrix(params["params"]["Conv_0"]["kernel"]))
 
 
 # ----------------------------------------------------------------------------- bad inputs

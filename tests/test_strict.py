@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from nvjax._strict import ConfigError, from_dict, load_yaml, to_dict
+from nvjax.config import ConfigError, from_dict, load_yaml, to_dict
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import pytest
 from nvjax import config as cfg_mod
 from nvjax import crossbar as xb
 from nvjax import devices as D
+from nvjax import jobs
 from nvjax import sweep
 from nvjax.models import MLP
 
@@ -28,7 +29,7 @@ def small_sweep():
     x = jax.random.uniform(jax.random.key(0), (40, 64))
     params = model.init(jax.random.key(1), x)
     y = jnp.argmax(model.apply(params, x), -1)  # software predictions as labels
-    fn = sweep.accuracy_instance(model, params, xb.TileConfig(), x, y, (1.0, 86400.0))
+    fn = jobs.accuracy_instance(model, params, xb.TileConfig(), x, y, (1.0, 86400.0))
     return fn
 
 
@@ -130,7 +131,7 @@ def test_reliability_end_to_end(tmp_path):
                   "device_grid": {"read_q": [0.0, 0.02]}},
     }, cfg_mod.RunConfig)
     out = str(tmp_path / "run")
-    summary = sweep.reliability(cfg, out, log=lambda s: None)
+    summary = jobs.reliability(cfg, out, log=lambda s: None)
     assert os.path.exists(os.path.join(out, "accuracy_vs_time.png"))
     with open(os.path.join(out, "summary.json")) as f:
         disk = json.load(f)
@@ -151,7 +152,7 @@ def test_reliability_end_to_end(tmp_path):
     p = [q for q in disk["points"] if q["device"] == {"read_q": 0.02} and q["t_read_s"] == 86400.0][0]
     assert np.mean(acc) == pytest.approx(p["mean"], abs=1e-5)
     # a rerun reloads the saved weights and gives identical results
-    again = sweep.reliability(cfg, out, log=lambda s: None)
+    again = jobs.reliability(cfg, out, log=lambda s: None)
     assert again["points"] == summary["points"]
 
 
@@ -168,55 +169,6 @@ def test_every_device_kind_runs_from_config(tmp_path, device):
         "tile": {"dac_bits": 8, "adc_bits": 8, "adc_range": "max"},
         "sweep": {"num_instances": 6, "chunk_size": 4, "t_read_s": [1.0, 86400.0]},
     }, cfg_mod.RunConfig)
-    summary = sweep.reliability(cfg, None, log=lambda s: None)
+    summary = jobs.reliability(cfg, None, log=lambda s: None)
     assert len(summary["points"]) == 2
     assert all(0.0 <= p["mean"] <= 1.0 and p["n"] == 6 for p in summary["points"])
-
-
-def test_limit_malloc_arenas(monkeypatch):
-    """The cap is set with glibc's mallopt on Linux, left to MALLOC_ARENA_MAX when that is set, and
-    bad counts are refused."""
-    import ctypes.util
-    import sys
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
-    assert sweep.limit_malloc_arenas(8) is glibc  # 8: glibc's own per-core default, harmless here
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    assert sweep.limit_malloc_arenas(1) is False
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="n must be"):
-            sweep.limit_malloc_arenas(bad)
-
-
-def test_heap_trimmer_trims_near_the_peak_at_most_once_per_interval(monkeypatch):
-    """The trimmer calls glibc's malloc_trim only when its interval has passed and the resident set
-    is within the margin of the peak (a no-op callable elsewhere)."""
-    import ctypes
-    import sys
-    sweep._heap_trimmer(0.0, 1e9)()  # a real check and trim (or a no-op off glibc): must not fail
-    if not sys.platform.startswith("linux"):
-        return
-    calls = []
-
-    class FakeLibc:
-        def malloc_trim(self, pad):
-            calls.append(pad.value)
-            return 1
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
-    t = [100.0]
-    mem = [(400.0, 500.0)]
-    monkeypatch.setattr(sweep.time, "perf_counter", lambda: t[0])
-    monkeypatch.setattr(sweep, "_rss_and_peak_mb", lambda: mem[0])
-    trim = sweep._heap_trimmer(0.5, 16.0)
-    trim()
-    assert calls == []          # 0 s since creation
-    t[0] += 0.6
-    trim()
-    assert calls == []          # 100 MB below the peak: nothing to do
-    mem[0] = (490.0, 500.0)
-    trim()
-    assert calls == []          # near the peak, but checked 0 s ago
-    t[0] += 0.6
-    trim()
-    trim()
-    assert calls == [0]         # near the peak after the interval: one trim, not two

@@ -26,6 +26,7 @@ import pytest
 from jax.sharding import Mesh
 
 from nvjax import config as cfg_mod
+from nvjax import jobs
 from nvjax import models as models_mod
 from nvjax import sweep
 
@@ -292,7 +293,7 @@ def test_resume_after_sigkill_equals_uninterrupted(setup, reference, tmp_path):
     cfg = cfg_mod.load(cfgs[1])
     other = cfg_mod.from_dict({**cfg_mod.to_dict(cfg), "seed": 4}, cfg_mod.RunConfig)
     with pytest.raises(ValueError, match=r"different run \(config\.seed: 3 -> 4"):
-        sweep.reliability(other, out, log=lambda s: None)
+        jobs.reliability(other, out, log=lambda s: None)
 
 
 def test_rerun_skips_finished_chunks(tmp_path):

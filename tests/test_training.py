@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from nvjax import chip as chip_mod
+from nvjax import correction as corr
+from nvjax import layers
 from nvjax import crossbar as xb
 from nvjax import data as data_mod
 from nvjax import devices as dv
@@ -39,7 +41,7 @@ def test_zero_noise_forward_equals_ideal(small):
 def test_weight_noise_statistics(small):
     ds, model, params = small
     w = params["params"]["Dense_0"]["kernel"]
-    p = tr._perturb(jax.random.key(0), params["params"], tr.WeightNoise(0.1))
+    p = tr.perturb(jax.random.key(0), params["params"], tr.WeightNoise(0.1))
     d = (p["Dense_0"]["kernel"] - w) / (0.1 * jnp.max(jnp.abs(w)))
     assert abs(float(jnp.std(d)) - 1.0) < 5 * (1 / np.sqrt(2 * d.size)) + 0.02
     np.testing.assert_array_equal(p["Dense_0"]["bias"], params["params"]["Dense_0"]["bias"])
@@ -169,7 +171,7 @@ def test_fit_gain_offset_exact():
     g = rng.uniform(0.5, 1.5, 7).astype(np.float32)
     o = rng.normal(size=7).astype(np.float32)
     y_hw = (y_ref - o) / g
-    a, b = tr.fit_gain_offset(y_hw, y_ref)
+    a, b = corr.fit_gain_offset(y_hw, y_ref)
     np.testing.assert_allclose(a, g, rtol=1e-5)
     np.testing.assert_allclose(b, o, atol=1e-5)
 
@@ -189,7 +191,7 @@ def test_calibrate_recovers_synthetic_gain_offset_on_chip():
     bad = {"params": {"Dense_0": {"kernel": w_dist, "bias": params["params"]["Dense_0"]["bias"]}}}
     cfg = xb.TileConfig(rows=8, cols=4)
     chip = chip_mod.deploy(jax.random.key(2), model, bad, dv.ideal(), cfg)
-    cal = tr.calibrate(jax.random.key(3), chip, x, 0.0, reference_params=params)
+    cal = corr.calibrate(jax.random.key(3), chip, x, 0.0, reference_params=params)
     name = list(chip.tiles)[0]
     np.testing.assert_allclose(cal.gain[name], 1.0 / s, rtol=1e-4)
     np.testing.assert_allclose(cal.offset[name], -o / s, atol=1e-4)
@@ -206,9 +208,10 @@ def test_reprogram_brings_cells_into_tolerance_keeps_stuck():
     dev = dv.levels(bits=3, sigma=0.05, p_stuck_max=0.05)
     cfg = xb.TileConfig(rows=16, cols=16, read_noise=False)
     chip = chip_mod.deploy(jax.random.key(1), model, params, dev, cfg)
-    fixed, pulses = tr.reprogram(jax.random.key(2), chip, tol=0.05, max_rounds=30)
+    fixed, pulses = corr.reprogram(jax.random.key(2), chip, tol=0.05, max_rounds=30)
     name = list(chip.tiles)[0]
-    tp, tm = (encoding.quantize_levels(t, 0.0, 1.0, 8) for t in tr._layer_targets(chip, name))
+    targets = xb.tile(layers.kernel_matrix(chip.params[name]["kernel"]), dev, cfg)[:2]
+    tp, tm = (encoding.quantize_levels(t, 0.0, 1.0, 8) for t in targets)
     for side, tgt in (("pos", tp), ("neg", tm)):
         before, after = getattr(chip.tiles[name], side), getattr(fixed.tiles[name], side)
         np.testing.assert_array_equal(after.stuck, before.stuck)
@@ -225,14 +228,14 @@ def test_reprogram_brings_cells_into_tolerance_keeps_stuck():
     expect = n_free * 0.3173 / (1 - 0.3173)
     assert abs(int(pulses[name]) - expect) < 5 * np.sqrt(expect * 1.5)
     assert float(fixed.tiles[name].ref0) == pytest.approx(
-        float(xb._ref_sum(fixed.tiles[name].pos.g - fixed.tiles[name].neg.g, fixed.tiles[name].kappa)))
+        float(xb.reference_sum(fixed.tiles[name].pos.g - fixed.tiles[name].neg.g, fixed.tiles[name].kappa)))
 
 
 def test_predistortion_cancels_first_order_ir_drop():
     cfg = xb.TileConfig(rows=32, cols=32, ir_drop="first_order", r_wire=5.0, ir_predistort=8)
     g = jax.random.uniform(jax.random.key(0), (40, 50), minval=0.0, maxval=20.0)
     gp = xb.predistort_ir(g, cfg, g_min=0.0, g_max=25.0)
-    grid = xb._tile_grid(gp, cfg)
+    grid = xb.tile_grid(gp, cfg)
     m = jax.vmap(jax.vmap(lambda t: irdrop.first_order_transfer(t, cfg.r_wire)))(grid)
     m = m.transpose(0, 2, 1, 3).reshape(64, 64)[:40, :50]
     np.testing.assert_allclose(m, g, atol=1e-4)
@@ -254,10 +257,10 @@ def test_correct_pipeline_and_recovered_fraction(small):
     ds, model, params = small
     cfg = xb.TileConfig(rows=64, cols=16, read_noise=False)
     chip = chip_mod.deploy(jax.random.key(1), model, params, dv.levels(bits=3, sigma=0.1), cfg)
-    fixed, pulses = tr.correct(jax.random.key(2), chip, ds.x_train[:128], 0.0, tol=0.05)
+    fixed, pulses = corr.correct(jax.random.key(2), chip, ds.x_train[:128], 0.0, tol=0.05)
     ref = model.apply(params, ds.x_test)
     e0 = float(jnp.mean(jnp.abs(chip_mod.apply(jax.random.key(5), chip, ds.x_test, 0.0) - ref)))
     e1 = float(jnp.mean(jnp.abs(chip_mod.apply(jax.random.key(5), fixed, ds.x_test, 0.0) - ref)))
     assert e1 < 0.6 * e0 and set(pulses) == set(chip.tiles)
-    np.testing.assert_allclose(tr.recovered_fraction(0.95, 0.75, 0.93), 0.9)
-    assert np.isnan(tr.recovered_fraction(0.9, 0.9, 0.9))
+    np.testing.assert_allclose(corr.recovered_fraction(0.95, 0.75, 0.93), 0.9)
+    assert np.isnan(corr.recovered_fraction(0.9, 0.9, 0.9))

@@ -1,0 +1,75 @@
+"""Argument validation shared by every module (one policy).
+
+TypeError for a value of the wrong type, ValueError for a value of the right type that is out of
+range; every message names the argument, says what was expected and what came. Traced values
+(inside ``jit``/``vmap``/``grad``) cannot be inspected and pass unchecked.
+
+This module imports only jax and numpy.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["is_concrete", "check_int", "check_real", "check_float_array", "check_key"]
+
+
+def is_concrete(x) -> bool:
+    """False for a JAX tracer (a value only known when the compiled function runs)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """An ``int`` (not a bool) >= ``minimum``, returned as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} "
+                        f"({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(name: str, value, *, minimum=None, maximum=None, strict_min=False) -> None:
+    """A concrete real value (scalar or array) that is finite and within bounds; tracers pass."""
+    if not is_concrete(value):
+        return
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    a = np.asarray(value)
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.number) \
+            or np.issubdtype(a.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be real, got dtype {a.dtype}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None:
+        bad = np.any(a <= minimum) if strict_min else np.any(a < minimum)
+        if bad:
+            op = ">" if strict_min else ">="
+            raise ValueError(f"{name} must be {op} {minimum}, got {value!r}")
+    if maximum is not None and np.any(a > maximum):
+        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
+
+
+def check_float_array(name: str, x, *, ndim: Optional[int] = None) -> jax.Array:
+    """A finite floating-point array (optionally of ``ndim`` dimensions), as a JAX array."""
+    if not hasattr(x, "dtype") and not isinstance(x, (list, tuple, numbers.Real)):
+        raise TypeError(f"{name} must be a floating-point array, got {type(x).__name__}")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
+    if is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
+        raise ValueError(f"{name} must be finite; found "
+                         f"{int(np.sum(~np.isfinite(np.asarray(x))))} non-finite value(s)")
+    return x
+
+
+def check_key(name: str, key) -> None:
+    """A JAX PRNG key (typed ``jax.random.key`` or raw ``PRNGKey`` data)."""
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"{name} must be a PRNG key (jax.random.key), got {type(key).__name__}")
