@@ -219,9 +219,9 @@ def make_instance(model, cfg: EHwmodelConfig, ni: NonIdeality, x, y, x_cal):
         k_prog, k_corr, k_read = jax.random.split(key, 3)
         out = []
         for p, p_c in ((params, params), (params_hw, params_hwc)):
-            chip = chip_mod.deploy(k_prog, model, p, device, tile)
+            chip = chip_mod.deploy(k_prog, model, p, device, config=tile)
             out.append(acc(k_read, chip))
-            chip_c = chip_mod.deploy(k_prog, model, p_c, device, tile_c)
+            chip_c = chip_mod.deploy(k_prog, model, p_c, device, config=tile_c)
             chip_c, _ = corr.correct(k_corr, chip_c, x_cal, t, tol=co.tol, max_rounds=co.max_rounds,
                                    calibration=co.calibration)
             out.append(acc(k_read, chip_c))

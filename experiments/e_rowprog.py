@@ -293,7 +293,7 @@ def program_chips(keys, device, layers, config: pr.RowProgramConfig, w_max_uS):
         (``result.w / κ``), [chips, n_in, n_out].
     """
     target, valid, spans = stack_layers(layers, w_max_uS)
-    res = jax.vmap(lambda k: pr.row_program(k, device, target, config))(keys)
+    res = jax.vmap(lambda k: pr.row_program(k, device, target, config=config))(keys)
     n_w = int(np.sum(np.asarray(valid)))
     failed = np.asarray(jnp.sum(res.failed & valid, axis=(1, 2)), np.float64)
     pulses = np.asarray(jnp.sum(jnp.where(valid, res.pulses, 0), axis=(1, 2)), np.float64)

@@ -1,6 +1,6 @@
 """Files and provenance: atomic writes, CSV tables, software versions.
 
-This module imports only numpy, jax (for the backend's name) and the standard library.
+This module imports ``_version``, numpy, jax (for the backend's name) and the standard library.
 """
 from __future__ import annotations
 

@@ -217,7 +217,7 @@ def _instance_fn(model, config):
 
     def prepare(key, params, x):
         k_prog, _ = jax.random.split(key)
-        return chip_mod.deploy(k_prog, model, params, device, config).tiles
+        return chip_mod.deploy(k_prog, model, params, device, config=config).tiles
 
     def finish(key, tiles, params, x):
         _, k_read = jax.random.split(key)

@@ -10,11 +10,11 @@ Conv layers: inputs are turned into patches with ``lax.conv_general_dilated_patc
 through the tiles as one batch of vectors. Supported: any strides and padding, no input/kernel
 dilation, feature_group_count 1.
 
-This module imports ``devices``, ``crossbar`` and flax.
+This module imports ``devices``, ``crossbar``, ``layers``, ``_checks`` and flax.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -28,7 +28,7 @@ from .layers import (as_rows, inverse_permutation, kernel_matrix, layer_inputs, 
                      matrix_to_kernel, module_name, strip_params)
 from ._checks import is_concrete
 
-__all__ = ["Chip", "deploy", "with_tiles", "apply", "kernel_matrix", "layer_names", "effective_params"]
+__all__ = ["Chip", "Trace", "deploy", "with_tiles", "apply", "apply_traced", "effective_params"]
 
 
 @struct.dataclass
@@ -41,7 +41,7 @@ class Chip:
             applied digitally from here).
         device: the device model (pytree of physics parameters).
         model: the Flax module (static).
-        config: the :class:`nvjax.crossbar.TileConfig` (static).
+        config: the :class:`nvjax.crossbar.TileConfig` (its physics numbers are leaves).
         placement: None, or layer name → (row_perm [n_in], col_perm [n_out]) int32: logical row i
             of the layer's weight sits on physical row ``row_perm[i]`` of its tile grid (any row
             tile), logical column j on physical column ``col_perm[j]``. The tiles (and read
@@ -55,7 +55,7 @@ class Chip:
     params: Any
     device: Any
     model: nn.Module = struct.field(pytree_node=False)
-    config: xb.TileConfig = struct.field(pytree_node=False)
+    config: xb.TileConfig
     placement: Optional[Dict[str, Any]] = None
     gain: Optional[Dict[str, Any]] = None
     offset: Optional[Dict[str, Any]] = None
@@ -71,8 +71,8 @@ def _check_perm(name, what, perm, n):
     return perm.astype(jnp.int32)
 
 
-def deploy(key, model: nn.Module, params, device, config: xb.TileConfig = xb.TileConfig(), *,
-           calibration: Optional[jax.Array] = None, placement: Optional[Dict[str, Any]] = None
+def deploy(key, model: nn.Module, params, device, *,
+           config: xb.TileConfig = xb.TileConfig(), calibration: Optional[jax.Array] = None, placement: Optional[Dict[str, Any]] = None
            ) -> Chip:
     """Program every Dense/Conv kernel of ``params`` onto crossbar tiles.
 
@@ -115,7 +115,7 @@ def deploy(key, model: nn.Module, params, device, config: xb.TileConfig = xb.Til
             inv_r, inv_c = (inverse_permutation(p) for p in placement[name])
             w = w[inv_r][:, inv_c]                      # W_phys[row_perm[i], col_perm[j]] = W[i, j]
             calib = None if calib is None else calib[:, inv_r]
-        tiles[name] = xb.program_tiles(jax.random.fold_in(key, i), device, w, config,
+        tiles[name] = xb.program_tiles(jax.random.fold_in(key, i), device, w, config=config,
                                        calibration=calib)
     return Chip(tiles=tiles, params=params, device=device, model=model, config=config,
                 placement=placement)
@@ -137,7 +137,14 @@ def with_tiles(model: nn.Module, params, device, config: xb.TileConfig, tiles: D
                 config=config, placement=placement)
 
 
-def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bool = False):
+class Trace(NamedTuple):
+    """What :func:`apply_traced` returns."""
+    outputs: Any                 # the model's outputs
+    chip: "Chip"                 # the chip with its per-row read counters advanced
+    inputs: Dict[str, jax.Array]  # layer name → crossbar input rows [N, n_in] (physical order)
+
+
+def apply(key, chip: Chip, x, t):
     """Run the model with every Dense/Conv layer on its crossbar tiles, read at time ``t``.
 
     Args:
@@ -146,15 +153,23 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bo
         chip: from :func:`deploy`.
         x: model inputs (a batch).
         t: time since programming, s.
-        return_chip: also return the chip with updated per-row read counters.
-        return_inputs: also return the crossbar inputs of every layer, dict name → [N, n_in]
-            (the row vectors each layer's tiles were driven with, in physical row order; conv
-            layers: one per patch; a layer called several times, e.g. a recurrent projection,
-            gets the rows of all its calls concatenated).
 
     Returns:
-        Model outputs, then the updated chip when ``return_chip``, then the layer inputs when
-        ``return_inputs`` (a tuple when either is set).
+        The model's outputs (:func:`apply_traced` also returns the read counters and the
+        crossbar inputs of every layer).
+    """
+    return apply_traced(key, chip, x, t).outputs
+
+
+def apply_traced(key, chip: Chip, x, t) -> Trace:
+    """:func:`apply`, also returning what the forward pass did to the crossbars.
+
+    Returns:
+        :class:`Trace` ``(outputs, chip, inputs)``: the outputs; the chip with its per-row read
+        counters advanced; and per layer the row vectors its tiles were driven with, ``[N,
+        n_in]`` in physical row order (conv layers: one per patch; a layer called several times,
+        e.g. a recurrent projection, gets the rows of all its calls concatenated). Unused parts
+        cost nothing under ``jit``.
     """
     names = list(chip.tiles)
     new_tiles = dict(chip.tiles)
@@ -178,7 +193,7 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bo
         k = jax.random.fold_in(key, names.index(name))
         if c:  # a layer called again in the same forward pass (e.g. recurrent): fresh read noise
             k = jax.random.fold_in(k, c)
-        y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, chip.config)
+        y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, config=chip.config)
         if placed:
             y = y[:, chip.placement[name][1]]                   # back to logical columns
         if chip.gain is not None and name in chip.gain:
@@ -192,14 +207,7 @@ def apply(key, chip: Chip, x, t, *, return_chip: bool = False, return_inputs: bo
 
     with nn.intercept_methods(intercept):
         out = chip.model.apply({"params": chip.params}, x)
-    if not (return_chip or return_inputs):
-        return out
-    res = (out,)
-    if return_chip:
-        res += (chip.replace(tiles=new_tiles),)
-    if return_inputs:
-        res += (inputs,)
-    return res
+    return Trace(out, chip.replace(tiles=new_tiles), inputs)
 
 
 def effective_params(key, chip: Chip, t):
@@ -215,7 +223,7 @@ def effective_params(key, chip: Chip, t):
         tiles = chip.tiles[name]
         k_read, _ = jax.random.split(jax.random.fold_in(key, i))  # as in crossbar.mvm
         w_eff, alpha = xb.read_weights(k_read,
-                                       chip.device, tiles, t, chip.config)
+                                       chip.device, tiles, t, config=chip.config)
         path = tuple(name.split("/")) + ("kernel",)
         kern = flat[path]
         w = w_eff * alpha

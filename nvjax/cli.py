@@ -14,6 +14,9 @@
 
 Every config key is documented in the README's "Configuration reference" and in the commented
 configs/*.yaml of the repository. Units: conductance µS, time s, voltage V.
+
+This module imports ``config``, ``jobs``, ``bench``, ``_runtime`` and ``_version``, each inside the
+command that needs it, so that ``nvjax --help`` and ``nvjax --version`` do not load JAX.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Unknown or missing keys and bad values raise :class:`ConfigError` naming the key, the file and
 what was expected. Units are part of key names (``t_read_s``). This module imports ``devices``,
-``crossbar`` and the strict loader.
+``disturb``, ``crossbar``, ``lifetime``, ``prng``, ``_strict`` (the strict loader) and yaml.
 """
 from __future__ import annotations
 

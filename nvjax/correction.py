@@ -36,7 +36,7 @@ def _layer_targets(chip: chip_mod.Chip, name: str):
     if chip.placement is not None and name in chip.placement:
         inv_r, inv_c = (layers.inverse_permutation(p) for p in chip.placement[name])
         w = w[inv_r][:, inv_c]
-    gp, gm, _ = xb.tile(w, chip.device, chip.config)
+    gp, gm, _ = xb.tile(w, chip.device, config=chip.config)
     return gp, gm
 
 
@@ -55,7 +55,7 @@ def _target_weights(chip: chip_mod.Chip, name: str):
 
 def _layer_kappa(chip: chip_mod.Chip, name: str):
     kern = flatten_dict(chip.params)[tuple(name.split("/")) + ("kernel",)]
-    return xb.tile(layers.kernel_matrix(kern), chip.device, chip.config)[2]
+    return xb.tile(layers.kernel_matrix(kern), chip.device, config=chip.config)[2]
 
 
 def _reprogram_side(key, device, state: dev_mod.CellState, g_target, *, tol, max_rounds,
@@ -173,10 +173,10 @@ def calibrate(key, chip: chip_mod.Chip, x, t, *, reference_params=None) -> chip_
     gain, offset = {}, {}
     cur = chip.replace(gain=None, offset=None)
     for i, name in enumerate(names):
-        _, inputs = chip_mod.apply(key, cur, x, t, return_inputs=True)
+        inputs = chip_mod.apply_traced(key, cur, x, t).inputs
         rows = inputs[name]                                        # physical row order
         y_hw, _ = xb.mvm(jax.random.fold_in(key, i), chip.device, chip.tiles[name], rows, t,
-                         chip.config)
+                         config=chip.config)
         if ref is None:   # the weights the targets encode, physical layout
             y_ref = rows @ _target_weights(chip, name)
         else:

@@ -17,7 +17,8 @@ input vector (``dac_range='absmax'``) or ``dac_bound``; its weight scale is ``w_
 (g_max − g_min)/κ, the weight of a full-scale pair. ADC bounds and output noise are given in units
 of ``s_x·w_max``.
 
-This module imports ``devices``, ``encoding``, ``irdrop`` and ``_ops``.
+This module imports ``devices``, ``encoding``, ``irdrop``, ``_checks``, ``_ops`` and
+``_struct``.
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ from flax import struct
 from . import devices as dev_mod
 from . import encoding
 from . import irdrop
+from ._checks import is_concrete
 from ._ops import round_ste
+from ._struct import register_physics
 
-__all__ = ["TileConfig", "Tiles", "tile", "program_tiles", "mvm", "read_weights",
+__all__ = ["TileConfig", "PHYSICS_FIELDS", "Tiles", "tile", "program_tiles", "mvm", "read_weights",
            "num_row_tiles", "quantize_symmetric", "cell_voltages", "input_scale",
            "predistort_ir", "reference_sum", "tile_grid", "untile_grid", "ir_transfer_tiles",
            "ir_transfer"]
@@ -42,21 +45,37 @@ __all__ = ["TileConfig", "Tiles", "tile", "program_tiles", "mvm", "read_weights"
 Array = jax.Array
 
 
+#: TileConfig fields that are physics numbers: pytree leaves (traced under ``jit``, sweepable with
+#: ``vmap``, differentiable). Every other field is static structure (part of the treedef).
+PHYSICS_FIELDS = ("dac_bound", "adc_bound", "adc_percentile", "out_noise", "v_read", "r_wire",
+                  "ir_omega")
+
+
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Structural (static, hashable) options of a crossbar tile and its periphery.
+    """Options of a crossbar tile and its periphery: a pytree of physics numbers with static
+    structure.
+
+    The physics numbers (:data:`PHYSICS_FIELDS`: ``v_read``, ``r_wire``, ``out_noise``,
+    ``adc_bound``, ``dac_bound``, ``adc_percentile``, ``ir_omega``) are the pytree's leaves: passed
+    as an argument of a jitted function they are traced, so a sweep over their values compiles
+    once, and ``jax.vmap``/``jax.grad`` work over them (``config.replace(r_wire=r)`` inside the
+    function, or a stacked config). Everything else (tile shape, bit widths, modes, iteration
+    counts) is static structure: a new value means a new compilation. Whether output noise is
+    simulated at all is structure too (:attr:`output_noise`: ``out_noise`` given as the literal
+    0 switches it off; any other value, traced values included, switches it on).
 
     Attributes:
         rows, cols: tile size R × C (default 256 × 256).
         dac_bits: input DAC bits (signed, 2^(b−1) − 1 steps per polarity); None = ideal.
         dac_range: 'absmax' (per input vector, aihwkit's noise management) or 'fixed'.
-        dac_bound: fixed input range when dac_range='fixed'.
+        dac_bound: fixed input range when dac_range='fixed' (input units).
         adc_bits: output ADC bits per tile column; None = ideal.
         adc_range: 'fixed' (``adc_bound`` in normalized units), 'max' (per column, max |y| over
             the calibration inputs, or over the current batch if none were given) or
             'percentile' (per column, ``adc_percentile`` of |y|, likewise).
         adc_bound: ADC range for 'fixed', in units of s_x·w_max (aihwkit default 12).
-        adc_percentile: percentile for 'percentile' calibration.
+        adc_percentile: percentile (0–100] for 'percentile' calibration.
         out_noise: σ of additive Gaussian output noise per tile column, units of s_x·w_max.
         read_noise: apply the device's read noise / drift on every MVM (False reads programmed g).
         drift_compensation: global drift compensation α = Σ|y_ref(0)|/Σ|y_ref(t)|, x_ref = ones.
@@ -66,10 +85,19 @@ class TileConfig:
             from :mod:`nvjax.irdrop`, per tile and input vector; the column currents of the
             G⁺ and G⁻ tiles are subtracted and scaled back to weight units).
         r_wire: wire resistance per segment, Ω (default 1 Ω).
-        ir_max_iter, ir_omega: cap and relaxation factor of the IR-drop solver.
+        ir_max_iter: iteration cap of the IR-drop solver (static).
+        ir_omega: relaxation factor of the IR-drop solver, (0, 1].
         ir_predistort: fixed-point iterations of IR-drop pre-distortion of the target
             conductances (:func:`predistort_ir`, applied by :func:`tile` when ``ir_drop`` is not
             'none'); 0 = off.
+
+    Example:
+        >>> cfg = TileConfig(rows=64, cols=64, ir_drop="first_order")
+        >>> leaves, treedef = jax.tree_util.tree_flatten(cfg)
+        >>> len(leaves) == len(PHYSICS_FIELDS)
+        True
+        >>> jax.jit(lambda c: c.r_wire * 2)(cfg.replace(r_wire=2.5))   # traced, no recompile
+        Array(5., dtype=float32, weak_type=True)
     """
     rows: int = 256
     cols: int = 256
@@ -95,39 +123,81 @@ class TileConfig:
         if self.ir_drop not in ("none", "first_order", "solver"):
             raise ValueError("TileConfig.ir_drop must be 'none', 'first_order' or 'solver', got "
                              f"{self.ir_drop!r}")
-        if self.r_wire < 0:
-            raise ValueError(f"TileConfig.r_wire must be >= 0 Ω, got {self.r_wire}")
-        if not isinstance(self.ir_max_iter, int) or self.ir_max_iter < 1:
+        if isinstance(self.ir_max_iter, bool) or not isinstance(self.ir_max_iter, int) \
+                or self.ir_max_iter < 1:
             raise ValueError(f"TileConfig.ir_max_iter must be a positive int, got {self.ir_max_iter!r}")
         if isinstance(self.ir_predistort, bool) or not isinstance(self.ir_predistort, int) \
                 or self.ir_predistort < 0:
             raise ValueError(f"TileConfig.ir_predistort must be an int >= 0, got {self.ir_predistort!r}")
-        if not 0 < self.ir_omega <= 1:
-            raise ValueError(f"TileConfig.ir_omega must be in (0, 1], got {self.ir_omega}")
         for name in ("rows", "cols"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TileConfig.{name} must be a positive int, got {v!r}")
         for name in ("dac_bits", "adc_bits"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or not 2 <= v <= 24):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 24):
                 raise ValueError(f"TileConfig.{name} must be None or an int in 2..24, got {v!r}")
         if self.dac_range not in ("absmax", "fixed"):
             raise ValueError(f"TileConfig.dac_range must be 'absmax' or 'fixed', got {self.dac_range!r}")
         if self.adc_range not in ("fixed", "max", "percentile"):
             raise ValueError("TileConfig.adc_range must be 'fixed', 'max' or 'percentile', got "
                              f"{self.adc_range!r}")
-        if not 0 < self.adc_percentile <= 100:
-            raise ValueError(f"TileConfig.adc_percentile must be in (0, 100], got {self.adc_percentile}")
+        for name in ("read_noise", "drift_compensation", "per_column_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TileConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        # physics numbers: checked where concrete (a traced value is checked by nobody)
+        _check_physics("r_wire", self.r_wire, minimum=0.0)
+        _check_physics("ir_omega", self.ir_omega, minimum=0.0, strict=True, maximum=1.0)
+        _check_physics("adc_percentile", self.adc_percentile, minimum=0.0, strict=True,
+                       maximum=100.0)
         for name in ("dac_bound", "adc_bound", "v_read"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"TileConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.out_noise < 0:
-            raise ValueError(f"TileConfig.out_noise must be >= 0, got {self.out_noise}")
+            _check_physics(name, getattr(self, name), minimum=0.0, strict=True)
+        _check_physics("out_noise", self.out_noise, minimum=0.0)
+        object.__setattr__(self, "_output_noise", not _is_literal_zero(self.out_noise))
+
+    @property
+    def output_noise(self) -> bool:
+        """Static: whether output noise is simulated (``out_noise`` is not the literal 0)."""
+        return self._output_noise
 
     @property
     def ideal_periphery(self) -> bool:
-        return self.dac_bits is None and self.adc_bits is None and self.out_noise == 0
+        """Static: no DAC, no ADC, no output noise."""
+        return self.dac_bits is None and self.adc_bits is None and not self.output_noise
+
+    def replace(self, **changes) -> "TileConfig":
+        """A copy with ``changes`` (validated; traced physics values are accepted)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_literal_zero(v) -> bool:
+    if not is_concrete(v):
+        return False
+    try:
+        return bool(np.all(np.asarray(v) == 0))
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_physics(name, v, *, minimum=None, strict=False, maximum=None):
+    if not is_concrete(v):
+        return
+    if isinstance(v, bool):
+        raise TypeError(f"TileConfig.{name} must be a real number, got {v!r}")
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"TileConfig.{name} must be a real number, got {v!r}") from None
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"TileConfig.{name} must be finite, got {v!r}")
+    if minimum is not None and (np.any(a <= minimum) if strict else np.any(a < minimum)):
+        raise ValueError(f"TileConfig.{name} must be {'>' if strict else '>='} {minimum:g}, "
+                         f"got {v!r}")
+    if maximum is not None and np.any(a > maximum):
+        raise ValueError(f"TileConfig.{name} must be <= {maximum:g}, got {v!r}")
+
+
+register_physics(TileConfig, PHYSICS_FIELDS)
 
 
 @struct.dataclass
@@ -166,7 +236,7 @@ def num_row_tiles(n_in: int, config: TileConfig) -> int:
     return -(-n_in // config.rows)
 
 
-def tile(w: Array, device, config: TileConfig = TileConfig()):
+def tile(w: Array, device, *, config: TileConfig = TileConfig()):
     """Target conductances of a weight matrix on differential pairs: (G⁺, G⁻, κ), [n_in, n_out].
 
     With ``config.ir_predistort > 0`` (and IR drop on) the targets are pre-distorted against
@@ -239,7 +309,7 @@ def _check_weight(fn, w):
     return w
 
 
-def program_tiles(key: Array, device, w: Array, config: TileConfig = TileConfig(), *,
+def program_tiles(key: Array, device, w: Array, *, config: TileConfig = TileConfig(),
                   calibration: Optional[Array] = None) -> Tiles:
     """Program a weight matrix onto differential-pair tiles (one-shot programming).
 
@@ -255,7 +325,7 @@ def program_tiles(key: Array, device, w: Array, config: TileConfig = TileConfig(
         :class:`Tiles`.
     """
     w = _check_weight("program_tiles", w)
-    tp, tm, kappa = tile(w, device, config)
+    tp, tm, kappa = tile(w, device, config=config)
     k_pos, k_neg = jax.random.split(key)
     pos = dev_mod.program(k_pos, device, tp)
     neg = dev_mod.program(k_neg, device, tm)
@@ -308,7 +378,7 @@ def quantize_symmetric(x: Array, scale, bits: int) -> Array:
     return round_ste(jnp.clip(x / step, -n, n)) * step
 
 
-def read_weights(key: Array, device, tiles: Tiles, t, config: TileConfig = TileConfig()):
+def read_weights(key: Array, device, tiles: Tiles, t, *, config: TileConfig = TileConfig()):
     """Effective weights read at time t: (W_eff [n_in, n_out], α).
 
     W_eff = (G⁺(t) − G⁻(t))/κ in weight units (not yet drift-compensated) and α the global drift
@@ -384,7 +454,7 @@ def _tile_cell_voltages(g, v_in, config: TileConfig):
                            max_iter=config.ir_max_iter).v_cell
 
 
-def cell_voltages(g: Array, v_rows: Array, config: TileConfig = TileConfig()) -> Array:
+def cell_voltages(g: Array, v_rows: Array, *, config: TileConfig = TileConfig()) -> Array:
     """Voltage across every cell of one conductance array, tile by tile.
 
     Args:
@@ -446,7 +516,7 @@ def _ir_partials(gp, gm, kappa, x, config: TileConfig):
     return cur / (config.v_read * kappa)
 
 
-def mvm(key: Array, device, tiles: Tiles, x: Array, t, config: TileConfig = TileConfig()):
+def mvm(key: Array, device, tiles: Tiles, x: Array, t, *, config: TileConfig = TileConfig()):
     """Analog matrix-vector products ``y ≈ x @ W`` through the tiles, read at time ``t``.
 
     Args:
@@ -482,7 +552,7 @@ def mvm(key: Array, device, tiles: Tiles, x: Array, t, config: TileConfig = Tile
     return (y[0] if squeeze else y), tiles
 
 
-def input_scale(x: Array, config: TileConfig = TileConfig()) -> Array:
+def input_scale(x: Array, *, config: TileConfig = TileConfig()) -> Array:
     """The DAC's full-scale input s_x per input vector, [B, 1]: max|x| ('absmax', 1 for an all-zero
     vector) or ``dac_bound`` ('fixed'). The word line of input x is driven at v_read·x/s_x (V)."""
     x = jnp.asarray(x)
@@ -499,18 +569,18 @@ def _periphery_mvm(key, device, kappa, adc_scale, partials, ideal, x, config: Ti
     full product, used when the periphery after the DAC is ideal.
     """
     if config.dac_bits is not None:
-        s_x = input_scale(x, config)
+        s_x = input_scale(x, config=config)
         x = quantize_symmetric(x, s_x, config.dac_bits)
     else:
         s_x = jnp.max(jnp.abs(x), axis=1, keepdims=True)
-    if ideal is not None and config.adc_bits is None and config.out_noise == 0:
+    if ideal is not None and config.adc_bits is None and not config.output_noise:
         return ideal(x)
     part = partials(x)
-    if config.adc_bits is None and config.out_noise == 0:
+    if config.adc_bits is None and not config.output_noise:
         return jnp.sum(part, axis=1)
     g_min, g_max = dev_mod.g_range(device)
     unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
-    if config.out_noise > 0:
+    if config.output_noise:
         part = part + config.out_noise * unit * jax.random.normal(key, part.shape, part.dtype)
     if config.adc_bits is not None:
         if config.adc_range == "fixed":

@@ -7,7 +7,7 @@
 
 Both return a :class:`Dataset` of NumPy arrays: inputs ``float32`` in ``[0, 1]`` (suitable as
 crossbar read voltages), labels ``int32``. Everything is deterministic for a given seed. This
-module depends only on NumPy and scikit-learn (and JAX only to read a PRNG key's bits).
+module imports only NumPy and scikit-learn (and JAX only to read a PRNG key's bits).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ Models (DESIGN.md §3): D1 :func:`pcm`, D2 :func:`reram`, D3 :func:`levels`, D5 
 D6 stuck-at faults (:class:`StuckAt`, the ``faults`` field of every device) and :func:`ideal`.
 D4 (pulse response) lives with pulse programming and D7 (read disturb) in ``disturb``.
 
-Units: conductance µS, time s, voltage V. This module imports only jax, numpy and flax.struct.
+Units: conductance µS, time s, voltage V. This module imports ``_checks``, ``_ops``, jax, numpy and flax.struct.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Defaults are placeholders to calibrate: V_ref = 0.2 V, N_ref = 1e8, V_0 = 0.05 V
 β = 0.5, ε_f = 0.1, σ_ln = 0.5. Calibration anchor: Yao et al., Nature 577, 641 (2020), Ext.
 Data Fig. 7 — memristor weights still usable after 10⁶ read pulses at 0.2 V.
 
-Units: conductance µS, voltage V. Imports only jax and flax.struct.
+Units: conductance µS, voltage V. This module imports only jax and flax.struct.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ of Sandia CrossSim's parasitic solver, written here from the circuit equations):
   fixed number of steps under ``lax.fori_loop`` (``num_iter``), which reverse-mode ``jax.grad``
   can differentiate.
 
-Units: conductance µS, voltage V, resistance Ω, current µA. Imports only jax.
+Units: conductance µS, voltage V, resistance Ω, current µA. This module imports only jax.
 """
 from __future__ import annotations
 

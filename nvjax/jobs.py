@@ -10,11 +10,12 @@ Everything here sits above the kernels: it reads a :mod:`nvjax.config` run confi
 or loads the model (:func:`get_model`), runs the engine (:mod:`nvjax.sweep`,
 :mod:`nvjax.lifetime`) and writes results. Nothing below imports this module.
 
-This module imports ``config``, ``data``, ``models``, ``chip``, ``lifetime``, ``sweep``, ``prng``,
-``_io``, ``_runtime`` and matplotlib (lazily, for figures).
+This module imports ``config``, ``data``, ``layers``, ``models``, ``chip``, ``lifetime``, ``sweep``,
+``prng``, ``_io``, ``_runtime`` and matplotlib (lazily, for figures).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ from jax.sharding import Mesh
 from . import chip as chip_mod
 from . import config as cfg_mod
 from . import data as data_mod
+from . import layers
 from . import lifetime as lifetime_mod
 from . import models as models_mod
 from . import prng as prng_mod
@@ -43,25 +45,32 @@ __all__ = ["accuracy_instance", "reliability", "make_model", "get_model", "write
            "init_distributed"]
 
 
-def accuracy_instance(model, params, config, x, y, times: Sequence[float]) -> sweep.Staged:
-    """The instance function of a reliability sweep.
+def accuracy_instance(model) -> sweep.Staged:
+    """The instance function of a reliability sweep of ``model`` (cached per model).
 
-    Programs the network (key ``split(key)[0]``), then for each read time ``t_j`` reads it with key
+    ``fn(key, device, params, config, x, y, times) -> accuracy [T]``: programs the network with
+    key ``split(key)[0]``, then for each read time ``times[j]`` (s) reads it with key
     ``fold_in(split(key)[1], j)`` and evaluates classification accuracy on ``(x, y)``. Two
-    stages (:class:`Staged`): programming returns the chip's tiles, the reads rebuild the chip.
+    stages (:class:`nvjax.sweep.Staged`): programming returns the chip's tiles, the reads rebuild
+    the chip. Everything but the model is an argument, so the compiled chunk
+    (:func:`nvjax.sweep.compile_chunk`) is reused for new parameters, data, device points and
+    tile physics of the same shapes.
 
-    Returns:
-        ``fn(key, device) -> accuracy [T]`` (a :class:`Staged`).
+    Example:
+        >>> fn = accuracy_instance(model)                                     # doctest: +SKIP
+        >>> acc = sweep.run_instances(fn, jax.random.key(0), 100, devices.pcm(), params,
+        ...                           crossbar.TileConfig(), x, y, jnp.array([1.0, 86400.0]))
     """
-    times = jnp.asarray(times, jnp.float32)
-    x = jnp.asarray(x)
-    y = jnp.asarray(y)
+    return _accuracy_staged(model)
 
-    def prepare(key, device):
+
+@functools.lru_cache(maxsize=64)
+def _accuracy_staged(model) -> sweep.Staged:
+    def prepare(key, device, params, config, x, y, times):
         k_prog, _ = jax.random.split(key)
-        return chip_mod.deploy(k_prog, model, params, device, config).tiles
+        return chip_mod.deploy(k_prog, model, params, device, config=config).tiles
 
-    def finish(key, tiles, device):
+    def finish(key, tiles, device, params, config, x, y, times):
         _, k_read = jax.random.split(key)
         chip = chip_mod.with_tiles(model, params, device, config, tiles)
 
@@ -70,8 +79,6 @@ def accuracy_instance(model, params, config, x, y, times: Sequence[float]) -> sw
             return jnp.mean(jnp.argmax(logits, -1) == y)
         return jax.lax.map(one, jnp.arange(times.shape[0]))
     return sweep.Staged(prepare, finish)
-
-
 
 
 def params_sha256(params) -> str:
@@ -174,7 +181,9 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
             log(f"resuming the run in {out_dir}: finished chunks are loaded from {chunk_dir}")
 
     points = cfg_mod.device_points(cfg)
-    fn = accuracy_instance(model, params, cfg.tile, x, y, cfg.sweep.t_read_s)
+    fn = accuracy_instance(model)
+    data = (layers.strip_params(params), cfg.tile, jnp.asarray(x), jnp.asarray(y),
+            jnp.asarray(cfg.sweep.t_read_s, jnp.float32))
     compiled = sweep.compile_chunk(fn, mesh=mesh)
     key = prng_mod.key(cfg.seed, cfg.prng)          # the sweep's generator (config 'prng')
     results = []
@@ -182,11 +191,11 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
     t_run = time.perf_counter()
     for p_idx, (point, device) in enumerate(points):
         desc = "chips" + (f" {point}" if point else "")
-        acc, k = sweep.run_instances(fn, key, cfg.sweep.num_instances, device,
-                                chunk_size=cfg.sweep.chunk_size, progress=cfg.progress,
-                                desc=desc, start=0, compiled=compiled, mesh=None,
-                                checkpoint_dir=chunk_dir, checkpoint_name=f"p{p_idx}",
-                                    return_loaded=True)
+        acc, k = sweep.run_instances(fn, key, cfg.sweep.num_instances, device, *data,
+                                     chunk_size=cfg.sweep.chunk_size, progress=cfg.progress,
+                                     desc=desc, start=0, compiled=compiled, mesh=None,
+                                     checkpoint_dir=chunk_dir, checkpoint_name=f"p{p_idx}",
+                                     return_loaded=True)
         results.append(acc)
         n_loaded += k
     timings["sweep_s"] = time.perf_counter() - t_run
@@ -328,7 +337,7 @@ def run_lifetime(cfg, out_dir: Optional[str] = None, *, log=print) -> Dict[str, 
     device = cfg_mod.make_device(cfg.device)
     disturb = cfg_mod.make_disturb(cfg.disturb, cfg.device)
     lc = cfg.lifetime
-    fns = lifetime_mod.lifetime(model, params, device, cfg.tile, disturb, x, y, lc)
+    fns = lifetime_mod.lifetime(model, params, device, cfg.tile, disturb, x, y, config=lc)
     log(f"{cfg.num_chips} chips × {lc.num_steps} steps of {lc.inferences_per_step:.3g} inferences "
         f"({lc.num_steps * lc.inferences_per_step:.3g} in all, {lc.num_steps * lc.dt_s:.3g} s), "
         f"policy {lc.policy}")

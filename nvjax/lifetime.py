@@ -28,12 +28,14 @@ resolved to ``eval_every·inferences_per_step`` inferences.
 Everything runs as one jitted function of the chip key: ``lax.scan`` over evaluation points with
 an inner ``lax.scan`` over steps, ``vmap`` over chips (:func:`run`).
 
-This module imports ``chip``, ``crossbar``, ``devices``, ``disturb``, ``sweep`` and ``_checks``.
+This module imports ``chip``, ``crossbar``, ``devices``, ``disturb``, ``sweep``, ``_checks`` and
+``_struct``.
 The ``nvjax lifetime`` job (config, files, figures) is :func:`nvjax.jobs.run_lifetime`.
 """
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Callable, Dict, Literal, NamedTuple, Optional
 
 import jax
@@ -46,7 +48,8 @@ from . import crossbar as xb
 from . import devices as dev_mod
 from . import disturb as dist_mod
 from . import sweep
-from ._checks import is_concrete
+from ._checks import check_real, is_concrete
+from ._struct import register_physics
 
 __all__ = ["LifetimeConfig", "LifetimeState", "LifetimeRecord", "Lifetime", "lifetime", "run",
            "eval_inferences", "reprogram_events", "summarize"]
@@ -57,9 +60,15 @@ Array = jax.Array
 _K_PROGRAM, _K_SPREAD, _K_STEP, _K_EVAL, _K_FRESH = range(5)
 
 
+#: LifetimeConfig fields that are numbers (pytree leaves; the rest is static structure).
+PHYSICS_FIELDS = ("inferences_per_step", "inference_rate_hz", "accuracy_drop", "g_error_max")
+
+
 @dataclasses.dataclass(frozen=True)
 class LifetimeConfig:
-    """Static options of the lifetime loop (hashable).
+    """Options of the lifetime loop: a pytree of numbers (:data:`PHYSICS_FIELDS`, traced when
+    :func:`lifetime` is built inside a jitted function, so sweeps over them compile once) with
+    static structure (step counts, batch size, policy, patience, row cap).
 
     Attributes:
         num_steps: scan steps (multiple of ``eval_every``).
@@ -95,20 +104,17 @@ class LifetimeConfig:
         if self.num_steps % self.eval_every:
             raise ValueError(f"LifetimeConfig.num_steps ({self.num_steps}) must be a multiple of "
                              f"eval_every ({self.eval_every})")
-        for name in ("inferences_per_step", "inference_rate_hz"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"LifetimeConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("inferences_per_step", "inference_rate_hz", "g_error_max"):
+            check_real(f"LifetimeConfig.{name}", getattr(self, name), minimum=0.0,
+                       strict_min=True)
         if self.policy not in ("accuracy", "conductance_error", "none"):
             raise ValueError("LifetimeConfig.policy must be 'accuracy', 'conductance_error' or "
                              f"'none', got {self.policy!r}")
-        if not 0 <= self.accuracy_drop < 1:
-            raise ValueError(f"LifetimeConfig.accuracy_drop must be in [0, 1), got {self.accuracy_drop}")
+        check_real("LifetimeConfig.accuracy_drop", self.accuracy_drop, minimum=0.0, maximum=1.0)
         if self.max_disturb_rows is not None and (not isinstance(self.max_disturb_rows, int)
                                                   or self.max_disturb_rows < 1):
             raise ValueError("LifetimeConfig.max_disturb_rows must be None or a positive int, got "
                              f"{self.max_disturb_rows!r}")
-        if not self.g_error_max > 0:
-            raise ValueError(f"LifetimeConfig.g_error_max must be > 0, got {self.g_error_max}")
 
     @property
     def num_evals(self) -> int:
@@ -118,6 +124,13 @@ class LifetimeConfig:
     def dt_s(self) -> float:
         """Seconds per step."""
         return self.inferences_per_step / self.inference_rate_hz
+
+    def replace(self, **changes) -> "LifetimeConfig":
+        """A copy with ``changes`` (validated; traced numbers are accepted)."""
+        return dataclasses.replace(self, **changes)
+
+
+register_physics(LifetimeConfig, PHYSICS_FIELDS)
 
 
 @struct.dataclass
@@ -164,9 +177,14 @@ class LifetimeRecord(NamedTuple):
 class Lifetime(NamedTuple):
     """The pure functions of one lifetime simulation (made by :func:`lifetime`).
 
-    ``init(key) -> state``; ``batch(s) -> inputs of step s``; ``step(state, x) -> state``;
-    ``evaluate(state, e) -> accuracy``; ``check(state, accuracy) -> (state, record)``;
-    ``simulate(key) -> (state, record with a leading [num_evals] axis)``.
+    ``init(key, placement=None) -> state``; ``batch(s) -> inputs of step s``;
+    ``step(state, x) -> state``; ``evaluate(state, e) -> accuracy``;
+    ``check(state, accuracy) -> (state, record)``;
+    ``simulate(key, placement=None) -> (state, record with a leading [num_evals] axis)``.
+    ``placement`` (layer name → (row_perm, col_perm) of :func:`nvjax.chip.deploy`: where each
+    weight sits in its tile grid, what read-disturb-aware placement optimizes) is an argument,
+    not part of the build, so simulating several placements compiles once; reprogramming keeps
+    the chip's placement.
     """
     init: Callable
     batch: Callable
@@ -182,8 +200,7 @@ def _select(pred, a, b):
 
 
 def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mod.DisturbParams,
-             x, y, config: LifetimeConfig = LifetimeConfig(), *,
-             placement: Optional[Dict[str, Any]] = None) -> Lifetime:
+             x, y, *, config: LifetimeConfig = LifetimeConfig()) -> Lifetime:
     """Build the lifetime simulation of a network deployed on crossbars.
 
     Args:
@@ -194,11 +211,15 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
         disturb: D7 parameters (:func:`nvjax.disturb.pcm_disturb` / ``reram_disturb``).
         x, y: evaluation inputs [N, ...] and integer labels [N]; steps cycle through ``x``.
         config: :class:`LifetimeConfig`.
-        placement: optional layer name → (row_perm, col_perm) of :func:`nvjax.chip.deploy`: where
-            each weight sits in its tile grid (what read-disturb-aware placement optimizes).
 
     Returns:
-        :class:`Lifetime`, whose ``simulate(key)`` runs one chip.
+        :class:`Lifetime`, whose ``simulate(key, placement)`` runs one chip.
+
+    Everything closed over here (model, parameters, device, tile physics, disturb constants,
+    the numbers of ``config``) becomes a compile-time constant of the functions returned; to
+    sweep such a number without recompiling, build the lifetime inside the jitted function with
+    the traced value (``TileConfig``, ``LifetimeConfig``, devices and ``DisturbParams`` are all
+    pytrees of numbers).
 
     Example:
         >>> import jax, nvjax
@@ -227,9 +248,9 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
     g_span = g_max - g_min
     reads_per_input = config.inferences_per_step / config.batch_size
 
-    def program(key, r, stuck_from=None):
+    def program(key, r, placement, stuck_from=None):
         chip = chip_mod.deploy(jax.random.fold_in(jax.random.fold_in(key, _K_PROGRAM), r),
-                               model, params, device, tile_config, placement=placement)
+                               model, params, device, config=tile_config, placement=placement)
         if stuck_from is None:
             return chip
         tiles = {}
@@ -261,8 +282,8 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
     def zero_reads(chip):
         return {n: jnp.zeros((t.n_in,), jnp.float32) for n, t in chip.tiles.items()}
 
-    def init(key):
-        chip = program(key, 0)
+    def init(key, placement=None):
+        chip = program(key, 0, placement)
         k_spread = jax.random.fold_in(key, _K_SPREAD)
         spread = {}
         for i, (n, t) in enumerate(chip.tiles.items()):
@@ -283,7 +304,7 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
     def step(state, xb_):
         key = jax.random.fold_in(jax.random.fold_in(state.key, _K_STEP), state.step)
         chip = disturbed_chip(state)
-        _, inputs = chip_mod.apply(key, chip, xb_, state.t, return_inputs=True)
+        inputs = chip_mod.apply_traced(key, chip, xb_, state.t).inputs
         damage, reads = {}, {}
         for name, rows in inputs.items():
             t_now, t_prog = chip.tiles[name], state.chip.tiles[name]
@@ -293,7 +314,7 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
                 scale = reads_per_input * rows.shape[0] / cap
                 rows = rows[np.linspace(0, rows.shape[0] - 1, cap).astype(int)]
             n_b = (rows != 0).astype(jnp.float32) * scale                   # [Nr, n_in]
-            v_rows = tile_config.v_read * rows / xb.input_scale(rows, tile_config)
+            v_rows = tile_config.v_read * rows / xb.input_scale(rows, config=tile_config)
             new = []
             for side in ("pos", "neg"):
                 g0 = getattr(t_prog, side).g
@@ -302,7 +323,7 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
                 if tile_config.ir_drop == "none":
                     v = v_rows[:, :, None]
                 else:
-                    v = xb.cell_voltages(getattr(t_now, side).g, v_rows, tile_config)
+                    v = xb.cell_voltages(getattr(t_now, side).g, v_rows, config=tile_config)
                 new.append(dist_mod.accumulate_batch(disturb, dmg, n_b[:, :, None], v, g0, z))
             damage[name] = tuple(new)
             reads[name] = state.reads[name] + jnp.sum(n_b, axis=0)
@@ -338,7 +359,8 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
             max_row_reads=jnp.max(jnp.stack([jnp.max(r) for r in state.reads.values()])))
         if config.policy == "none":
             return state, rec
-        new = state.replace(chip=program(state.key, state.num_programs, state.chip),
+        new = state.replace(chip=program(state.key, state.num_programs, state.chip.placement,
+                                         state.chip),
                             damage=zeros_like_cells(state.chip), reads=zero_reads(state.chip),
                             t=jnp.zeros_like(state.t), inferences=jnp.zeros_like(state.inferences),
                             num_programs=state.num_programs + 1, below=jnp.zeros_like(below))
@@ -350,8 +372,8 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
                          "below")})
         return state, rec
 
-    def simulate(key):
-        state = init(key)
+    def simulate(key, placement=None):
+        state = init(key, placement)
 
         def inner(st, s):
             return step(st, batch(s)), None
@@ -381,16 +403,41 @@ def _keep_faults(device, new: dev_mod.CellState, old: dev_mod.CellState) -> dev_
     return new._replace(g=g, nu=nu, stuck=old.stuck)
 
 
-def run(fns: Lifetime, key, num_chips: int, *, chunk_size: int = 32, progress: bool = False,
-        start: int = 0) -> LifetimeRecord:
+def run(fns: Lifetime, key, num_chips: int, *, placement: Optional[Dict[str, Any]] = None,
+        chunk_size: int = 32, progress: bool = False, start: int = 0) -> LifetimeRecord:
     """Simulate ``num_chips`` chips (chip i uses ``fold_in(key, i)``), chunked through one jit.
+
+    Args:
+        fns: from :func:`lifetime`.
+        key: the sweep's key.
+        num_chips: chips to simulate.
+        placement: the placement every chip is deployed with (None: identity). Runs of the same
+            ``fns`` with other placements of the same shapes reuse the compiled chunk.
+        chunk_size, progress, start: as in :func:`nvjax.sweep.run_instances`.
 
     Returns:
         :class:`LifetimeRecord` of NumPy arrays [num_chips, num_evals].
     """
-    rec = sweep.run_instances(lambda k: fns.simulate(k)[1], key, num_chips, chunk_size=chunk_size,
-                              progress=progress, desc="chips", start=start)
+    if placement is not None:
+        placement = {n: tuple(jnp.asarray(p, jnp.int32) for p in rc) for n, rc in placement.items()}
+    rec = sweep.run_instances(_recorder(fns.simulate), key, num_chips, placement,
+                              chunk_size=chunk_size, progress=progress, desc="chips", start=start)
     return LifetimeRecord(*rec)
+
+
+_RECORDERS: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _recorder(simulate: Callable) -> Callable:
+    """``(key, placement) -> record`` of ``simulate``, one function object per ``simulate`` (so
+    the sweep engine's compiled chunk is found again); holds ``simulate`` weakly."""
+    if simulate not in _RECORDERS:
+        ref = weakref.ref(simulate)
+
+        def record(key, placement):
+            return ref()(key, placement)[1]
+        _RECORDERS[simulate] = record
+    return _RECORDERS[simulate]
 
 
 def eval_inferences(config: LifetimeConfig) -> np.ndarray:

@@ -27,7 +27,7 @@ Solvers:
 Conventions: a permutation ``perm`` maps *logical* index i to *physical* index ``perm[i]``; costs
 carry whatever unit their factors carry (C in reads, D in 1/reads gives expected failures).
 
-Imports only numpy, scipy (optimize, sparse), jax and optax; no other nvjax module.
+This module imports only numpy, scipy (optimize, sparse), jax and optax; no other nvjax module.
 """
 from __future__ import annotations
 

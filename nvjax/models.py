@@ -13,6 +13,8 @@ Models use only ``nn.Dense`` and ``nn.Conv`` (biases optional) as parametrized l
 Parameters are the Flax variables dict ``{'params': {...}}`` returned by :func:`train`;
 :func:`accuracy` and :func:`save_params` also accept the inner ``params`` dict. Files are
 msgpack (:mod:`flax.serialization`), written atomically.
+
+This module imports ``data``, ``_train_loop``, jax, flax and optax.
 """
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def layer_reads(model, params, x, tile_config: xb.TileConfig, disturb: dist_mod.
     n = jnp.asarray(x).shape[0]
     out = {}
     for name, rows in layers.layer_inputs(model, params, x).items():
-        u = jnp.abs(rows) / xb.input_scale(rows, tile_config)
+        u = jnp.abs(rows) / xb.input_scale(rows, config=tile_config)
         w = (rows != 0) * jnp.exp((u * tile_config.v_read - disturb.v_ref) / disturb.v0)
         out[name] = jnp.sum(w, axis=0) / n
     return out
@@ -67,7 +67,7 @@ def position_factor(g_pos, g_neg, tile_config: xb.TileConfig, disturb: dist_mod.
     cfg = xb.TileConfig(rows=tile_config.rows, cols=tile_config.cols, ir_drop="first_order",
                         r_wire=tile_config.r_wire)
     v = jnp.full((1, g_pos.shape[0]), tile_config.v_read, g_pos.dtype)
-    eta = 0.5 * (xb.cell_voltages(g_pos, v, cfg)[0] + xb.cell_voltages(g_neg, v, cfg)[0])
+    eta = 0.5 * (xb.cell_voltages(g_pos, v, config=cfg)[0] + xb.cell_voltages(g_neg, v, config=cfg)[0])
     eta = eta / tile_config.v_read
     return jnp.exp(tile_config.v_read * (eta - 1.0) / disturb.v0)
 
@@ -96,7 +96,7 @@ def linear_costs(model, params, x, y, device, tile_config: xb.TileConfig,
     kernels = layers.kernels(params)
     out = {}
     for name, c in crit.items():
-        gp, gm, _ = xb.tile(kernels[name], device, tile_config)
+        gp, gm, _ = xb.tile(kernels[name], device, config=tile_config)
         out[name] = (np.asarray(c * reads[name][:, None], np.float64),
                      np.asarray(position_factor(gp, gm, tile_config, disturb), np.float64))
     return out
@@ -147,7 +147,7 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
     names = list(kernels)
     inputs = layers.layer_inputs(model, params, x)
     n_model = jnp.asarray(x).shape[0]
-    targets = {n: xb.tile(kernels[n], device, tile_config) for n in names}
+    targets = {n: xb.tile(kernels[n], device, config=tile_config) for n in names}
     flat = flatten_dict(params)
     cfg = tile_config if tile_config.ir_drop != "solver" else xb.TileConfig(
         rows=tile_config.rows, cols=tile_config.cols, ir_drop="first_order",
@@ -161,7 +161,7 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
         n_rows = rows.shape[0]
         if n_rows > max_rows:
             rows = rows[np.linspace(0, n_rows - 1, max_rows).astype(int)]
-        u = rows / xb.input_scale(rows, cfg)
+        u = rows / xb.input_scale(rows, config=cfg)
         driven = (rows != 0).astype(u.dtype) @ pr            # soft physical rows [Nr, n_in]
         v_rows = cfg.v_read * (u @ pr)
         reads = driven * (num_inferences / n_model * n_rows / rows.shape[0])
@@ -171,7 +171,7 @@ def relaxed_objective(model, params, x, y, device, tile_config: xb.TileConfig,
             if cfg.ir_drop == "none":
                 v = v_rows[:, :, None]
             else:
-                v = xb.cell_voltages(g_phys, v_rows, cfg)
+                v = xb.cell_voltages(g_phys, v_rows, config=cfg)
             dmg = dist_mod.accumulate_batch(disturb, jnp.zeros_like(g_phys), reads[:, :, None], v,
                                             g_phys, jnp.zeros_like(g_phys))
             g_d = dist_mod.disturbed_conductance(disturb, g_phys, dmg)

@@ -27,7 +27,7 @@ scheme (one implementation), so with the same key selective write-verify with an
 
 Units: conductance and weights in µS (µS-equivalent for weights, see :func:`row_program`), pulse
 counts int32, time in pulses × ``RowProgramConfig.t_pulse``. This module imports jax, numpy,
-flax.struct and :mod:`nvjax.devices` only (it sits below ``chip`` and ``sensitivity`` in the
+flax.struct, ``devices`` and ``_checks`` only (it sits below ``chip`` and ``sensitivity`` in the
 dependency order, so the SWIM score is computed here, equal to
 :func:`nvjax.sensitivity.swim_sensitivity`).
 """
@@ -720,7 +720,7 @@ def _config_numbers(config: RowProgramConfig, dtype):
 
 
 def row_program(key: Array, device: PulsePCM, w_target: Array,
-                config: RowProgramConfig = RowProgramConfig(), *,
+                *, config: RowProgramConfig = RowProgramConfig(),
                 variation: Optional[DeviceVariation] = None) -> RowProgramResult:
     """Row-parallel pulse programming of F-weighted MSP/LSP pairs with D4 pulses.
 
@@ -827,7 +827,7 @@ def pareto_sweep(key: Array, device: PulsePCM, w_target: Array,
             raise TypeError(f"configs[{i}] must be a RowProgramConfig, got {type(c).__name__}")
     out = {f: [] for f in ParetoSweep._fields}
     for c in configs:
-        r = row_program(key, device, w_target, c, variation=variation)
+        r = row_program(key, device, w_target, config=c, variation=variation)
         out["pfail"].append(float(r.pfail))
         out["mean_row_time"].append(float(jnp.mean(r.row_time)))
         out["max_row_time"].append(float(jnp.max(r.row_time)))

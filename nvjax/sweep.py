@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -193,9 +194,20 @@ class _ChunkFn:
         return x
 
 
+#: Compiled chunk functions per instance function (weak keys: an entry lives as long as its
+#: instance function), then per (vmap width, mesh).
+_CHUNK_CACHE: "weakref.WeakKeyDictionary[Any, Dict[Any, _ChunkFn]]" = weakref.WeakKeyDictionary()
+
+
 def compile_chunk(instance_fn: Callable, *, vmap_width: Optional[int] = None,
                   mesh: Optional[Mesh] = None) -> Callable:
     """One compiled function for a chunk of instances: ``f(sweep_key, indices, *args)``.
+
+    The result is cached per (``instance_fn``, ``vmap_width``, mesh): calling again with the same
+    instance function returns the same compiled function, whose jit cache then holds one
+    executable per argument shape (so a second sweep with the same function and shapes traces
+    and compiles nothing). Pass everything that varies between sweeps (parameters, inputs,
+    device and tile physics) as ``args`` rather than closing over it.
 
     Args:
         instance_fn: ``instance_fn(key, *args)`` for one instance, or a :class:`Staged` pair
@@ -211,28 +223,54 @@ def compile_chunk(instance_fn: Callable, *, vmap_width: Optional[int] = None,
         ``f(sweep_key, indices [n] uint32, *args) -> pytree [n, ...]``; ``f.mesh`` is the mesh
         used (None for one device), and with a mesh ``n`` must be a multiple of its size.
     """
+    if vmap_width is not None and (isinstance(vmap_width, bool) or not isinstance(vmap_width, int)):
+        raise TypeError(f"vmap_width must be None or an int >= 1, got {vmap_width!r}")
     if vmap_width is not None and vmap_width < 1:
         raise ValueError(f"vmap_width must be None or >= 1, got {vmap_width}")
+    if not callable(instance_fn):
+        raise TypeError(f"instance_fn must be callable, got {type(instance_fn).__name__}")
+    mesh = _resolve_mesh(mesh)
+    try:
+        per_fn = _CHUNK_CACHE.setdefault(instance_fn, {})
+        fn_ref = weakref.ref(instance_fn)
+    except TypeError:  # not weak-referenceable: compiled without caching
+        per_fn, fn_ref = {}, None
+    cache_key = (vmap_width, mesh)
+    if cache_key not in per_fn:
+        per_fn[cache_key] = _build_chunk(fn_ref, instance_fn, vmap_width, mesh)
+    return per_fn[cache_key]
+
+
+def _build_chunk(fn_ref, instance_fn, vmap_width, mesh) -> "_ChunkFn":
+    # The chunk functions reach the instance function through a weak reference, so that the
+    # cache entry (value) does not keep its own key alive.
+    if fn_ref is not None:
+        del instance_fn
+        get = fn_ref
+    else:
+        def get():
+            return instance_fn
 
     def batched(one, xs):
         if vmap_width is None:
             return jax.vmap(one)(xs)
         return jax.lax.map(one, xs, batch_size=vmap_width if vmap_width > 1 else None)
 
-    if isinstance(instance_fn, Staged):
-        prepare, finish = instance_fn.prepare, instance_fn.finish
-
+    if isinstance(get(), Staged):
         def chunk_prepare(sweep_key, idx, *args):
+            prepare = get().prepare
             return batched(lambda k: prepare(k, *args), instance_keys(sweep_key, idx))
 
         def chunk_finish(sweep_key, idx, state, *args):
+            finish = get().finish
             return batched(lambda ks: finish(ks[0], ks[1], *args),
                            (instance_keys(sweep_key, idx), state))
-        return _ChunkFn([chunk_prepare, chunk_finish], _resolve_mesh(mesh))
+        return _ChunkFn([chunk_prepare, chunk_finish], mesh)
 
     def chunk_fn(sweep_key, idx, *args):
-        return batched(lambda k: instance_fn(k, *args), instance_keys(sweep_key, idx))
-    return _ChunkFn([chunk_fn], _resolve_mesh(mesh))
+        one = get()
+        return batched(lambda k: one(k, *args), instance_keys(sweep_key, idx))
+    return _ChunkFn([chunk_fn], mesh)
 
 
 def _fetch(tree):

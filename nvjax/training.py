@@ -23,7 +23,8 @@ Post-programming correction (read-verify reprogramming, gain/offset calibration,
 pre-distortion) is :mod:`nvjax.correction`.
 
 This module imports ``devices``, ``encoding``, ``crossbar``, ``layers``, ``chip``, ``models``,
-``sensitivity``, ``programming``, ``correction``, flax and optax.
+``sensitivity``, ``programming``, ``correction``, ``_checks``, ``_ops``, ``_train_loop``, flax and
+optax.
 """
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def noisy_forward(key, model: nn.Module, params, x, noise=None):
     if isinstance(noise, WeightNoise):
         return model.apply({"params": perturb(key, inner, noise)}, x)
     k_prog, k_read, k_cal = jax.random.split(key, 3)
-    chip = chip_mod.deploy(k_prog, model, inner, noise.device, noise.config)
+    chip = chip_mod.deploy(k_prog, model, inner, noise.device, config=noise.config)
     if noise.calibration is not None:
         chip = calibrate(k_cal, chip, noise.calibration, noise.t)
     return chip_mod.apply(k_read, chip, x, noise.t)

@@ -36,7 +36,7 @@ def _init(model, shape, seed=0):
 @pytest.mark.parametrize("model,shape", [(ConvNet(), (5, 8, 8, 1)), (Nested(), (6, 11))])
 def test_ideal_chip_equals_software(model, shape):
     x, params = _init(model, shape)
-    chip = C.deploy(jax.random.key(2), model, params, D.ideal(), xb.TileConfig(rows=16, cols=8))
+    chip = C.deploy(jax.random.key(2), model, params, D.ideal(), config=xb.TileConfig(rows=16, cols=8))
     out = C.apply(jax.random.key(3), chip, x, 0.0)
     np.testing.assert_allclose(out, model.apply(params, x), rtol=1e-4, atol=1e-5)
 
@@ -66,7 +66,7 @@ def test_layer_names_and_read_counts():
     x, params = _init(model, (6, 11))
     assert layers.layer_names(params) == ("enc", "head")
     chip = C.deploy(jax.random.key(2), model, params, D.ideal())
-    _, chip2 = C.apply(jax.random.key(3), chip, x, 0.0, return_chip=True)
+    chip2 = C.apply_traced(jax.random.key(3), chip, x, 0.0).chip
     np.testing.assert_array_equal(chip2.tiles["enc"].reads, (np.asarray(x) != 0).sum(0))
     enc = params["params"]["enc"]
     h = np.tanh(np.asarray(x) @ np.asarray(enc["kernel"]) + np.asarray(enc["bias"]))
@@ -99,8 +99,8 @@ def test_placement_moves_weights_not_the_function():
     rp = jax.random.permutation(jax.random.key(5), 11).astype(jnp.int32)
     cp = jax.random.permutation(jax.random.key(6), 7).astype(jnp.int32)
     cfg = xb.TileConfig(rows=4, cols=3)
-    placed = C.deploy(jax.random.key(2), model, params, D.ideal(), cfg, placement={"enc": (rp, cp)})
-    plain = C.deploy(jax.random.key(2), model, params, D.ideal(), cfg)
+    placed = C.deploy(jax.random.key(2), model, params, D.ideal(), config=cfg, placement={"enc": (rp, cp)})
+    plain = C.deploy(jax.random.key(2), model, params, D.ideal(), config=cfg)
     # weight (i, j) sits on physical cell (rp[i], cp[j])
     np.testing.assert_array_equal(np.asarray(placed.tiles["enc"].pos.g)[np.ix_(rp, cp)],
                                   plain.tiles["enc"].pos.g)
@@ -109,16 +109,16 @@ def test_placement_moves_weights_not_the_function():
     eff = C.effective_params(jax.random.key(3), placed, 0.0)
     np.testing.assert_allclose(eff["enc"]["kernel"], params["params"]["enc"]["kernel"], rtol=1e-5,
                                atol=1e-6)
-    _, ins = C.apply(jax.random.key(3), placed, x, 0.0, return_inputs=True)
+    ins = C.apply_traced(jax.random.key(3), placed, x, 0.0).inputs
     np.testing.assert_array_equal(np.asarray(ins["enc"])[:, rp], x)   # physical row order
     # with IR drop the physical position matters
     cfg_ir = xb.TileConfig(rows=4, cols=3, ir_drop="first_order", r_wire=2000.0)
-    a = C.apply(jax.random.key(3), C.deploy(jax.random.key(2), model, params, D.ideal(), cfg_ir,
+    a = C.apply(jax.random.key(3), C.deploy(jax.random.key(2), model, params, D.ideal(), config=cfg_ir,
                                             placement={"enc": (rp, cp)}), x, 0.0)
-    b = C.apply(jax.random.key(3), C.deploy(jax.random.key(2), model, params, D.ideal(), cfg_ir), x, 0.0)
+    b = C.apply(jax.random.key(3), C.deploy(jax.random.key(2), model, params, D.ideal(), config=cfg_ir), x, 0.0)
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
     with pytest.raises(ValueError, match="not a permutation"):
-        C.deploy(jax.random.key(2), model, params, D.ideal(), cfg,
+        C.deploy(jax.random.key(2), model, params, D.ideal(), config=cfg,
                  placement={"enc": (jnp.zeros(11, jnp.int32), cp)})
     with pytest.raises(ValueError, match="unknown layers"):
-        C.deploy(jax.random.key(2), model, params, D.ideal(), cfg, placement={"dec": (rp, cp)})
+        C.deploy(jax.random.key(2), model, params, D.ideal(), config=cfg, placement={"dec": (rp, cp)})

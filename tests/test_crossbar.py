@@ -6,6 +6,7 @@ import pytest
 
 from nvjax import crossbar as xb
 from nvjax import devices as D
+from nvjax import irdrop
 
 
 def _w_x(n_in=300, n_out=40, batch=9, seed=0):
@@ -20,11 +21,11 @@ def _w_x(n_in=300, n_out=40, batch=9, seed=0):
 def test_ideal_equals_matmul(rows, cols, per_col):
     w, x = _w_x()
     cfg = xb.TileConfig(rows=rows, cols=cols, per_column_scale=per_col)
-    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg)
-    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, cfg)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, config=cfg)
+    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, config=cfg)
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-4)
     # a single vector works too
-    y1, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x[0], 0.0, cfg)
+    y1, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x[0], 0.0, config=cfg)
     np.testing.assert_allclose(y1, x[0] @ w, rtol=1e-5, atol=1e-4)
 
 
@@ -32,8 +33,8 @@ def test_ideal_device_with_pcm_noise_switched_off_is_exact():
     # PCM with read noise disabled at t = 0 reads exactly the programmed conductances.
     w, x = _w_x()
     cfg = xb.TileConfig(read_noise=False, drift_compensation=False)
-    tiles = xb.program_tiles(jax.random.key(0), D.pcm(), w, cfg)
-    y, _ = xb.mvm(jax.random.key(1), D.pcm(), tiles, x, 0.0, cfg)
+    tiles = xb.program_tiles(jax.random.key(0), D.pcm(), w, config=cfg)
+    y, _ = xb.mvm(jax.random.key(1), D.pcm(), tiles, x, 0.0, config=cfg)
     w_prog = (np.asarray(tiles.pos.g) - np.asarray(tiles.neg.g)) / float(tiles.kappa)
     np.testing.assert_allclose(y, x @ w_prog, rtol=1e-5, atol=1e-4)
 
@@ -74,8 +75,8 @@ def _numpy_periphery(x, w, cfg, kappa_span=1.0):
 def test_dac_adc_match_independent_numpy_model():
     w, x = _w_x(n_in=150, n_out=12)
     cfg = xb.TileConfig(rows=64, dac_bits=5, adc_bits=6, adc_bound=3.0, drift_compensation=False)
-    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg)
-    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, cfg)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, config=cfg)
+    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, config=cfg)
     ref = _numpy_periphery(x.astype(np.float64), w.astype(np.float64), cfg)
     # identical up to float rounding at quantization boundaries: compare most entries tightly
     close = np.isclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
@@ -88,8 +89,8 @@ def test_output_noise_statistics():
     # Ideal device, only output noise: y - x@W has σ = out_noise·s_x·w_max·sqrt(Ti).
     w, x = _w_x(n_in=200, n_out=50, batch=400)
     cfg = xb.TileConfig(rows=64, out_noise=0.05, drift_compensation=False)
-    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg)
-    y, _ = xb.mvm(jax.random.key(3), D.ideal(), tiles, x, 0.0, cfg)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, config=cfg)
+    y, _ = xb.mvm(jax.random.key(3), D.ideal(), tiles, x, 0.0, config=cfg)
     err = (np.asarray(y) - x @ w) / (np.abs(x).max(1, keepdims=True) * np.abs(w).max())
     expected = 0.05 * np.sqrt(xb.num_row_tiles(200, cfg))
     n = err.size
@@ -103,12 +104,12 @@ def test_drift_compensation_undoes_uniform_drift():
     dev = D.pcm(read_q=0.0, nu_mu=(0.0, 0.06, 0.06, 0.06), nu_sigma=(0.0, 0.0, 0.0, 0.0))
     w, x = _w_x()
     cfg = xb.TileConfig()
-    tiles = xb.program_tiles(jax.random.key(0), dev, w, cfg)
-    y0, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 0.0, cfg)
-    y1, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 3.15e7, cfg)
+    tiles = xb.program_tiles(jax.random.key(0), dev, w, config=cfg)
+    y0, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 0.0, config=cfg)
+    y1, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 3.15e7, config=cfg)
     np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4)
     no_comp = xb.TileConfig(drift_compensation=False)
-    y2, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 3.15e7, no_comp)
+    y2, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 3.15e7, config=no_comp)
     scale = ((3.15e7 + 20.0) / 20.0) ** -0.06
     np.testing.assert_allclose(y2, np.asarray(y0) * scale, rtol=1e-4, atol=1e-4)
 
@@ -116,10 +117,10 @@ def test_drift_compensation_undoes_uniform_drift():
 def test_adc_calibration_by_max():
     w, x = _w_x(n_in=100, n_out=8)
     cfg = xb.TileConfig(rows=32, adc_bits=8, adc_range="max")
-    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg, calibration=x)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, config=cfg, calibration=x)
     ref = np.stack([np.abs(x[:, r:r + 32] @ w[r:r + 32]).max(0) for r in range(0, 100, 32)])
     np.testing.assert_allclose(tiles.adc_scale, ref, rtol=1e-5)
-    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, cfg)
+    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, config=cfg)
     step = ref.max() / 127
     assert np.max(np.abs(np.asarray(y) - x @ w)) <= 4 * step
 
@@ -131,8 +132,8 @@ def test_jit_and_vmap_consistency():
 
     def f(key):
         k1, k2 = jax.random.split(key)
-        tiles = xb.program_tiles(k1, dev, w, cfg)
-        return xb.mvm(k2, dev, tiles, x, 86400.0, cfg)[0]
+        tiles = xb.program_tiles(k1, dev, w, config=cfg)
+        return xb.mvm(k2, dev, tiles, x, 86400.0, config=cfg)[0]
     keys = jax.random.split(jax.random.key(0), 3)
     eager = f(keys[1])
     np.testing.assert_allclose(jax.jit(f)(keys[1]), eager, rtol=1e-5, atol=1e-5)
@@ -169,8 +170,8 @@ def test_errors():
 def test_ir_drop_zero_resistance_equals_matmul(method):
     w, x = _w_x(n_in=40, n_out=12, batch=3)
     cfg = xb.TileConfig(rows=16, cols=8, ir_drop=method, r_wire=0.0)
-    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, cfg)
-    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, cfg)
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, config=cfg)
+    y, _ = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0, config=cfg)
     np.testing.assert_allclose(y, x @ w, rtol=1e-4, atol=1e-4)
 
 
@@ -179,8 +180,8 @@ def test_ir_drop_mvm_matches_nodal_solve_of_each_tile():
     w, x = _w_x(n_in=10, n_out=6, batch=2)
     cfg = xb.TileConfig(rows=5, cols=4, ir_drop="solver", r_wire=200.0, drift_compensation=False)
     dev = D.ideal()
-    tiles = xb.program_tiles(jax.random.key(0), dev, w, cfg)
-    y, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 0.0, cfg)
+    tiles = xb.program_tiles(jax.random.key(0), dev, w, config=cfg)
+    y, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 0.0, config=cfg)
     gp, gm, kappa = np.asarray(tiles.pos.g, float), np.asarray(tiles.neg.g, float), float(tiles.kappa)
     ref = np.zeros((2, 6))
     for b in range(2):
@@ -202,20 +203,19 @@ def test_ir_drop_large_batch_uses_linearity(method):
     w, x = _w_x(n_in=10, n_out=6, batch=12)
     cfg = xb.TileConfig(rows=5, cols=4, ir_drop=method, r_wire=200.0, drift_compensation=False)
     dev = D.ideal()
-    tiles = xb.program_tiles(jax.random.key(0), dev, w, cfg)
-    y_big, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 0.0, cfg)
-    y_small = np.concatenate([xb.mvm(jax.random.key(1), dev, tiles, x[i:i + 4], 0.0, cfg)[0]
+    tiles = xb.program_tiles(jax.random.key(0), dev, w, config=cfg)
+    y_big, _ = xb.mvm(jax.random.key(1), dev, tiles, x, 0.0, config=cfg)
+    y_small = np.concatenate([xb.mvm(jax.random.key(1), dev, tiles, x[i:i + 4], 0.0, config=cfg)[0]
                               for i in range(0, 12, 4)])
     np.testing.assert_allclose(y_big, y_small, rtol=1e-4, atol=1e-5)
     assert np.abs(np.asarray(y_big) - x @ w).max() > 1e-3
 
 
 def test_cell_voltages_per_tile_match_irdrop():
-    from nvjax import irdrop
     g = jax.random.uniform(jax.random.key(3), (10, 6), minval=0.0, maxval=25.0)
     v = jax.random.uniform(jax.random.key(4), (3, 10), maxval=0.2)
     cfg = xb.TileConfig(rows=5, cols=4, ir_drop="first_order", r_wire=50.0)
-    vc = xb.cell_voltages(g, v, cfg)
+    vc = xb.cell_voltages(g, v, config=cfg)
     assert vc.shape == (3, 10, 6)
     for b in range(3):
         for r0 in range(0, 10, 5):
@@ -226,7 +226,7 @@ def test_cell_voltages_per_tile_match_irdrop():
                 ref = irdrop.voltages_first_order(jnp.asarray(gt), v[b, r0:r0 + 5], 50.0)
                 np.testing.assert_allclose(vc[b, r0:r0 + 5, c0:c0 + 4], ref[:, :blk.shape[1]],
                                            rtol=1e-6, atol=1e-7)
-    none = xb.cell_voltages(g, v, xb.TileConfig(rows=5, cols=4))
+    none = xb.cell_voltages(g, v, config=xb.TileConfig(rows=5, cols=4))
     np.testing.assert_array_equal(none, np.broadcast_to(np.asarray(v)[:, :, None], (3, 10, 6)))
     with pytest.raises(ValueError, match="v_rows"):
-        xb.cell_voltages(g, v[:, :5], cfg)
+        xb.cell_voltages(g, v[:, :5], config=cfg)

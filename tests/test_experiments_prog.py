@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nvjax import data as data_mod
+from nvjax import models as models_mod
+from nvjax import programming as pr
 from nvjax.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +131,6 @@ def test_rowprog_main_tiny(rowprog, tmp_path, model_cache):
 
 def test_rowprog_stack_layers_and_weights_map_back(rowprog):
     """Stacked layers program like the whole; padding is masked; weights come back in units."""
-    import nvjax.programming as pr
     # stacked shape [8, 32] and 2 chips, as the tiny config's Gaussian set: compiled once
     w1 = jax.random.normal(jax.random.key(0), (5, 32))
     w2 = 0.1 * jax.random.normal(jax.random.key(1), (3, 20))
@@ -202,9 +204,6 @@ def test_swim_main_tiny(swim, tmp_path, model_cache):
 
 def test_swim_compose_equals_selective_write_verify(swim, model_cache):
     """The fast path (where(mask, full, one shot)) is selective_write_verify bit for bit."""
-    import nvjax.models as models_mod
-    from nvjax import data as data_mod
-    from nvjax import programming as pr
     cfg = swim.ESwimConfig(models=("mlp",), fractions=(0.05,), rankings=("swim", "random"),
                            max_cycles=4, tol=0.03, num_chips=1)
     model, params = models_mod.get_trained("mlp", cache_dir=model_cache, epochs=2)

@@ -13,6 +13,7 @@ from nvjax import crossbar as xb
 from nvjax import devices as D
 from nvjax import disturb as R
 from nvjax import lifetime as L
+from nvjax import cli
 
 
 class Tiny(nn.Module):
@@ -35,7 +36,7 @@ def _fns(policy="accuracy", v_read=0.45, ir="none", steps=6, every=2, device=Non
     tc = xb.TileConfig(rows=8, cols=8, v_read=v_read, ir_drop=ir)
     cfg = L.LifetimeConfig(num_steps=steps, eval_every=every, batch_size=8,
                            inferences_per_step=2e6, policy=policy, **kw)
-    return L.lifetime(model, params, device or D.pcm(), tc, R.pcm_disturb(), x, y, cfg)
+    return L.lifetime(model, params, device or D.pcm(), tc, R.pcm_disturb(), x, y, config=cfg)
 
 
 def test_scan_equals_step_by_step_python_loop():
@@ -201,7 +202,6 @@ def test_lifetime_config_file_is_strict(tmp_path):
 
 @pytest.mark.slow
 def test_cli_lifetime_writes_results(tmp_path):
-    from nvjax import cli
     path = tmp_path / "lt.yaml"
     path.write_text(
         "model: {name: mlp, hidden: [16], epochs: 3}\n"

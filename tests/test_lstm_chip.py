@@ -1,7 +1,7 @@
 """The LSTM classifier on crossbar tiles: an ideal chip equals software, PCM stays close.
 
 The recurrent layer ``h_proj`` is called once per time step; every call runs on the same tiles
-(shared weights), so its read counters add up over the steps, ``return_inputs`` holds the
+(shared weights), so its read counters add up over the steps, ``apply_traced(...).inputs`` holds the
 inputs of all its calls (``h_0 .. h_{T-1}``), and each call draws its own read noise.
 """
 import jax
@@ -61,7 +61,7 @@ def test_layer_names_and_tiles(trained):
     model, params, _ = trained
     names = layers.layer_names(params)
     assert len(names) == 3 and set(names) == LAYERS
-    chip = C.deploy(jax.random.key(0), model, params, D.ideal(), CONFIG)
+    chip = C.deploy(jax.random.key(0), model, params, D.ideal(), config=CONFIG)
     assert set(chip.tiles) == LAYERS
 
 
@@ -69,7 +69,7 @@ def test_ideal_chip_equals_software(trained, digits_img):
     model, params, _ = trained
     x = digits_img.x_test[:64]
     want = np.asarray(model.apply(params, x))
-    chip = C.deploy(jax.random.key(1), model, params, D.ideal(), CONFIG)
+    chip = C.deploy(jax.random.key(1), model, params, D.ideal(), config=CONFIG)
     np.testing.assert_allclose(C.apply(jax.random.key(2), chip, x, 0.0), want, rtol=1e-4,
                                atol=1e-4)
     # jitted, at a later time, with flat inputs: same (ideal cells do not drift)
@@ -80,7 +80,7 @@ def test_ideal_chip_equals_software(trained, digits_img):
 
 def test_effective_params_of_ideal_chip_equal_params(trained):
     model, params, _ = trained
-    chip = C.deploy(jax.random.key(4), model, params, D.ideal(), CONFIG)
+    chip = C.deploy(jax.random.key(4), model, params, D.ideal(), config=CONFIG)
     for t in (0.0, 3600.0):
         eff = C.effective_params(jax.random.key(5), chip, t)
         assert jax.tree.structure(eff) == jax.tree.structure(params["params"])
@@ -93,9 +93,8 @@ def test_return_inputs_and_read_counts(trained, digits_img):
     x = digits_img.x_test[:20]
     seq = x[..., 0]                                              # [B, T, F]
     hs = _hidden_states(params["params"], seq)
-    chip = C.deploy(jax.random.key(6), model, params, D.ideal(), CONFIG)
-    out, chip2, ins = C.apply(jax.random.key(7), chip, x, 0.0, return_chip=True,
-                              return_inputs=True)
+    chip = C.deploy(jax.random.key(6), model, params, D.ideal(), config=CONFIG)
+    out, chip2, ins = C.apply_traced(jax.random.key(7), chip, x, 0.0)
     np.testing.assert_allclose(out, model.apply(params, x), rtol=1e-4, atol=1e-4)
     assert set(ins) == LAYERS
     # the input projection runs once on all B·T rows
@@ -119,7 +118,7 @@ def test_pcm_accuracy_close_to_software(trained, digits_img):
 
     def instance_accuracy(key):
         key_prog, key_read = jax.random.split(key)
-        chip = C.deploy(key_prog, model, params, D.pcm(), CONFIG)
+        chip = C.deploy(key_prog, model, params, D.pcm(), config=CONFIG)
         return jnp.mean(jnp.argmax(C.apply(key_read, chip, x, 0.0), -1) == y)
 
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(8), i))(jnp.arange(6))
@@ -134,10 +133,9 @@ def test_each_recurrent_call_draws_its_own_read_noise(trained, digits_img):
     """Step t of h_proj reads the tiles with fold_in(fold_in(key, layer), t): with PCM read noise
     the 8 calls must not share one noise sample. Checked by re-running the recurrence by hand
     with crossbar.mvm and those keys."""
-    from nvjax import crossbar as xb
     model, params, _ = trained
     x = jnp.asarray(digits_img.x_test[:5])
-    chip = C.deploy(jax.random.key(6), model, params, D.pcm(), CONFIG)
+    chip = C.deploy(jax.random.key(6), model, params, D.pcm(), config=CONFIG)
     key, t = jax.random.key(9), 3600.0
     out = C.apply(key, chip, x, t)
     names = list(chip.tiles)
@@ -145,18 +143,18 @@ def test_each_recurrent_call_draws_its_own_read_noise(trained, digits_img):
     seq = x[..., 0]
     hidden = p["h_proj"]["kernel"].shape[0]
     kx = jax.random.fold_in(key, names.index("x_proj"))
-    zx, _ = xb.mvm(kx, chip.device, chip.tiles["x_proj"], seq.reshape(-1, 8), t, chip.config)
+    zx, _ = xb.mvm(kx, chip.device, chip.tiles["x_proj"], seq.reshape(-1, 8), t, config=chip.config)
     zx = zx.reshape(5, 8, -1) + p["x_proj"]["bias"]
     h = jnp.zeros((5, hidden))
     c = jnp.zeros_like(h)
     kh = jax.random.fold_in(key, names.index("h_proj"))
     for step in range(8):
         k = kh if step == 0 else jax.random.fold_in(kh, step)
-        zh, _ = xb.mvm(k, chip.device, chip.tiles["h_proj"], h, t, chip.config)
+        zh, _ = xb.mvm(k, chip.device, chip.tiles["h_proj"], h, t, config=chip.config)
         z = zx[:, step] + zh
         i, f, g, o = (z[:, j * hidden:(j + 1) * hidden] for j in range(4))
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
     kd = jax.random.fold_in(key, names.index("head"))
-    ref, _ = xb.mvm(kd, chip.device, chip.tiles["head"], h, t, chip.config)
+    ref, _ = xb.mvm(kd, chip.device, chip.tiles["head"], h, t, config=chip.config)
     np.testing.assert_allclose(out, ref + p["head"]["bias"], rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ from nvjax import disturb as R
 from nvjax import mapping
 from nvjax import placement as pl
 from nvjax import sensitivity
+from nvjax import chip as C
 
 
 class Tiny(nn.Module):
@@ -130,13 +131,12 @@ def test_relaxed_placement_returns_permutations():
 def test_objective_with_ir_mvm_equals_the_simulated_chip_at_zero_reads():
     """n = 0: the objective is the cross-entropy of the network run on the placed tiles with
     first-order IR drop — computed independently by chip.apply on an ideal-device chip."""
-    from nvjax import chip as C
     model, params, x, y = _setup()
     cfg = xb.TileConfig(rows=4, cols=4, v_read=0.5, ir_drop="first_order", r_wire=3000.0)
     dev = D.ideal(g_max=25.0)
     obj, names = pl.relaxed_objective(model, params, x, y, dev, cfg, R.pcm_disturb(), 0.0)
     placement = pl.random_placement(2, params)
-    chip = C.deploy(jax.random.key(0), model, params, dev, cfg,
+    chip = C.deploy(jax.random.key(0), model, params, dev, config=cfg,
                     placement={n: tuple(jnp.asarray(p, jnp.int32) for p in placement[n])
                                for n in names})
     logits = C.apply(jax.random.key(1), chip, x, 0.0)

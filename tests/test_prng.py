@@ -12,6 +12,7 @@ from scipy import stats
 
 from nvjax import prng
 from nvjax.config import RunConfig
+from nvjax import prng, sweep
 
 N = 2 ** 20          # samples per statistical test
 SE5 = 5.0 / np.sqrt(N)  # 5 standard errors of a correlation coefficient
@@ -374,7 +375,6 @@ def test_run_config_prng_field():
 def test_sweep_with_philox_independent_of_chunking():
     """A sweep keyed by the Philox generator: instance i's result does not depend on the chunk
     size, and differs from the threefry sweep (another stream)."""
-    from nvjax import prng, sweep
 
     def fn(k, w):
         return jnp.sum(jax.random.normal(k, (8,)) @ w)

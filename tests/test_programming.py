@@ -303,7 +303,7 @@ def test_row_program_identities():
     dev = P.pulse_pcm()
     cfg = P.RowProgramConfig(t_pulse=2.5)
     w_t = _weights("gaussian")
-    r = P.row_program(jax.random.key(40), dev, w_t, cfg)
+    r = P.row_program(jax.random.key(40), dev, w_t, config=cfg)
     gp, gm, lp, lm = (_np(x) for x in r.g)
     np.testing.assert_allclose(_np(r.w), 2.0 * (gp - gm) + (lp - lm), atol=1e-5)
     pulses = np.asarray(r.pulses)
@@ -335,18 +335,18 @@ def test_row_program_pfail_decreases_with_budget():
     dev, w_t, key = P.pulse_pcm(), _weights("uniform"), jax.random.key(42)
     # Same key: a weight's pulse sequence does not depend on the LSP budget, so the failed set
     # can only shrink as n_fine grows (exactly monotone).
-    pf = [float(P.row_program(key, dev, w_t, P.RowProgramConfig(n_fine=n)).pfail)
+    pf = [float(P.row_program(key, dev, w_t, config=P.RowProgramConfig(n_fine=n)).pfail)
           for n in (0, 5, 10, 25, 60, 200)]
     assert all(b <= a for a, b in zip(pf, pf[1:])), pf
     assert pf[0] > 0.5 and pf[-1] < 1e-3, pf
     # generous budgets everywhere: Pfail → 0
     big = P.RowProgramConfig(n_coarse=200, n_correct=100, n_fine=400)
-    assert float(P.row_program(key, dev, w_t, big).pfail) < 1e-3
+    assert float(P.row_program(key, dev, w_t, config=big).pfail) < 1e-3
 
 
 def test_row_program_pfail_decreases_as_eps_loosens():
     dev, w_t, key = P.pulse_pcm(), _weights("gaussian"), jax.random.key(43)
-    pf = [float(P.row_program(key, dev, w_t, P.RowProgramConfig(eps=e)).pfail)
+    pf = [float(P.row_program(key, dev, w_t, config=P.RowProgramConfig(eps=e)).pfail)
           for e in (0.05, 0.1, 0.25, 0.5, 1.0)]
     assert all(b < a for a, b in zip(pf[:-2], pf[1:-1])), pf
     assert pf[-1] <= pf[-2] and pf[-1] < 1e-3 and pf[0] > 0.1, pf
@@ -424,7 +424,7 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="device"):
         P.row_program(k, D.pcm(), jnp.ones((2, 4)))
     with pytest.raises(TypeError, match="config"):
-        P.row_program(k, P.pulse_pcm(), jnp.ones((2, 4)), {"eps": 1.0})
+        P.row_program(k, P.pulse_pcm(), jnp.ones((2, 4)), config={"eps": 1.0})
     with pytest.raises(ValueError, match="variation"):
         P.row_program(k, P.pulse_pcm(), jnp.ones((2, 4)),
                       variation=P.draw_devices(k, P.pulse_pcm(), (4, 3, 4)))

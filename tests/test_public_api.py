@@ -5,6 +5,7 @@ import jax
 
 import nvjax
 from nvjax import devices, sweep
+from nvjax import mapping
 
 
 def test_top_level_surface():
@@ -24,7 +25,6 @@ def test_device_contract():
 
 def test_mapping_contract():
     import numpy as np
-    from nvjax import mapping
     cost = np.array([[3.0, 1.0], [1.0, 3.0]])
     assert mapping.assign(cost).tolist() == [1, 0]
     assert mapping.relaxed_assign(jax.random.key(0),

@@ -14,6 +14,8 @@ from jax.flatten_util import ravel_pytree
 from nvjax import chip as C
 from nvjax import layers
 from nvjax import sensitivity as S
+from nvjax import crossbar as xb
+from nvjax import devices as D
 
 
 def _sym(seed, n):
@@ -218,8 +220,6 @@ class Shared(nn.Module):
 
 
 def test_activation_stats_accumulate_repeated_calls_and_agree_with_chip_read_counters():
-    from nvjax import crossbar as xb
-    from nvjax import devices as D
     x = jnp.array([[1.0, 0.0, 0.0, 2.0, 0.0],
                    [0.0, 0.0, 3.0, 0.0, 0.0]])
     model = Shared()
@@ -230,8 +230,8 @@ def test_activation_stats_accumulate_repeated_calls_and_agree_with_chip_read_cou
                                   (both != 0).sum(0))
     np.testing.assert_allclose(stats["Dense_0"]["mean_abs"], np.abs(both).mean(0), rtol=1e-6)
     # the simulator's own per-row read counters give the same numbers
-    chip = C.deploy(jax.random.key(1), model, params, D.ideal(), xb.TileConfig(rows=8, cols=8))
-    _, chip = C.apply(jax.random.key(2), chip, x, 0.0, return_chip=True)
+    chip = C.deploy(jax.random.key(1), model, params, D.ideal(), config=xb.TileConfig(rows=8, cols=8))
+    chip = C.apply_traced(jax.random.key(2), chip, x, 0.0).chip
     np.testing.assert_array_equal(np.asarray(stats["Dense_0"]["reads_per_inference"]) * 2,
                                   chip.tiles["Dense_0"].reads)
 

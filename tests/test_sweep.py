@@ -13,6 +13,7 @@ from nvjax import devices as D
 from nvjax import jobs
 from nvjax import sweep
 from nvjax.models import MLP
+from nvjax import chip as chip_mod
 
 
 def test_instance_keys_are_fold_in():
@@ -81,7 +82,6 @@ def test_staged_is_prepare_then_finish():
 def test_two_stage_accuracy_instance_equals_one_stage(small_sweep):
     """accuracy_instance (two stages: deploy, then reads) gives the accuracies of deploy + apply
     written as one function, and with_tiles rebuilds the deployed chip exactly."""
-    from nvjax import chip as chip_mod
     assert isinstance(small_sweep, sweep.Staged)
     model = MLP(features=(16, 10))
     x = jax.random.uniform(jax.random.key(0), (40, 64))
@@ -92,7 +92,7 @@ def test_two_stage_accuracy_instance_equals_one_stage(small_sweep):
 
     def one_stage(key, device):
         k_prog, k_read = jax.random.split(key)
-        chip = chip_mod.deploy(k_prog, model, params, device, cfg)
+        chip = chip_mod.deploy(k_prog, model, params, device, config=cfg)
         return jnp.stack([jnp.mean(jnp.argmax(chip_mod.apply(jax.random.fold_in(k_read, j), chip,
                                                              x, times[j]), -1) == y)
                           for j in range(2)])
@@ -104,7 +104,7 @@ def test_two_stage_accuracy_instance_equals_one_stage(small_sweep):
     # accuracies are multiples of 1/40: float rounding between the two compilations could flip a
     # logit tie at most, never on this many instances
     np.testing.assert_allclose(a, b, atol=1e-6)
-    chip = chip_mod.deploy(key, model, params, dev, cfg)
+    chip = chip_mod.deploy(key, model, params, dev, config=cfg)
     again = chip_mod.with_tiles(model, params, dev, cfg, chip.tiles)
     np.testing.assert_array_equal(chip_mod.apply(key, again, x, 10.0),
                                   chip_mod.apply(key, chip, x, 10.0))

@@ -29,6 +29,7 @@ from nvjax import config as cfg_mod
 from nvjax import jobs
 from nvjax import models as models_mod
 from nvjax import sweep
+from nvjax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_INSTANCES = 40
@@ -235,7 +236,6 @@ def test_init_distributed_settings(monkeypatch):
 
 
 def test_cli_distributed_flags_are_checked(tmp_path, monkeypatch, capsys):
-    from nvjax import cli
     for k in (sweep.ENV_COORDINATOR, sweep.ENV_NUM_PROCESSES, sweep.ENV_PROCESS_ID):
         monkeypatch.delenv(k, raising=False)
     cfg = tmp_path / "c.yaml"

@@ -190,7 +190,7 @@ def test_calibrate_recovers_synthetic_gain_offset_on_chip():
     w_dist = (w * s).at[0].add(o)
     bad = {"params": {"Dense_0": {"kernel": w_dist, "bias": params["params"]["Dense_0"]["bias"]}}}
     cfg = xb.TileConfig(rows=8, cols=4)
-    chip = chip_mod.deploy(jax.random.key(2), model, bad, dv.ideal(), cfg)
+    chip = chip_mod.deploy(jax.random.key(2), model, bad, dv.ideal(), config=cfg)
     cal = corr.calibrate(jax.random.key(3), chip, x, 0.0, reference_params=params)
     name = list(chip.tiles)[0]
     np.testing.assert_allclose(cal.gain[name], 1.0 / s, rtol=1e-4)
@@ -207,10 +207,10 @@ def test_reprogram_brings_cells_into_tolerance_keeps_stuck():
     params = model.init(jax.random.key(0), jnp.ones((1, 30)))
     dev = dv.levels(bits=3, sigma=0.05, p_stuck_max=0.05)
     cfg = xb.TileConfig(rows=16, cols=16, read_noise=False)
-    chip = chip_mod.deploy(jax.random.key(1), model, params, dev, cfg)
+    chip = chip_mod.deploy(jax.random.key(1), model, params, dev, config=cfg)
     fixed, pulses = corr.reprogram(jax.random.key(2), chip, tol=0.05, max_rounds=30)
     name = list(chip.tiles)[0]
-    targets = xb.tile(layers.kernel_matrix(chip.params[name]["kernel"]), dev, cfg)[:2]
+    targets = xb.tile(layers.kernel_matrix(chip.params[name]["kernel"]), dev, config=cfg)[:2]
     tp, tm = (encoding.quantize_levels(t, 0.0, 1.0, 8) for t in targets)
     for side, tgt in (("pos", tp), ("neg", tm)):
         before, after = getattr(chip.tiles[name], side), getattr(fixed.tiles[name], side)
@@ -247,8 +247,8 @@ def test_predistortion_cancels_first_order_ir_drop():
     for n in (0, 8):
         c = xb.TileConfig(rows=64, cols=64, ir_drop="first_order", r_wire=5.0, ir_predistort=n,
                           read_noise=False)
-        t = xb.program_tiles(jax.random.key(3), dv.ideal(), w * 0.5, c)
-        y, _ = xb.mvm(jax.random.key(4), dv.ideal(), t, x, 0.0, c)
+        t = xb.program_tiles(jax.random.key(3), dv.ideal(), w * 0.5, config=c)
+        y, _ = xb.mvm(jax.random.key(4), dv.ideal(), t, x, 0.0, config=c)
         errs.append(float(jnp.max(jnp.abs(y - x @ (w * 0.5)))))
     assert errs[1] < 0.05 * errs[0]
 
@@ -256,7 +256,7 @@ def test_predistortion_cancels_first_order_ir_drop():
 def test_correct_pipeline_and_recovered_fraction(small):
     ds, model, params = small
     cfg = xb.TileConfig(rows=64, cols=16, read_noise=False)
-    chip = chip_mod.deploy(jax.random.key(1), model, params, dv.levels(bits=3, sigma=0.1), cfg)
+    chip = chip_mod.deploy(jax.random.key(1), model, params, dv.levels(bits=3, sigma=0.1), config=cfg)
     fixed, pulses = corr.correct(jax.random.key(2), chip, ds.x_train[:128], 0.0, tol=0.05)
     ref = model.apply(params, ds.x_test)
     e0 = float(jnp.mean(jnp.abs(chip_mod.apply(jax.random.key(5), chip, ds.x_test, 0.0) - ref)))
