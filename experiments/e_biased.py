@@ -12,12 +12,12 @@ strength) on every mid-range level — the "non-uniform" cells of DESIGN.md D3, 
 states are the favorable ones (as in the ReRAM data of D2). For each K:
 
 * conventional — QAT: fine-tune with every kernel rounded to the M-bit grid (straight-through);
-* biased(p)    — the top-p fraction of weights by importance (``importance``: saliency
-  |w·∂L/∂w| of the trained model on the training split, one global ranking) is projected onto the
-  favorable codebook (codes whose every K-bit slice is a favorable level,
-  :func:`nvjax.training.favorable_codebook`) and the rest rounded to the M-bit grid, with
-  straight-through gradients, while fine-tuning (:func:`nvjax.training.train`, same epochs and
-  optimizer as QAT).
+* biased(p)    — the top-p fraction of weights by importance (config ``importance``,
+  :func:`nvjax.sensitivity.importance`: saliency |w·∂L/∂w| of the trained model on the training
+  split, one global ranking) is projected onto the favorable codebook (codes whose every K-bit
+  slice is a favorable level, :func:`nvjax.training.favorable_codebook`) and the rest rounded to
+  the M-bit grid, with straight-through gradients, while fine-tuning
+  (:func:`nvjax.training.train`, same epochs and optimizer as QAT).
 
 Fine-tuning does not see the device noise (both arms alike). Every trained variant is then read
 on the same ``num_chips`` chips per (K, s) (chip i uses ``fold_in(k_chips, i)``), and the ratio
@@ -45,6 +45,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from nvjax import data as data_mod
 from nvjax import devices as dev_mod
 from nvjax import models as models_mod
+from nvjax import sensitivity as sens
 from nvjax import jobs
 from nvjax import sweep
 from nvjax import training as tr
@@ -170,7 +171,7 @@ def run_model(name, cfg: EBiasedConfig, out_dir, log=print):
     sw = float(models_mod.accuracy(model, params, x, y))
     root = jax.random.key(cfg.seed)
     k_chips, k_train, k_imp = (jax.random.fold_in(root, i) for i in (1, 2, 3))
-    scores = tr.importance(model, params, xi, yi, method=cfg.importance, key=k_imp)
+    scores = sens.importance(k_imp, model, params, xi, yi, method=cfg.importance)
     log(f"[{name}] software accuracy {100 * sw:.2f} % ({time.perf_counter() - t0:.1f} s)")
     ft = cfg.finetune
     out, rows = {"software_accuracy": sw, "cells": {}}, []

@@ -138,10 +138,10 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
     sw_acc = float(models_mod.accuracy(model, params, x, y))
     po = cfg.placement
     t0 = time.perf_counter()
-    costs = pl.linear_costs(model, params, x_tr, y_tr, device, base.tile, disturb,
-                            criticality=po.criticality, key=jax.random.key(base.seed))
+    costs = pl.linear_costs(jax.random.key(base.seed), model, params, x_tr, y_tr, device,
+                            base.tile, disturb, criticality=po.criticality)
     placements = {"identity": pl.identity_placement(params),
-                  "random": pl.random_placement(po.random_seed, params),
+                  "random": pl.random_placement(jax.random.key(po.random_seed), params),
                   "exact": pl.exact_placement(costs)}
     t_exact = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -16,7 +16,8 @@ and variability level — common random numbers, so curves are smooth):
   (Gaussian, uniform, Laplacian synthetic matrices [rows, cols]; the digits MLP and LSTM kernels
   from :func:`nvjax.models.get_trained`, each kernel in its crossbar layout
   :func:`nvjax.layers.kernel_matrix` and scaled by :func:`nvjax.programming.weight_scale`) and
-  every device-variability level (``sigma_gain``, ``sigma_gmax`` of :func:`pulse_pcm`);
+  every device-variability level (``sigma_gain``, ``sigma_gmax`` of
+  :func:`nvjax.devices.pulse_pcm`);
 * **eps**: Pfail vs tolerance ε at the default budget (nominal variability);
 * **pareto**: budget scale × step scale grid, Pfail vs mean row time (pulses of the slowest weight
   of a row), non-dominated front per target set (:func:`nvjax.programming.pareto_front`);
@@ -45,6 +46,7 @@ import numpy as np
 
 from nvjax import layers
 from nvjax import data as data_mod
+from nvjax import devices
 from nvjax import models as models_mod
 from nvjax import programming as pr
 from nvjax import jobs
@@ -309,7 +311,7 @@ def program_chips(keys, device, layers, config: pr.RowProgramConfig, w_max_uS):
 
 
 def _device(v: Variability):
-    return pr.pulse_pcm(sigma_gain=v.sigma_gain, sigma_gmax=v.sigma_gmax)
+    return devices.pulse_pcm(sigma_gain=v.sigma_gain, sigma_gmax=v.sigma_gmax)
 
 
 def _chip_keys(root, index, n):

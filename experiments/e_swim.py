@@ -15,8 +15,9 @@ its mask covers all its cells. Per-weight programming σ_i (weight units) from t
 cells: ``σ_i = (w_step/Δ)·sqrt(Σ_stacks Σ_s 4^(s·K)·σ_ℓ(cell)²)`` with Δ the level spacing
 (every cell, including the level-0 cells of the unused stack, carries its level's noise).
 Sensitivity ``½·H_ii·σ_i²`` with ``H_ii`` from :func:`nvjax.sensitivity.hessian_diag` on the
-training split (:func:`nvjax.programming.swim_scores`); baselines: :func:`magnitude_scores`
-(|w|, one global ranking over all layers) and :func:`random_scores` (drawn per chip). Masks:
+training split (:func:`nvjax.sensitivity.swim_sensitivity`); baselines:
+:func:`nvjax.programming.magnitude_scores` (|w|, one global ranking over all layers) and
+:func:`nvjax.programming.random_scores` (drawn per chip). Masks:
 :func:`nvjax.programming.swim_mask` (global top fraction p over all kernels).
 
 Per chip, cells are programmed by :func:`nvjax.programming.selective_write_verify` semantics.
@@ -223,7 +224,7 @@ def _points(cfg: ESwimConfig):
 
 
 def make_instance(model, params, cfg: ESwimConfig, targets, x, y, method: str):
-    """``fn(key, device, swim_scores, magnitude_scores) -> {accuracy, norm_cycles} [U]``.
+    """``fn(key, device, swim_sc, mag_sc) -> {accuracy, norm_cycles} [U]``.
 
     ``targets``: path → (g_target [2, S, ...], w_step); scores: dicts path-string → [kernel
     shape]. ``U`` = the unique masks of :func:`_points`.
@@ -324,7 +325,7 @@ def run_model(name, cfg: ESwimConfig, out_dir, log=print):
         device = make_device(cell, cfg.slice_bits)
         sig = {n: weight_sigma(targets[p][0], targets[p][1], cfg, device)
                for n, p in zip(names, w_k)}
-        swim_sc = pr.swim_scores({n: h_k[p] for n, p in zip(names, w_k)}, sig)
+        swim_sc = sens.swim_sensitivity({n: h_k[p] for n, p in zip(names, w_k)}, sig)
         t0 = time.perf_counter()
         out = sweep.run_instances(fn, k_chips, cfg.num_chips, device, swim_sc, mag,
                                   chunk_size=cfg.chunk_size, progress=cfg.progress,

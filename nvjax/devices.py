@@ -10,13 +10,16 @@ with ``jax.vmap`` and differentiated) and a few pure functions that take a PRNG 
 
 Models (DESIGN.md §3): D1 :func:`pcm`, D2 :func:`reram`, D3 :func:`levels`, D5 :func:`flash`,
 D6 stuck-at faults (:class:`StuckAt`, the ``faults`` field of every device) and :func:`ideal`.
-D4 (pulse response) lives with pulse programming and D7 (read disturb) in ``disturb``.
+D4, the PCM pulse response used by row-parallel pulse programming, is :func:`pulse_pcm`
+(:class:`PulsePCM`) with :func:`draw_devices`, :func:`set_pulse` and :func:`reset`; D7 (read
+disturb) is in ``disturb``.
 
 Units: conductance µS, time s, voltage V. This module imports ``_checks``, ``_ops``, jax, numpy and flax.struct.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ._checks import is_concrete
+from ._checks import check_real, is_concrete
 from ._ops import round_ste
 
 __all__ = [
@@ -32,6 +35,9 @@ __all__ = [
     "pcm", "reram", "levels", "flash", "ideal", "program", "read", "drift",
     "programming_sigma", "g_range", "check_conductances", "check_device", "apply_faults",
     "DEVICE_TYPES",
+    # D4 pulse response
+    "PulsePCM", "DeviceVariation", "pulse_pcm", "check_pulse_device", "draw_devices",
+    "variation_from_normals", "reset_from_normals", "set_pulse", "reset",
 ]
 
 Array = jax.Array
@@ -484,3 +490,207 @@ def read(key: Array, device: Device, state: CellState, t) -> Array:
     else:
         g = g0
     return apply_faults(device, g, state.stuck)
+
+
+# --------------------------------------------------------------------------------------------
+# D4 — PCM pulse response (used by row-parallel pulse programming, nvjax.programming)
+# --------------------------------------------------------------------------------------------
+@struct.dataclass
+class PulsePCM:
+    """D4 — PCM conductance response to SET and RESET pulses (a simplified statistical model).
+
+    Each SET pulse adds ``ΔG ~ N(m_d·s·(a·G + b), (c·G + d)²)`` µS to a device at conductance G,
+    then G is clipped to ``[g_lo, G_max,d]``; ``s`` is the step scale of the programming scheme
+    (1 for nominal pulses). A RESET returns G to ``g_reset·(1 + reset_sigma·ξ)`` µS.
+    Device-to-device variability *(our model, DESIGN.md §3 D4)*: each device draws once a gain
+    ``m_d ~ N(1, sigma_gain²)`` on its mean step and a ceiling ``G_max,d ~ N(g_hi, sigma_gmax²)``
+    µS (:func:`draw_devices`). Note that the mean step vanishes at ``G = −b/a ≈ 10.6`` µS and is
+    negative above: repeated SETs do not accumulate beyond that on average, while the step noise
+    (std ≥ 0.575 µS) keeps the conductance moving.
+
+    Attributes:
+        a: slope of the mean step, 1 (µS per µS).
+        b: mean step at G = 0, µS.
+        c: slope of the step standard deviation, 1.
+        d: step standard deviation at G = 0, µS.
+        g_lo: floor of a SET, µS.
+        g_hi: nominal ceiling of a SET (mean of ``G_max,d``), µS.
+        g_reset: conductance after RESET, µS.
+        reset_sigma: relative spread of the RESET conductance.
+        sigma_gain: device-to-device std of the mean-step gain m_d *(our model; placeholder)*.
+        sigma_gmax: device-to-device std of the ceiling G_max,d, µS *(our model; placeholder)*.
+
+    References:
+        S. R. Nandakumar et al., "A phase-change memory model for neuromorphic computing",
+        J. Appl. Phys. 124, 152135 (2018) (simplified to a linear mean and std of the step).
+    """
+    a: Any = -0.084
+    b: Any = 0.892
+    c: Any = 0.09
+    d: Any = 0.575
+    g_lo: Any = 0.1
+    g_hi: Any = 20.0
+    g_reset: Any = 0.1
+    reset_sigma: Any = 0.1
+    sigma_gain: Any = 0.1
+    sigma_gmax: Any = 1.0
+
+    name = "pulse_pcm"
+
+
+class DeviceVariation(NamedTuple):
+    """Per-device pulse-response parameters, drawn once per chip (:func:`draw_devices`).
+
+    Attributes:
+        gain: m_d, multiplies the mean SET step, shape ``shape``.
+        g_ceiling: G_max,d, µS, the upper clip of a SET, shape ``shape``.
+    """
+    gain: Array
+    g_ceiling: Array
+
+
+def pulse_pcm(**overrides) -> PulsePCM:
+    """D4 pulse-response device (DESIGN.md §3 defaults); keyword overrides replace any field.
+
+    Raises:
+        TypeError: an unknown parameter name.
+        ValueError: a negative spread, a non-positive ``g_hi − g_lo``.
+
+    Example:
+        >>> dev = pulse_pcm(sigma_gain=0.0, sigma_gmax=0.0)
+        >>> var = draw_devices(jax.random.key(0), dev, (4,))
+    """
+    names = set(PulsePCM.__dataclass_fields__)
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise TypeError(f"pulse_pcm(): unknown parameter(s) {bad}; valid: {sorted(names)}")
+    for name in ("reset_sigma", "sigma_gain", "sigma_gmax", "g_reset"):
+        if name in overrides:
+            check_real(f"pulse_pcm({name})", overrides[name], minimum=0.0)
+    for name in ("a", "b", "c", "d", "g_lo", "g_hi"):
+        if name in overrides:
+            check_real(f"pulse_pcm({name})", overrides[name])
+    dev = PulsePCM(**overrides)
+    if is_concrete(dev.g_lo) and is_concrete(dev.g_hi) and \
+            np.any(np.asarray(dev.g_hi) <= np.asarray(dev.g_lo)):
+        raise ValueError(f"pulse_pcm(g_hi): must exceed g_lo = {dev.g_lo}, got {dev.g_hi}")
+    return dev
+
+
+def check_pulse_device(device) -> None:
+    """Raise TypeError unless ``device`` is a D4 :class:`PulsePCM` (from :func:`pulse_pcm`)."""
+    if not isinstance(device, PulsePCM):
+        raise TypeError(f"device must be a PulsePCM (from pulse_pcm()), got "
+                        f"{type(device).__name__}")
+
+
+def draw_devices(key: Array, device: PulsePCM, shape) -> DeviceVariation:
+    """Draw the device-to-device variability of ``shape`` devices (once per chip instance).
+
+    Args:
+        key: PRNG key.
+        device: :class:`PulsePCM`.
+        shape: tuple of ints, e.g. ``(4, rows, cols)`` for the four devices of each weight.
+
+    Returns:
+        :class:`DeviceVariation` with ``gain ~ N(1, sigma_gain²)`` and ``g_ceiling ~ N(g_hi,
+        sigma_gmax²)`` µS, both float32 of ``shape``. A drawn ceiling below ``g_lo`` is raised
+        to ``g_lo`` (a device that cannot be SET above its floor).
+    """
+    check_pulse_device(device)
+    shape = tuple(shape)
+    return variation_from_normals(device, jax.random.normal(key, (2,) + shape))
+
+
+def variation_from_normals(device: PulsePCM, z: Array) -> DeviceVariation:
+    """The deterministic half of :func:`draw_devices`: a :class:`DeviceVariation` from normals.
+
+    For callers that draw all their standard normals in one batch (as
+    :func:`nvjax.programming.row_program` does).
+
+    Args:
+        device: :class:`PulsePCM`.
+        z: standard normals ``[2, *shape]``: ``z[0]`` for the gain, ``z[1]`` for the ceiling.
+
+    Returns:
+        :class:`DeviceVariation` with ``gain = 1 + sigma_gain·z[0]`` and ``g_ceiling =
+        max(g_hi + sigma_gmax·z[1], g_lo)`` µS.
+    """
+    ceil = device.g_hi + device.sigma_gmax * z[1]
+    return DeviceVariation(gain=1.0 + device.sigma_gain * z[0],
+                           g_ceiling=jnp.maximum(ceil, device.g_lo))
+
+
+def reset_from_normals(device: PulsePCM, z: Array) -> Array:
+    """The deterministic half of :func:`reset`: ``g_reset·(1 + reset_sigma·z)`` µS, dtype of ``z``.
+
+    Args:
+        device: :class:`PulsePCM`.
+        z: standard normals, any shape (one per device).
+    """
+    return (device.g_reset * (1.0 + device.reset_sigma * z)).astype(z.dtype)
+
+
+def set_pulse(key: Array, device: PulsePCM, var: Optional[DeviceVariation], g: Array,
+              mask: Optional[Array] = None, *, step_scale=1.0) -> Array:
+    """Apply one SET pulse to the devices where ``mask`` is True.
+
+    ``G ← clip(G + ΔG, g_lo, G_max,d)`` with ``ΔG ~ N(m_d·step_scale·(a·G + b), (c·G + d)²)``.
+
+    Args:
+        key: PRNG key (one draw for every device of ``g``, used only where ``mask``).
+        device: :class:`PulsePCM`.
+        var: :class:`DeviceVariation` broadcastable to ``g``, or None for nominal devices
+            (m_d = 1, G_max,d = g_hi).
+        g: conductances, µS, any shape.
+        mask: boolean, broadcastable to ``g`` (None: pulse every device).
+        step_scale: multiplies the mean step (coarser, faster pulses for > 1); the step noise is
+            not scaled.
+
+    Returns:
+        New conductances, µS, shape and dtype of ``g`` (unchanged where ``mask`` is False).
+
+    References:
+        Nandakumar et al., J. Appl. Phys. 124, 152135 (2018), simplified (DESIGN.md §3 D4).
+    """
+    check_pulse_device(device)
+    g = jnp.asarray(g)
+    if var is None:
+        gain, ceil = 1.0, device.g_hi
+    else:
+        gain, ceil = var.gain, var.g_ceiling
+    mean = gain * step_scale * (device.a * g + device.b)
+    std = device.c * g + device.d
+    xi = jax.random.normal(key, g.shape, g.dtype)
+    g_new = jnp.clip(g + mean + std * xi, device.g_lo, ceil).astype(g.dtype)
+    return g_new if mask is None else jnp.where(mask, g_new, g)
+
+
+def reset(key: Array, device: PulsePCM, g, mask: Optional[Array] = None) -> Array:
+    """RESET: G ← g_reset·(1 + reset_sigma·ξ) µS (0.1·(1 + 0.1ξ) by default) where ``mask``.
+
+    Args:
+        key: PRNG key.
+        device: :class:`PulsePCM`.
+        g: current conductances, µS (any shape), or a shape tuple (then every device is reset
+            and ``mask`` must be None).
+        mask: boolean broadcastable to ``g`` (None: reset all).
+
+    Returns:
+        Conductances, µS (float32 when ``g`` is a shape).
+
+    References:
+        Nandakumar et al., J. Appl. Phys. 124, 152135 (2018), simplified (DESIGN.md §3 D4).
+    """
+    check_pulse_device(device)
+    if isinstance(g, (tuple, list)) and all(isinstance(s, numbers.Integral) for s in g):
+        if mask is not None:
+            raise ValueError("reset(mask): a mask needs the current conductances g, not a shape")
+        shape, dtype, g = tuple(g), jnp.float32, None
+    else:
+        g = jnp.asarray(g)
+        shape, dtype = g.shape, g.dtype
+    g_new = reset_from_normals(device, jax.random.normal(key, shape, dtype))
+    if mask is None or g is None:
+        return g_new
+    return jnp.where(mask, g_new, g)

@@ -17,8 +17,11 @@ IR drop (voltage at each physical cell) and D7 (:mod:`nvjax.disturb`) to the sol
   physical array, D7 damage and conductance shift, global drift compensation — which no exact
   solver can optimize (:func:`relaxed_placement`).
 
+Every stochastic function takes a PRNG ``key`` first (:func:`linear_costs` for the Hessian
+probes, :func:`random_placement`, :func:`relaxed_placement`).
+
 This module imports ``crossbar``, ``devices``, ``disturb``, ``layers``, ``mapping``,
-``sensitivity`` and flax.
+``sensitivity``, ``_checks`` and flax.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from . import disturb as dist_mod
 from . import layers
 from . import mapping
 from . import sensitivity
+from ._checks import check_key
 
 __all__ = ["layer_reads", "position_factor", "linear_costs", "exact_placement",
            "random_placement", "identity_placement", "placement_cost", "relaxed_objective",
@@ -72,26 +76,35 @@ def position_factor(g_pos, g_neg, tile_config: xb.TileConfig, disturb: dist_mod.
     return jnp.exp(tile_config.v_read * (eta - 1.0) / disturb.v0)
 
 
-def linear_costs(model, params, x, y, device, tile_config: xb.TileConfig,
+def linear_costs(key, model, params, x, y, device, tile_config: xb.TileConfig,
                  disturb: dist_mod.DisturbParams, *, criticality: str = "saliency",
-                 key=None, num_probes: int = 64) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+                 num_probes: int = 64) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """Per layer (C [n_in, n_out], D [n_in, n_out]) of the linear placement cost Σ C·D.
 
+    ``C[i, j] = c_ij·a_i`` with c the criticality of :func:`nvjax.sensitivity.importance` in the
+    crossbar layout and a the voltage-weighted reads of :func:`layer_reads`; D is
+    :func:`position_factor` of the layer's tiles.
+
     Args:
-        criticality: 'saliency' (|w·∂L/∂w|) or 'hessian' (H_ii·w², Hutchinson, needs ``key``).
+        key: PRNG key of the Hutchinson probes (criticality 'hessian'; required always).
+        model, params, x, y: the Flax classifier, its parameters and the inputs/labels that
+            define the loss and the read statistics.
+        device: the device model of the tiles (:func:`nvjax.crossbar.tile`).
+        tile_config: :class:`nvjax.crossbar.TileConfig` (tile shape, IR drop, v_read).
+        disturb: :class:`nvjax.disturb.DisturbParams` (V_ref, V_0).
+        criticality: a method of :func:`nvjax.sensitivity.importance`: 'saliency' (|w·∂L/∂w|),
+            'hessian' (½·|H_ii|·w², Hutchinson with ``num_probes`` probes) or 'magnitude' (|w|).
+        num_probes: Hutchinson probes of 'hessian'.
+
+    Returns:
+        dict layer name → (C, D), float64 NumPy arrays [n_in, n_out].
     """
-    loss = sensitivity.loss_fn(model, x, y)
-    if criticality == "saliency":
-        crit = sensitivity.saliency(loss, params)
-    elif criticality == "hessian":
-        if key is None:
-            raise ValueError("linear_costs: criticality='hessian' needs a key")
-        h = sensitivity.hessian_diag(key, loss, params, num_probes=num_probes)
-        crit = jax.tree_util.tree_map(lambda hh, w: jnp.abs(hh) * w ** 2, h, params)
-    else:
-        raise ValueError(f"linear_costs: criticality must be 'saliency' or 'hessian', got "
-                         f"{criticality!r}")
-    crit = sensitivity.kernel_criticality(crit, params)
+    if criticality not in ("saliency", "magnitude", "hessian"):
+        raise ValueError(f"linear_costs: criticality must be 'saliency', 'magnitude' or 'hessian', "
+                         f"got {criticality!r}")
+    imp = sensitivity.importance(key, model, params, x, y, method=criticality,
+                                 num_probes=num_probes)
+    crit = {name: layers.kernel_matrix(c) for name, c in imp.items()}
     reads = layer_reads(model, params, x, tile_config, disturb)
     kernels = layers.kernels(params)
     out = {}
@@ -106,10 +119,24 @@ def identity_placement(params) -> Placement:
     return {n: (np.arange(k.shape[0]), np.arange(k.shape[1])) for n, k in layers.kernels(params).items()}
 
 
-def random_placement(seed: int, params) -> Placement:
-    rng = np.random.default_rng(seed)
-    return {n: (rng.permutation(k.shape[0]), rng.permutation(k.shape[1]))
-            for n, k in layers.kernels(params).items()}
+def random_placement(key, params) -> Placement:
+    """Uniformly random row and column permutations of every layer's crossbar matrix.
+
+    Args:
+        key: PRNG key; layer k (in :func:`nvjax.layers.kernels` order) draws its row and column
+            permutations from ``split(fold_in(key, k))``.
+        params: the model parameters.
+
+    Returns:
+        dict layer name → (row_perm [n_in], col_perm [n_out]), NumPy int arrays.
+    """
+    check_key("key", key)
+    out = {}
+    for k, (n, kern) in enumerate(layers.kernels(params).items()):
+        k_row, k_col = jax.random.split(jax.random.fold_in(key, k))
+        out[n] = (np.asarray(jax.random.permutation(k_row, kern.shape[0])),
+                  np.asarray(jax.random.permutation(k_col, kern.shape[1])))
+    return out
 
 
 def exact_placement(costs) -> Placement:

@@ -10,13 +10,15 @@ an ensemble of chips):
   cycle cap; the final error is the truncated one-shot distribution and the cycle count of a cell
   is geometric with ``p = P(|σξ| ≤ tol)``;
 * :func:`row_program` — row-parallel pulse programming of F-weighted MSP/LSP pairs with the D4
-  PCM pulse response (:class:`PulsePCM`, :func:`set_pulse`, :func:`reset`), reporting the
+  PCM pulse response of :mod:`nvjax.devices` (:func:`nvjax.devices.pulse_pcm`,
+  :func:`nvjax.devices.set_pulse`, :func:`nvjax.devices.reset`), reporting the
   failure probability Pfail, pulses per weight and programming time per row; :func:`pareto_sweep`
   and :func:`pareto_front` trace the Pfail–speed trade-off over pulse budgets;
 * :func:`selective_write_verify` — SWIM: write-verify only the cells of a mask (the top fraction
-  p of a ranking, :func:`swim_mask`, ranked by :func:`swim_scores`, :func:`magnitude_scores` or
-  :func:`random_scores`), one shot elsewhere; :func:`normalized_cycles` compares its cost with full
-  write-verify.
+  p of a ranking, :func:`swim_mask`, ranked by the SWIM sensitivity ½·H_ii·σ_i² of
+  :func:`nvjax.sensitivity.swim_sensitivity`, or by the baselines :func:`magnitude_scores` and
+  :func:`random_scores`), one shot elsewhere; :func:`normalized_cycles` compares its cost with
+  full write-verify.
 
 Key usage (documented because tests rely on it): ``k_fault, k_cycles = jax.random.split(key)``;
 stuck-at faults (D6, when the device has ``faults``) are drawn once from ``k_fault`` and kept by
@@ -27,23 +29,26 @@ scheme (one implementation), so with the same key selective write-verify with an
 
 Units: conductance and weights in µS (µS-equivalent for weights, see :func:`row_program`), pulse
 counts int32, time in pulses × ``RowProgramConfig.t_pulse``. This module imports jax, numpy,
-flax.struct, ``devices`` and ``_checks`` only (it sits below ``chip`` and ``sensitivity`` in the
-dependency order, so the SWIM score is computed here, equal to
-:func:`nvjax.sensitivity.swim_sensitivity`).
+``devices`` and ``_checks`` only (it sits below ``chip`` and ``sensitivity`` in the dependency
+order: the SWIM sensitivity is computed by ``nvjax.sensitivity``, which has the Hessian, and is
+passed in as scores).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from . import devices as dev_mod
+# The D4 pulse model lives in nvjax.devices; these plain imports keep ``programming.pulse_pcm``
+# etc. working for old callers (they are not part of this module's ``__all__``).
+from .devices import (DeviceVariation, PulsePCM, draw_devices, pulse_pcm,  # noqa: F401
+                      reset, set_pulse)
 from ._checks import check_float_array as _check_float_array
 from ._checks import check_int as _check_int
 from ._checks import check_key as _check_key
@@ -51,201 +56,17 @@ from ._checks import check_real as _check_real
 from ._checks import is_concrete as _is_concrete
 
 __all__ = [
-    # D4 pulse response
-    "PulsePCM", "DeviceVariation", "pulse_pcm", "draw_devices", "set_pulse", "reset",
     # one shot and write-verify
     "WriteVerifyResult", "one_shot", "write_verify",
     # row-parallel pulse programming
     "RowProgramConfig", "RowProgramResult", "ParetoSweep", "weight_scale", "row_program",
     "pareto_sweep", "pareto_front",
     # selective write-verify (SWIM)
-    "swim_mask", "swim_scores", "magnitude_scores", "random_scores", "selective_write_verify",
+    "swim_mask", "magnitude_scores", "random_scores", "selective_write_verify",
     "normalized_cycles",
 ]
 
 Array = jax.Array
-
-
-# --------------------------------------------------------------------------------------------
-# D4 — PCM pulse response
-# --------------------------------------------------------------------------------------------
-@struct.dataclass
-class PulsePCM:
-    """D4 — PCM conductance response to SET and RESET pulses (a simplified statistical model).
-
-    Each SET pulse adds ``ΔG ~ N(m_d·s·(a·G + b), (c·G + d)²)`` µS to a device at conductance G,
-    then G is clipped to ``[g_lo, G_max,d]``; ``s`` is the step scale of the programming scheme
-    (1 for nominal pulses). A RESET returns G to ``g_reset·(1 + reset_sigma·ξ)`` µS.
-    Device-to-device variability *(our model, DESIGN.md §3 D4)*: each device draws once a gain
-    ``m_d ~ N(1, sigma_gain²)`` on its mean step and a ceiling ``G_max,d ~ N(g_hi, sigma_gmax²)``
-    µS (:func:`draw_devices`). Note that the mean step vanishes at ``G = −b/a ≈ 10.6`` µS and is
-    negative above: repeated SETs do not accumulate beyond that on average, while the step noise
-    (std ≥ 0.575 µS) keeps the conductance moving.
-
-    Attributes:
-        a: slope of the mean step, 1 (µS per µS).
-        b: mean step at G = 0, µS.
-        c: slope of the step standard deviation, 1.
-        d: step standard deviation at G = 0, µS.
-        g_lo: floor of a SET, µS.
-        g_hi: nominal ceiling of a SET (mean of ``G_max,d``), µS.
-        g_reset: conductance after RESET, µS.
-        reset_sigma: relative spread of the RESET conductance.
-        sigma_gain: device-to-device std of the mean-step gain m_d *(our model; placeholder)*.
-        sigma_gmax: device-to-device std of the ceiling G_max,d, µS *(our model; placeholder)*.
-
-    References:
-        S. R. Nandakumar et al., "A phase-change memory model for neuromorphic computing",
-        J. Appl. Phys. 124, 152135 (2018) (simplified to a linear mean and std of the step).
-    """
-    a: Any = -0.084
-    b: Any = 0.892
-    c: Any = 0.09
-    d: Any = 0.575
-    g_lo: Any = 0.1
-    g_hi: Any = 20.0
-    g_reset: Any = 0.1
-    reset_sigma: Any = 0.1
-    sigma_gain: Any = 0.1
-    sigma_gmax: Any = 1.0
-
-    name = "pulse_pcm"
-
-
-class DeviceVariation(NamedTuple):
-    """Per-device pulse-response parameters, drawn once per chip (:func:`draw_devices`).
-
-    Attributes:
-        gain: m_d, multiplies the mean SET step, shape ``shape``.
-        g_ceiling: G_max,d, µS, the upper clip of a SET, shape ``shape``.
-    """
-    gain: Array
-    g_ceiling: Array
-
-
-def pulse_pcm(**overrides) -> PulsePCM:
-    """D4 pulse-response device (DESIGN.md §3 defaults); keyword overrides replace any field.
-
-    Raises:
-        TypeError: an unknown parameter name.
-        ValueError: a negative spread, a non-positive ``g_hi − g_lo``.
-
-    Example:
-        >>> dev = pulse_pcm(sigma_gain=0.0, sigma_gmax=0.0)
-        >>> var = draw_devices(jax.random.key(0), dev, (4,))
-    """
-    names = set(PulsePCM.__dataclass_fields__)
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise TypeError(f"pulse_pcm(): unknown parameter(s) {bad}; valid: {sorted(names)}")
-    for name in ("reset_sigma", "sigma_gain", "sigma_gmax", "g_reset"):
-        if name in overrides:
-            _check_real(f"pulse_pcm({name})", overrides[name], minimum=0.0)
-    for name in ("a", "b", "c", "d", "g_lo", "g_hi"):
-        if name in overrides:
-            _check_real(f"pulse_pcm({name})", overrides[name])
-    dev = PulsePCM(**overrides)
-    if _is_concrete(dev.g_lo) and _is_concrete(dev.g_hi) and \
-            np.any(np.asarray(dev.g_hi) <= np.asarray(dev.g_lo)):
-        raise ValueError(f"pulse_pcm(g_hi): must exceed g_lo = {dev.g_lo}, got {dev.g_hi}")
-    return dev
-
-
-def _check_pulse_device(device) -> None:
-    if not isinstance(device, PulsePCM):
-        raise TypeError(f"device must be a PulsePCM (from pulse_pcm()), got "
-                        f"{type(device).__name__}")
-
-
-def draw_devices(key: Array, device: PulsePCM, shape) -> DeviceVariation:
-    """Draw the device-to-device variability of ``shape`` devices (once per chip instance).
-
-    Args:
-        key: PRNG key.
-        device: :class:`PulsePCM`.
-        shape: tuple of ints, e.g. ``(4, rows, cols)`` for the four devices of each weight.
-
-    Returns:
-        :class:`DeviceVariation` with ``gain ~ N(1, sigma_gain²)`` and ``g_ceiling ~ N(g_hi,
-        sigma_gmax²)`` µS, both float32 of ``shape``. A drawn ceiling below ``g_lo`` is raised
-        to ``g_lo`` (a device that cannot be SET above its floor).
-    """
-    _check_pulse_device(device)
-    shape = tuple(shape)
-    return _variation(device, jax.random.normal(key, (2,) + shape))
-
-
-def _variation(device, z):
-    """DeviceVariation from standard normals z[0] (gain) and z[1] (ceiling)."""
-    ceil = device.g_hi + device.sigma_gmax * z[1]
-    return DeviceVariation(gain=1.0 + device.sigma_gain * z[0],
-                           g_ceiling=jnp.maximum(ceil, device.g_lo))
-
-
-def _reset_values(device, z):
-    return (device.g_reset * (1.0 + device.reset_sigma * z)).astype(z.dtype)
-
-
-def set_pulse(key: Array, device: PulsePCM, var: Optional[DeviceVariation], g: Array,
-              mask: Optional[Array] = None, *, step_scale=1.0) -> Array:
-    """Apply one SET pulse to the devices where ``mask`` is True.
-
-    ``G ← clip(G + ΔG, g_lo, G_max,d)`` with ``ΔG ~ N(m_d·step_scale·(a·G + b), (c·G + d)²)``.
-
-    Args:
-        key: PRNG key (one draw for every device of ``g``, used only where ``mask``).
-        device: :class:`PulsePCM`.
-        var: :class:`DeviceVariation` broadcastable to ``g``, or None for nominal devices
-            (m_d = 1, G_max,d = g_hi).
-        g: conductances, µS, any shape.
-        mask: boolean, broadcastable to ``g`` (None: pulse every device).
-        step_scale: multiplies the mean step (coarser, faster pulses for > 1); the step noise is
-            not scaled.
-
-    Returns:
-        New conductances, µS, shape and dtype of ``g`` (unchanged where ``mask`` is False).
-
-    References:
-        Nandakumar et al., J. Appl. Phys. 124, 152135 (2018), simplified (DESIGN.md §3 D4).
-    """
-    _check_pulse_device(device)
-    g = jnp.asarray(g)
-    if var is None:
-        gain, ceil = 1.0, device.g_hi
-    else:
-        gain, ceil = var.gain, var.g_ceiling
-    mean = gain * step_scale * (device.a * g + device.b)
-    std = device.c * g + device.d
-    xi = jax.random.normal(key, g.shape, g.dtype)
-    g_new = jnp.clip(g + mean + std * xi, device.g_lo, ceil).astype(g.dtype)
-    return g_new if mask is None else jnp.where(mask, g_new, g)
-
-
-def reset(key: Array, device: PulsePCM, g, mask: Optional[Array] = None) -> Array:
-    """RESET: G ← g_reset·(1 + reset_sigma·ξ) µS (0.1·(1 + 0.1ξ) by default) where ``mask``.
-
-    Args:
-        key: PRNG key.
-        device: :class:`PulsePCM`.
-        g: current conductances, µS (any shape), or a shape tuple (then every device is reset
-            and ``mask`` must be None).
-        mask: boolean broadcastable to ``g`` (None: reset all).
-
-    Returns:
-        Conductances, µS (float32 when ``g`` is a shape).
-    """
-    _check_pulse_device(device)
-    if isinstance(g, (tuple, list)) and all(isinstance(s, numbers.Integral) for s in g):
-        if mask is not None:
-            raise ValueError("reset(mask): a mask needs the current conductances g, not a shape")
-        shape, dtype, g = tuple(g), jnp.float32, None
-    else:
-        g = jnp.asarray(g)
-        shape, dtype = g.shape, g.dtype
-    g_new = _reset_values(device, jax.random.normal(key, shape, dtype))
-    if mask is None or g is None:
-        return g_new
-    return jnp.where(mask, g_new, g)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +265,8 @@ def swim_mask(scores, p):
     (leaves in ``jax.tree`` order, then row-major). ``p = 0`` selects none, ``p = 1`` all.
 
     Args:
-        scores: real array of any shape, or a pytree of arrays (e.g. from :func:`swim_scores`).
+        scores: real array of any shape, or a pytree of arrays (e.g. from
+            :func:`nvjax.sensitivity.swim_sensitivity`).
         p: fraction in [0, 1] (may be traced).
 
     Returns:
@@ -486,51 +308,6 @@ def swim_mask(scores, p):
     return jax.tree.unflatten(treedef, out)
 
 
-def swim_scores(hdiag, sigma):
-    """SWIM sensitivity ``s_i = ½·H_ii·σ_i²`` (same values as
-    :func:`nvjax.sensitivity.swim_sensitivity`).
-
-    Args:
-        hdiag: diagonal of the Hessian of the loss (array or pytree).
-        sigma: programming-noise std of each weight in weight units (≥ 0), a scalar or
-            an array/pytree broadcastable to ``hdiag``; e.g. ``devices.programming_sigma(device,
-            g_target)/κ`` for a differential pair of scale κ.
-
-    Returns:
-        Scores of the structure of ``hdiag`` (loss units).
-
-    References:
-        Yan, Hu, Shi, "SWIM", DAC 2022, Eq. for the expected loss increase ½·Σ H_ii·σ_i².
-    """
-    leaves, treedef = jax.tree.flatten(hdiag)
-    if not leaves:
-        raise ValueError("hdiag must hold at least one array")
-    if isinstance(sigma, numbers.Real) or (hasattr(sigma, "shape") and np.ndim(sigma) == 0):
-        sig_leaves = [sigma] * len(leaves)
-    else:
-        if jax.tree.structure(sigma) != treedef:
-            if len(leaves) == 1:
-                sig_leaves = [sigma]
-            else:
-                raise ValueError(f"sigma must be a scalar or a pytree with the structure of hdiag "
-                                 f"({treedef}), got {jax.tree.structure(sigma)}")
-        else:
-            sig_leaves = jax.tree.leaves(sigma)
-    out = []
-    for h, s in zip(leaves, sig_leaves):
-        _check_real("sigma", s, minimum=0.0)
-        h = jnp.asarray(h)
-        if not jnp.issubdtype(h.dtype, jnp.floating):
-            raise TypeError(f"hdiag must be floating point, got dtype {h.dtype}")
-        try:
-            np.broadcast_shapes(np.shape(s), h.shape)
-        except ValueError:
-            raise ValueError(f"sigma of shape {np.shape(s)} does not broadcast to hdiag of shape "
-                             f"{h.shape}") from None
-        out.append((0.5 * h * jnp.square(jnp.asarray(s))).astype(h.dtype))
-    return jax.tree.unflatten(treedef, out)
-
-
 def magnitude_scores(w):
     """Magnitude ranking baseline: ``|w|`` (array or pytree)."""
     return jax.tree.map(lambda x: jnp.abs(jnp.asarray(x)), w)
@@ -568,12 +345,12 @@ class RowProgramConfig:
     """Options of row-parallel pulse programming (a frozen, validated, hashable dataclass).
 
     The defaults are tuned *(our tuning)* for targets with max|W*| = 20 µS-equivalent
-    (:func:`weight_scale`) and the default :class:`PulsePCM`: ε = 0.25 µS (1.25 % of the full
-    scale) is reached by 98.7–99.3 % of the weights for Gaussian, uniform and Laplacian targets
-    (Mackin et al. report 98–99 %), with 5–12 SET pulses per weight on average and 28–48 pulses
-    per 256-weight row (mean of the slowest weight). Larger budgets or a looser ε trade time for
-    Pfail (:func:`pareto_sweep`). The numbers are passed to the kernel as traced arrays, so one
-    compilation serves every configuration.
+    (:func:`weight_scale`) and the default :class:`nvjax.devices.PulsePCM`: ε = 0.25 µS (1.25 %
+    of the full scale) is reached by 98.7–99.3 % of the weights for Gaussian, uniform and
+    Laplacian targets (Mackin et al. report 98–99 %), with 5–12 SET pulses per weight on average
+    and 28–48 pulses per 256-weight row (mean of the slowest weight). Larger budgets or a looser ε
+    trade time for Pfail (:func:`pareto_sweep`). The numbers are passed to the kernel as traced
+    arrays, so one compilation serves every configuration.
 
     Attributes:
         factor: F, significance of the MSP pair (W = F·(G⁺ − G⁻) + (g⁺ − g⁻)).
@@ -661,8 +438,8 @@ def _row_program(key, device, w_target, var, num):
     # One normal draw for the device variation (as draw_devices) and the RESET (as reset).
     z = jax.random.normal(k_init, (3, 4) + shape, w_target.dtype)
     if var is None:
-        var = _variation(device, z[:2])
-    g0 = _reset_values(device, z[2])
+        var = dev_mod.variation_from_normals(device, z[:2])
+    g0 = dev_mod.reset_from_normals(device, z[2])
     pos = w_target >= 0                                    # W* = 0 counts as positive
     sgn = jnp.where(pos, 1.0, -1.0).astype(w_target.dtype)
     mag = jnp.abs(w_target)
@@ -695,7 +472,7 @@ def _row_program(key, device, w_target, var, num):
                  jnp.where(phase == 1, jnp.where(pos, 1, 0),          # opposite MSP
                            jnp.where(w < w_target, 2, 3)))            # LSP by the error's sign
         active = phase < _DONE
-        g = set_pulse(jax.random.fold_in(k_pulse, i), device, var, g,
+        g = dev_mod.set_pulse(jax.random.fold_in(k_pulse, i), device, var, g,
                       (dev_idx == target[None]) & active[None], step_scale=step_scale)
         counts = counts + ((jnp.arange(3).reshape((3,) + (1,) * len(shape)) == phase[None])
                            & active[None]).astype(jnp.int32)
@@ -719,9 +496,9 @@ def _config_numbers(config: RowProgramConfig, dtype):
             jnp.asarray([config.n_coarse, config.n_correct, config.n_fine], jnp.int32))
 
 
-def row_program(key: Array, device: PulsePCM, w_target: Array,
+def row_program(key: Array, device: dev_mod.PulsePCM, w_target: Array,
                 *, config: RowProgramConfig = RowProgramConfig(),
-                variation: Optional[DeviceVariation] = None) -> RowProgramResult:
+                variation: Optional[dev_mod.DeviceVariation] = None) -> RowProgramResult:
     """Row-parallel pulse programming of F-weighted MSP/LSP pairs with D4 pulses.
 
     Each weight is stored on four devices, ``W = F·(G⁺ − G⁻) + (g⁺ − g⁻)`` in µS-equivalent
@@ -749,11 +526,11 @@ def row_program(key: Array, device: PulsePCM, w_target: Array,
 
     Args:
         key: PRNG key (RESET, the three phases and, if ``variation`` is None, the devices).
-        device: :class:`PulsePCM`.
+        device: :class:`nvjax.devices.PulsePCM`.
         w_target: W*, µS-equivalent, [rows, cols].
         config: :class:`RowProgramConfig` (its numbers are traced: no recompilation per config).
-        variation: per-device :class:`DeviceVariation` of shape [4, rows, cols] (device order
-            G⁺, G⁻, g⁺, g⁻), or None to draw it from ``key``.
+        variation: per-device :class:`nvjax.devices.DeviceVariation` of shape [4, rows, cols]
+            (device order G⁺, G⁻, g⁺, g⁻), or None to draw it from ``key``.
 
     Returns:
         :class:`RowProgramResult`.
@@ -764,18 +541,18 @@ def row_program(key: Array, device: PulsePCM, w_target: Array,
         J. Appl. Phys. 124, 152135 (2018).
 
     Example:
-        >>> dev = pulse_pcm()
+        >>> dev = devices.pulse_pcm()
         >>> w = jax.random.normal(jax.random.key(1), (8, 32))
         >>> res = row_program(jax.random.key(0), dev, w * weight_scale(w))
         >>> res.row_time.shape
         (8,)
     """
-    _check_pulse_device(device)
+    dev_mod.check_pulse_device(device)
     if not isinstance(config, RowProgramConfig):
         raise TypeError(f"config must be a RowProgramConfig, got {type(config).__name__}")
     w_target = _check_float_array("w_target", w_target, ndim=2)
     if variation is not None:
-        if not isinstance(variation, DeviceVariation):
+        if not isinstance(variation, dev_mod.DeviceVariation):
             raise TypeError(f"variation must be a DeviceVariation, got {type(variation).__name__}")
         for name, a in zip(("gain", "g_ceiling"), variation):
             try:
@@ -802,19 +579,19 @@ class ParetoSweep(NamedTuple):
     mean_pulses: np.ndarray
 
 
-def pareto_sweep(key: Array, device: PulsePCM, w_target: Array,
+def pareto_sweep(key: Array, device: dev_mod.PulsePCM, w_target: Array,
                  configs: Sequence[RowProgramConfig], *,
-                 variation: Optional[DeviceVariation] = None) -> ParetoSweep:
+                 variation: Optional[dev_mod.DeviceVariation] = None) -> ParetoSweep:
     """Run :func:`row_program` for each configuration with the same key (common random numbers).
 
     A Python loop over configurations (not a hot path; each configuration compiles once).
 
     Args:
         key: PRNG key, shared by every configuration (same devices, same pulse noise stream).
-        device: :class:`PulsePCM`.
+        device: :class:`nvjax.devices.PulsePCM`.
         w_target: W*, µS-equivalent, [rows, cols].
         configs: non-empty sequence of :class:`RowProgramConfig`.
-        variation: optional fixed :class:`DeviceVariation` (else drawn from ``key``).
+        variation: optional fixed :class:`nvjax.devices.DeviceVariation` (else drawn from ``key``).
 
     Returns:
         :class:`ParetoSweep`; pass it to :func:`pareto_front`.

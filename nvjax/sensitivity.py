@@ -9,7 +9,12 @@ decisions are built on (DESIGN.md §6 selective write-verify, §7.3 read-disturb
   (``jax.jvp`` of ``jax.grad``), probes are vmapped in chunks of ``batch`` (memory stays bounded).
 * :func:`criticality_mc` -- Monte Carlo criticality: the saliency averaged over device-noise draws
   of the weights.
-* :func:`swim_sensitivity` -- the SWIM sensitivity ``½·H_ii·σ_i²`` (Yan et al. 2022).
+* :func:`swim_sensitivity` -- the SWIM sensitivity ``½·H_ii·σ_i²`` (Yan et al. 2022), the
+  ranking of selective write-verify (:func:`nvjax.programming.selective_write_verify`).
+* :func:`importance` -- per-kernel weight importance of a Flax classifier by one of three
+  formulas (saliency ``|w·∂L/∂w|``, magnitude ``|w|``, Hessian ``½·|H_ii|·w²``), used by biased
+  training (:func:`nvjax.training.top_mask`) and read-disturb-aware placement
+  (:func:`nvjax.placement.linear_costs`).
 * :func:`activation_stats` -- per Dense/Conv layer and per crossbar row: reads per inference and
   the mean/max absolute input, from the ideal (software) forward pass.
 * :func:`kernel_criticality` -- a params-shaped tree mapped onto each layer's crossbar matrix
@@ -22,7 +27,9 @@ options) as static arguments: calling again with the *same* ``loss`` object reus
 computation (the jit cache then holds a reference to ``loss`` and whatever it closes over);
 calling them inside a user's ``jax.jit`` works too.
 
-This module imports NumPy, jax, flax, optax, ``layers`` and ``_checks`` only.
+Arguments are validated with the one policy of ``_checks`` (TypeError for a wrong type, ValueError
+for a wrong value, the argument named). This module imports NumPy, jax, flax, optax, ``layers``
+and ``_checks`` only.
 """
 from __future__ import annotations
 
@@ -39,26 +46,19 @@ from flax.traverse_util import flatten_dict
 from jax.flatten_util import ravel_pytree
 
 from . import layers
-from ._checks import is_concrete
+from ._checks import check_int, check_key, is_concrete
 
 __all__ = ["loss_fn", "saliency", "hessian_diag", "activation_stats", "criticality_mc",
-           "swim_sensitivity", "kernel_criticality"]
+           "swim_sensitivity", "importance", "kernel_criticality"]
 
 Params = Any
 Loss = Callable[[Params], jax.Array]
 
 _NOISE_MODES = ("multiplicative", "additive")
+_IMPORTANCE_METHODS = ("saliency", "magnitude", "hessian")
 
 
 # ----------------------------------------------------------------------------- validation helpers
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
 
 def _check_float_tree(name: str, tree) -> None:
     leaves = jax.tree.leaves(tree)
@@ -66,24 +66,25 @@ def _check_float_tree(name: str, tree) -> None:
         raise ValueError(f"{name} must be a pytree with at least one array leaf, got {tree!r}")
     for leaf in leaves:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise ValueError(f"{name} must have floating-point leaves only, got a leaf of dtype "
-                             f"{jnp.result_type(leaf)}")
+            raise TypeError(f"{name} must have floating-point leaves only, got a leaf of dtype "
+                            f"{jnp.result_type(leaf)}")
 
 
 def _check_loss(loss, params) -> None:
     if not callable(loss):
-        raise ValueError(f"loss must be a callable params -> scalar, got {loss!r}")
+        raise TypeError(f"loss must be a callable params -> scalar, got {loss!r}")
     out = jax.eval_shape(loss, params)
-    if not hasattr(out, "shape") or out.shape != () \
-            or not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(f"loss must return a floating-point scalar, got {out!r}")
+    if not hasattr(out, "shape") or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"loss must return a floating-point scalar, got {out!r}")
+    if out.shape != ():
+        raise ValueError(f"loss must return a floating-point scalar, got shape {out.shape}")
 
 
 def _check_sigma(sigma, tree, tree_name: str):
     """σ as a pytree of the structure of ``tree`` (a scalar is broadcast to every leaf)."""
     treedef = jax.tree.structure(tree)
     if isinstance(sigma, bool):
-        raise ValueError(f"sigma must be a number >= 0 or a pytree like {tree_name}, got {sigma!r}")
+        raise TypeError(f"sigma must be a number >= 0 or a pytree like {tree_name}, got {sigma!r}")
     is_scalar = isinstance(sigma, numbers.Real) or (hasattr(sigma, "shape") and
                                                     np.ndim(sigma) == 0)
     if is_scalar:
@@ -102,7 +103,7 @@ def _check_sigma(sigma, tree, tree_name: str):
         if is_concrete(s):
             a = np.asarray(s)
             if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-                raise ValueError(f"sigma must be real, got dtype {a.dtype}")
+                raise TypeError(f"sigma must be real, got dtype {a.dtype}")
             if not np.all(np.isfinite(a)) or np.any(a < 0):
                 raise ValueError(f"sigma must be finite and >= 0, got {a!r}")
     return sig_tree
@@ -157,7 +158,8 @@ def loss_fn(model: nn.Module, x, y) -> Loss:
         inner dict (the sensitivity trees then have the same form).
 
     Raises:
-        ValueError: when ``x``/``y`` have bad shapes or ``y`` is not integer.
+        ValueError: when ``x``/``y`` have bad shapes.
+        TypeError: when ``y`` is not integer.
 
     Example:
         >>> model, params = nvjax.models.get_trained("mlp")              # doctest: +SKIP
@@ -172,7 +174,7 @@ def loss_fn(model: nn.Module, x, y) -> Loss:
         raise ValueError(f"y must be integer labels of shape ({x.shape[0]},) (one per row of x), "
                          f"got shape {tuple(y.shape)}")
     if not jnp.issubdtype(y.dtype, jnp.integer):
-        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
 
     def loss(params):
         logits = model.apply(_variables(params), x)
@@ -237,8 +239,9 @@ def hessian_diag(key, loss: Loss, params: Params, *, num_probes: int = 100,
         >>> hessian_diag(jax.random.key(0), lambda w: jnp.sum(w ** 2), jnp.ones(3), num_probes=1)
         Array([2., 2., 2.], dtype=float32)
     """
-    num_probes = _check_int("num_probes", num_probes, 1)
-    batch = min(_check_int("batch", batch, 1), num_probes)
+    check_key("key", key)
+    num_probes = check_int("num_probes", num_probes, 1)
+    batch = min(check_int("batch", batch, 1), num_probes)
     _check_float_tree("params", params)
     _check_loss(loss, params)
     return _hessian_diag(loss, num_probes, batch, key, params)
@@ -290,8 +293,9 @@ def criticality_mc(key, loss: Loss, params: Params, *, sigma=0.1, num_samples: i
         ...                num_samples=2)
         Array([1.], dtype=float32)
     """
-    num_samples = _check_int("num_samples", num_samples, 1)
-    batch = min(_check_int("batch", batch, 1), num_samples)
+    check_key("key", key)
+    num_samples = check_int("num_samples", num_samples, 1)
+    batch = min(check_int("batch", batch, 1), num_samples)
     if noise not in _NOISE_MODES:
         raise ValueError(f"noise must be one of {_NOISE_MODES}, got {noise!r}")
     _check_float_tree("params", params)
@@ -324,12 +328,14 @@ def swim_sensitivity(hdiag: Params, sigma) -> Params:
 
     The second-order term of ``E[ΔL]`` for independent zero-mean weight perturbations of std σ_i
     at a trained minimum (gradient ≈ 0). Negative curvature estimates give negative sensitivities
-    (they are kept, not clamped).
+    (they are kept, not clamped). This is the ranking of selective write-verify: pass it to
+    :func:`nvjax.programming.swim_mask`.
 
     Args:
-        hdiag: diagonal of the Hessian, a pytree (e.g. from :func:`hessian_diag`).
+        hdiag: diagonal of the Hessian, an array or a pytree (e.g. from :func:`hessian_diag`).
         sigma: weight-noise std (parameter units, ``>= 0``): a scalar, or a pytree like ``hdiag``
-            whose leaves broadcast to its leaves.
+            whose leaves broadcast to its leaves; e.g. the programming noise in weight units,
+            ``devices.programming_sigma(device, g_target)/κ`` for a differential pair of scale κ.
 
     Returns:
         A pytree like ``hdiag`` (loss units).
@@ -346,6 +352,64 @@ def swim_sensitivity(hdiag: Params, sigma) -> Params:
     sig = _check_sigma(sigma, hdiag, "hdiag")
     return jax.tree.map(lambda h, s: (0.5 * h * jnp.square(s)).astype(jnp.result_type(h)),
                         hdiag, sig)
+
+
+def importance(key, model: nn.Module, params: Params, x, y, *, method: str = "saliency",
+               num_probes: int = 64) -> Dict[str, jax.Array]:
+    """Importance of every crossbar weight (each ``kernel`` entry of the Dense/Conv layers).
+
+    With ``L`` the mean softmax cross-entropy of ``model`` on ``(x, y)`` (:func:`loss_fn`):
+
+    * ``'saliency'``: ``|w·∂L/∂w|`` (:func:`saliency`), the first-order loss change of removing w;
+    * ``'magnitude'``: ``|w|``;
+    * ``'hessian'``: ``½·|H_ii|·w_i²`` with ``H_ii`` the Hutchinson estimate of the Hessian
+      diagonal (:func:`hessian_diag`, ``num_probes`` Rademacher probes drawn from ``key``). At a
+      trained minimum (∂L/∂w ≈ 0) setting ``w_i`` to 0 raises the loss by ``½·H_ii·w_i²`` to second
+      order (the "optimal brain damage" saliency); the magnitude is taken because the estimate of
+      ``H_ii`` can be negative.
+
+    Args:
+        key: PRNG key of the Hutchinson probes (required for every method, used by 'hessian').
+        model: a Flax classifier mapping ``x`` to logits.
+        params: its parameters (``{'params': ...}`` or the inner dict, float leaves).
+        x: inputs ``[N, ...]``.
+        y: integer labels ``[N]``.
+        method: ``'saliency'``, ``'magnitude'`` or ``'hessian'``.
+        num_probes: Hutchinson probes of ``'hessian'``, ``>= 1``.
+
+    Returns:
+        dict layer name (``'/'``-joined module path, in :func:`nvjax.layers.layer_names` order) →
+        array of the kernel's own shape (Dense ``[n_in, n_out]``, Conv ``[*window, C_in, C_out]``;
+        :func:`kernel_criticality` or :func:`nvjax.layers.kernel_matrix` give the crossbar layout).
+        Units: the loss's for 'saliency' and 'hessian', the weights' for 'magnitude'.
+
+    References:
+        Y. LeCun, J. S. Denker, S. A. Solla, "Optimal brain damage", NIPS 1989 (the ½·H_ii·w²
+        saliency); Hutchinson (1989) for the diagonal estimator (see :func:`hessian_diag`).
+
+    Example:
+        >>> imp = importance(jax.random.key(0), model, params, x, y)     # doctest: +SKIP
+        >>> mask = nvjax.training.top_mask(imp, 0.1)                      # doctest: +SKIP
+    """
+    check_key("key", key)
+    if method not in _IMPORTANCE_METHODS:
+        raise ValueError(f"importance: method must be one of {_IMPORTANCE_METHODS}, got "
+                         f"{method!r}")
+    num_probes = check_int("num_probes", num_probes, 1)
+    inner = layers.strip_params(params)
+    _check_float_tree("params", inner)
+    if method == "magnitude":
+        tree = jax.tree.map(jnp.abs, inner)
+    elif method == "saliency":
+        tree = saliency(loss_fn(model, x, y), inner)
+    else:
+        h = hessian_diag(key, loss_fn(model, x, y), inner, num_probes=num_probes)
+        tree = jax.tree.map(lambda hh, w: 0.5 * jnp.abs(hh) * jnp.square(w), h, inner)
+    flat = flatten_dict(tree)
+    out = {"/".join(path[:-1]): flat[path] for path in flatten_dict(inner) if path[-1] == "kernel"}
+    if not out:
+        raise ValueError("importance: params has no 'kernel' leaves (Dense/Conv layers)")
+    return out
 
 
 def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str, jax.Array]]:
@@ -371,6 +435,7 @@ def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str,
         all row vectors, zeros included) and ``'max_abs'`` (max ``|input|``).
 
     Raises:
+        TypeError: when ``model`` is not a Flax module.
         ValueError: when ``x`` is not a non-empty batch, or the model calls no Dense/Conv layer.
 
     Example:
@@ -379,7 +444,7 @@ def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str,
         (64,)
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a flax.linen Module, got {type(model).__name__}")
+        raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}")
     x = jnp.asarray(x)
     if x.ndim < 2 or x.shape[0] < 1:
         raise ValueError(f"x must be a non-empty batch of inputs [N, ...] with ndim >= 2, got "
@@ -435,6 +500,7 @@ def kernel_criticality(tree: Params, params: Params) -> Dict[str, jax.Array]:
         dict layer name (in :func:`nvjax.layers.layer_names` order) → ``[n_in, n_out]`` array.
 
     Raises:
+        TypeError: when ``tree`` is not a nested dict.
         ValueError: when ``tree`` lacks a kernel of ``params`` or its shape differs.
 
     Example:
@@ -443,7 +509,7 @@ def kernel_criticality(tree: Params, params: Params) -> Dict[str, jax.Array]:
     flat_p = flatten_dict(layers.strip_params(params))
     t_inner = layers.strip_params(tree)
     if not isinstance(t_inner, dict):
-        raise ValueError(f"tree must be a nested dict like params, got {type(tree).__name__}")
+        raise TypeError(f"tree must be a nested dict like params, got {type(tree).__name__}")
     flat_t = flatten_dict(t_inner)
     out = {}
     for path, kernel in flat_p.items():

@@ -13,18 +13,18 @@ DESIGN.md §7.1, §7.4.
   jitted ``lax.scan`` per epoch, step ``s`` draws its noise with ``fold_in(key_noise, s)``.
 * **Biased (favorable-state) training** (§7.4, Diware et al., AICAS 2023): :func:`favorable_levels`
   picks the cell levels with the smallest σ_ℓ, :func:`favorable_codebook` the M-bit weight codes
-  whose every K-bit slice sits on them, :func:`importance` ranks weights (saliency, magnitude or
-  Hessian), and :func:`quantize` constrains the top-p % (``mask``) to the codebook (projection +
-  straight-through) and rounds the others to the plain M-bit grid. ``mask=None`` is conventional
-  quantization-aware training. :func:`sliced_read` deploys quantized weights on bit-sliced cells
-  for a Monte Carlo "hardware accuracy".
+  whose every K-bit slice sits on them, :func:`top_mask` selects the top-p % of a weight ranking
+  (:func:`nvjax.sensitivity.importance`: saliency, magnitude or Hessian), and :func:`quantize`
+  constrains them (``mask``) to the codebook (projection + straight-through) and rounds the others
+  to the plain M-bit grid. ``mask=None`` is conventional quantization-aware training.
+  :func:`sliced_read` deploys quantized weights on bit-sliced cells for a Monte Carlo "hardware
+  accuracy".
 
 Post-programming correction (read-verify reprogramming, gain/offset calibration, IR-drop
 pre-distortion) is :mod:`nvjax.correction`.
 
 This module imports ``devices``, ``encoding``, ``crossbar``, ``layers``, ``chip``, ``models``,
-``sensitivity``, ``programming``, ``correction``, ``_checks``, ``_ops``, ``_train_loop``, flax and
-optax.
+``programming``, ``correction``, ``_checks``, ``_ops``, ``_train_loop``, flax and optax.
 """
 from __future__ import annotations
 
@@ -46,15 +46,14 @@ from . import devices as dev_mod
 from . import encoding
 from . import models as models_mod
 from . import programming
-from . import sensitivity as sens
 from ._checks import is_concrete
 from ._ops import round_ste, straight_through
 from ._train_loop import as_key, check_positive, fit, train_data
 from .correction import calibrate
 
 __all__ = ["WeightNoise", "ChipNoise", "perturb", "noisy_forward", "train", "round_ste", "straight_through",
-           "quantize", "weight_codes", "favorable_levels", "favorable_codebook", "importance",
-           "top_mask", "sliced_read"]
+           "quantize", "weight_codes", "favorable_levels", "favorable_codebook", "top_mask",
+           "sliced_read"]
 
 Array = jax.Array
 Params = Any
@@ -323,30 +322,10 @@ def favorable_codebook(device, *, bits: int = 8, slice_bits: int = 2, num: int =
     return encoding.favorable_codebook(bits=bits, slice_bits=slice_bits, allowed=lv.tolist())
 
 
-def importance(model: nn.Module, params, x, y, *, method: str = "saliency",
-               probes: int = 64, key=None):
-    """Weight importance of every kernel: 'saliency' |w·∂L/∂w|, 'magnitude' |w| or 'hessian'
-    ½·H_ii·w² (Hutchinson diagonal, ``probes`` probes from ``key``). Returns a tree of kernels only
-    (flat dict '/'-joined layer name → [kernel shape])."""
-    inner = layers.strip_params(params)
-    if method == "magnitude":
-        tree = jax.tree.map(jnp.abs, inner)
-    elif method == "saliency":
-        tree = sens.saliency(sens.loss_fn(model, x, y), inner)
-    elif method == "hessian":
-        key = jax.random.key(0) if key is None else key
-        h = sens.hessian_diag(key, sens.loss_fn(model, x, y), inner, num_probes=probes)
-        tree = jax.tree.map(lambda hh, w: 0.5 * jnp.abs(hh) * jnp.square(w), h, inner)
-    else:
-        raise ValueError(f"importance: method must be 'saliency', 'magnitude' or 'hessian', got "
-                         f"{method!r}")
-    flat = flatten_dict(tree)
-    return {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "kernel"}
-
-
 def top_mask(scores, p):
     """Boolean masks of the global top fraction ``p`` of ``scores`` (all layers ranked together;
-    :func:`nvjax.programming.swim_mask`)."""
+    :func:`nvjax.programming.swim_mask`), e.g. of :func:`nvjax.sensitivity.importance`: a dict
+    layer name → kernel-shaped mask, as :func:`quantize` takes."""
     return programming.swim_mask(scores, p)
 
 

@@ -349,6 +349,92 @@ def test_bit_slice_sigma_w_closed_form(bits, slice_bits):
 
 
 # --------------------------------------------------------------------------------------------
+# D4 PCM pulse response (used by nvjax.programming.row_program)
+# --------------------------------------------------------------------------------------------
+def test_d4_set_step_mean_and_std():
+    # no clipping (floor and ceiling far away), no device variability
+    dev = D.pulse_pcm(g_lo=-1e3, g_hi=1e3, sigma_gain=0.0, sigma_gmax=0.0)
+    levels = np.array([1.0, 5.0, 10.0], np.float32)
+    g = jnp.asarray(np.repeat(levels[:, None], N, axis=1))
+    dg = _np(D.set_pulse(jax.random.key(30), dev, None, g)) - _np(g)
+    for i, gi in enumerate(levels):
+        _assert_mean(dg[i], -0.084 * gi + 0.892)
+        _assert_std(dg[i], 0.09 * gi + 0.575)
+    # step_scale and a per-device gain multiply the mean step only
+    var = D.DeviceVariation(gain=jnp.full(g.shape, 1.5), g_ceiling=jnp.full(g.shape, 1e3))
+    dg2 = _np(D.set_pulse(jax.random.key(31), dev, var, g, step_scale=2.0)) - _np(g)
+    for i, gi in enumerate(levels):
+        _assert_mean(dg2[i], 3.0 * (-0.084 * gi + 0.892))
+        _assert_std(dg2[i], 0.09 * gi + 0.575)
+
+
+def test_d4_set_clipping_and_mask():
+    dev = D.pulse_pcm(sigma_gain=0.0, sigma_gmax=0.0)
+    g = jnp.concatenate([jnp.full((S,), 0.1), jnp.full((S,), 19.9)])
+    var = D.DeviceVariation(gain=jnp.ones_like(g), g_ceiling=jnp.full(g.shape, 19.95))
+    out = _np(D.set_pulse(jax.random.key(32), dev, var, g))
+    assert np.all(out >= 0.1 - 1e-6) and np.all(out <= 19.95 + 1e-5)
+    assert np.any(out == np.float32(0.1)) and np.any(out == np.float32(19.95))   # clips happen
+    mask = jnp.arange(2 * S) % 2 == 0
+    out_m = np.asarray(D.set_pulse(jax.random.key(32), dev, var, g, mask))
+    np.testing.assert_array_equal(out_m[1::2], np.asarray(g)[1::2])
+    np.testing.assert_array_equal(out_m[::2], np.asarray(out, np.float32)[::2])
+
+
+def test_d4_reset_values():
+    dev = D.pulse_pcm()
+    g = D.reset(jax.random.key(33), dev, (N,))
+    _assert_mean(g, 0.1)
+    _assert_std(g, 0.01)
+    old = jnp.full((S,), 7.0)
+    mask = jnp.arange(S) < S // 2
+    new = np.asarray(D.reset(jax.random.key(34), dev, old, mask))
+    assert np.all(new[S // 2:] == 7.0) and np.all(np.abs(new[: S // 2] - 0.1) < 0.1)
+
+
+def test_d4_device_variation():
+    dev = D.pulse_pcm(sigma_gain=0.2, sigma_gmax=2.0)
+    var = D.draw_devices(jax.random.key(35), dev, (4, N // 4))
+    assert var.gain.shape == var.g_ceiling.shape == (4, N // 4)
+    _assert_mean(var.gain, 1.0)
+    _assert_std(var.gain, 0.2)
+    _assert_mean(var.g_ceiling, 20.0)
+    _assert_std(var.g_ceiling, 2.0)
+
+
+def test_d4_variation_and_reset_from_normals_by_hand():
+    dev = D.pulse_pcm(sigma_gain=0.2, sigma_gmax=2.0)
+    z = jnp.array([[1.0, -0.5, 0.0], [0.5, -1.0, -20.0]])
+    var = D.variation_from_normals(dev, z)
+    np.testing.assert_allclose(var.gain, [1.2, 0.9, 1.0], rtol=1e-6)
+    # ceiling 20 + 2·z, raised to g_lo = 0.1 where the draw falls below it
+    np.testing.assert_allclose(var.g_ceiling, [21.0, 18.0, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(D.reset_from_normals(dev, jnp.array([0.0, 1.0, -2.0])),
+                               [0.1, 0.11, 0.08], rtol=1e-6)
+    # draw_devices is variation_from_normals of one normal draw [2, *shape] of its key
+    key = jax.random.key(36)
+    drawn = D.draw_devices(key, dev, (3,))
+    again = D.variation_from_normals(dev, jax.random.normal(key, (2, 3)))
+    np.testing.assert_array_equal(np.asarray(drawn.gain), np.asarray(again.gain))
+    np.testing.assert_array_equal(np.asarray(drawn.g_ceiling), np.asarray(again.g_ceiling))
+
+
+def test_d4_bad_inputs():
+    with pytest.raises(TypeError, match="nope"):
+        D.pulse_pcm(nope=1.0)
+    with pytest.raises(ValueError, match="sigma_gain"):
+        D.pulse_pcm(sigma_gain=-0.1)
+    with pytest.raises(ValueError, match="g_hi"):
+        D.pulse_pcm(g_lo=5.0, g_hi=5.0)
+    with pytest.raises(TypeError, match="PulsePCM"):
+        D.set_pulse(jax.random.key(0), D.pcm(), None, jnp.ones(3))
+    with pytest.raises(TypeError, match="PulsePCM"):
+        D.check_pulse_device(D.pcm())
+    with pytest.raises(ValueError, match="mask"):
+        D.reset(jax.random.key(0), D.pulse_pcm(), (3,), jnp.ones(3, bool))
+
+
+# --------------------------------------------------------------------------------------------
 # D5 flash
 # --------------------------------------------------------------------------------------------
 def test_flash_lognormal():

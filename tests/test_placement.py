@@ -51,11 +51,12 @@ def test_layer_reads_by_hand():
 def test_position_factor_and_exact_placement():
     model, params, x, y = _setup()
     dev, p = D.pcm(), R.pcm_disturb()
-    none = pl.linear_costs(model, params, x, y, dev, xb.TileConfig(rows=8, cols=8), p)
+    key = jax.random.key(7)
+    none = pl.linear_costs(key, model, params, x, y, dev, xb.TileConfig(rows=8, cols=8), p)
     for c, d in none.values():
         np.testing.assert_array_equal(d, 1.0)
     cfg = xb.TileConfig(rows=8, cols=8, ir_drop="first_order", r_wire=2000.0, v_read=0.4)
-    costs = pl.linear_costs(model, params, x, y, dev, cfg, p)
+    costs = pl.linear_costs(key, model, params, x, y, dev, cfg, p)
     c, d = costs["hidden"]
     assert c.shape == d.shape == (8, 6) and np.all(c >= 0)
     assert np.all(d <= 1.0) and d.min() < 0.9
@@ -69,6 +70,34 @@ def test_position_factor_and_exact_placement():
     assert pl.placement_cost(costs, ex) <= pl.placement_cost(costs, ident) + 1e-12
     for n, (rp, cp) in ex.items():
         assert sorted(rp) == list(range(len(rp))) and sorted(cp) == list(range(len(cp)))
+    # criticality 'magnitude': C = |w|·a, by hand; 'hessian': ½·|H_ii|·w² of
+    # sensitivity.importance (tested against the exact Hessian there) with the same key
+    mag = pl.linear_costs(key, model, params, x, y, dev, cfg, p, criticality="magnitude")
+    w = np.abs(np.asarray(params["params"]["hidden"]["kernel"], np.float64))
+    np.testing.assert_allclose(mag["hidden"][0], w * np.asarray(a)[:, None], rtol=1e-5)
+    np.testing.assert_array_equal(mag["hidden"][1], d)
+    hes = pl.linear_costs(key, model, params, x, y, dev, cfg, p, criticality="hessian",
+                          num_probes=16)
+    imp = sensitivity.importance(key, model, params, x, y, method="hessian", num_probes=16)
+    np.testing.assert_allclose(hes["hidden"][0], np.asarray(imp["hidden"]) * np.asarray(a)[:, None],
+                               rtol=1e-5)
+
+
+def test_random_placement_permutations_from_a_key():
+    _, params, _, _ = _setup()
+    a = pl.random_placement(jax.random.key(3), params)
+    b = pl.random_placement(jax.random.key(3), params)
+    c = pl.random_placement(jax.random.key(4), params)
+    assert list(a) == ["hidden", "out"]
+    for n, (rows, cols) in {"hidden": (8, 6), "out": (6, 4)}.items():
+        rp, cp = a[n]
+        assert isinstance(rp, np.ndarray) and np.issubdtype(rp.dtype, np.integer)
+        assert sorted(rp.tolist()) == list(range(rows)) and sorted(cp.tolist()) == list(range(cols))
+        np.testing.assert_array_equal(rp, b[n][0])
+        np.testing.assert_array_equal(cp, b[n][1])
+    assert any(not np.array_equal(a[n][i], c[n][i]) for n in a for i in (0, 1))
+    with pytest.raises(TypeError, match="key"):
+        pl.random_placement(3, params)                    # an int seed is not a key
 
 
 def test_objective_limits_zero_reads_and_no_ir_drop():
@@ -77,7 +106,7 @@ def test_objective_limits_zero_reads_and_no_ir_drop():
     loss = sensitivity.loss_fn(model, x, y)(params)
     obj0, names = pl.relaxed_objective(model, params, x, y, dev, xb.TileConfig(rows=8, cols=8), p, 0.0)
     ident = pl.identity_placement(params)
-    rnd = pl.random_placement(3, params)
+    rnd = pl.random_placement(jax.random.key(3), params)
     np.testing.assert_allclose(obj0(_onehots(ident, names)), loss, rtol=1e-5)
     np.testing.assert_allclose(obj0(_onehots(rnd, names)), loss, rtol=1e-5)
     # without IR drop a cell's position does not matter, even under disturb
@@ -92,6 +121,7 @@ def test_objective_limits_zero_reads_and_no_ir_drop():
     assert abs(float(obj_ir(_onehots(ident, names)) - obj_ir(_onehots(rnd, names)))) > 1e-5
 
 
+@pytest.mark.slow
 def test_objective_gradients_match_finite_differences():
     model, params, x, y = _setup()
     cfg = xb.TileConfig(rows=8, cols=8, v_read=0.5, ir_drop="first_order", r_wire=3000.0)
@@ -117,7 +147,7 @@ def test_objective_gradients_match_finite_differences():
 def test_relaxed_placement_returns_permutations():
     model, params, x, y = _setup()
     cfg = xb.TileConfig(rows=8, cols=8, v_read=0.5, ir_drop="first_order", r_wire=3000.0)
-    costs = pl.linear_costs(model, params, x, y, D.pcm(), cfg, R.pcm_disturb())
+    costs = pl.linear_costs(jax.random.key(7), model, params, x, y, D.pcm(), cfg, R.pcm_disturb())
     start = pl.exact_placement(costs)
     placed, info = pl.relaxed_placement(jax.random.key(0), model, params, x, y, D.pcm(), cfg,
                                         R.pcm_disturb(), 1e7, start=start, steps=30)
@@ -125,9 +155,13 @@ def test_relaxed_placement_returns_permutations():
         assert sorted(rp) == list(range(len(rp))) and sorted(cp) == list(range(len(cp)))
     assert np.isfinite(np.asarray(info.loss_history)).all()
     with pytest.raises(ValueError, match="criticality"):
-        pl.linear_costs(model, params, x, y, D.pcm(), cfg, R.pcm_disturb(), criticality="magic")
+        pl.linear_costs(jax.random.key(7), model, params, x, y, D.pcm(), cfg, R.pcm_disturb(),
+                        criticality="magic")
+    with pytest.raises(TypeError, match="key"):
+        pl.linear_costs(0, model, params, x, y, D.pcm(), cfg, R.pcm_disturb())
 
 
+@pytest.mark.slow
 def test_objective_with_ir_mvm_equals_the_simulated_chip_at_zero_reads():
     """n = 0: the objective is the cross-entropy of the network run on the placed tiles with
     first-order IR drop — computed independently by chip.apply on an ideal-device chip."""
@@ -135,7 +169,7 @@ def test_objective_with_ir_mvm_equals_the_simulated_chip_at_zero_reads():
     cfg = xb.TileConfig(rows=4, cols=4, v_read=0.5, ir_drop="first_order", r_wire=3000.0)
     dev = D.ideal(g_max=25.0)
     obj, names = pl.relaxed_objective(model, params, x, y, dev, cfg, R.pcm_disturb(), 0.0)
-    placement = pl.random_placement(2, params)
+    placement = pl.random_placement(jax.random.key(2), params)
     chip = C.deploy(jax.random.key(0), model, params, dev, config=cfg,
                     placement={n: tuple(jnp.asarray(p, jnp.int32) for p in placement[n])
                                for n in names})

@@ -1,7 +1,8 @@
 """Sensitivity: saliency, Hutchinson Hessian diagonal, activation statistics, criticality.
 
-Independent expectations: closed forms for linear/quadratic/separable losses, the full
-``jax.hessian`` of a flattened small model, hand-counted reads from NumPy-built patches.
+Independent expectations: closed forms for linear/quadratic/separable losses and for the
+softmax-regression gradient, the full ``jax.hessian`` of a flattened small model, hand-counted
+reads from NumPy-built patches, a hand-written crossbar layout.
 Tolerances of stochastic estimators come from their known per-probe variance.
 """
 import flax.linen as nn
@@ -291,21 +292,93 @@ def test_swim_sensitivity_closed_form():
     np.testing.assert_allclose(got["b"], [6.0], rtol=1e-6)
 
 
-def test_kernel_criticality_shapes_and_layout():
+def test_kernel_criticality_hand_layout():
+    # Conv kernel [kh=2, kw=2, C_in=2, C_out=3] with entry value 1000·dy + 100·dx + 10·c + o: its
+    # crossbar row for (c, dy, dx) is c·4 + dy·2 + dx (channel-major im2col, as the patches of
+    # test_activation_stats_conv_counts_per_patch_feature), column o. Written out by hand.
+    dy, dx, c, o = np.meshgrid(np.arange(2), np.arange(2), np.arange(2), np.arange(3),
+                               indexing="ij")
+    conv = (1000 * dy + 100 * dx + 10 * c + o).astype(np.float32)
+    dense = np.array([[1.0, -2.0], [3.0, 4.0], [5.0, 6.0], [-7.0, 8.0]], np.float32)
+    tree = {"params": {"Conv_0": {"kernel": jnp.asarray(conv), "bias": jnp.full(3, 9.0)},
+                       "block": {"inner": {"kernel": jnp.asarray(dense),
+                                           "bias": jnp.zeros(2)}}}}
+    params = jax.tree.map(jnp.zeros_like, tree)
+    kc = S.kernel_criticality(tree, params)
+    assert list(kc) == ["Conv_0", "block/inner"]          # biases dropped, '/'-joined paths
+    expect_conv = np.array([
+        [0, 1, 2], [100, 101, 102], [1000, 1001, 1002], [1100, 1101, 1102],      # c = 0
+        [10, 11, 12], [110, 111, 112], [1010, 1011, 1012], [1110, 1111, 1112],   # c = 1
+    ], np.float32)
+    np.testing.assert_array_equal(np.asarray(kc["Conv_0"]), expect_conv)
+    np.testing.assert_array_equal(np.asarray(kc["block/inner"]), dense)   # Dense: as is
+    # the inner dict works too
+    kc2 = S.kernel_criticality(tree["params"], params["params"])
+    np.testing.assert_array_equal(np.asarray(kc2["Conv_0"]), expect_conv)
+
+
+# ----------------------------------------------------------------------------- importance
+
+class Linear(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="lin")(x)
+
+
+def test_importance_saliency_and_magnitude_closed_form():
+    # one Dense layer with softmax cross-entropy: ∂L/∂W = xᵀ(softmax(xW + b) − onehot(y))/N
+    model = Linear()
+    x = jax.random.normal(jax.random.key(0), (8, 5))
+    y = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
+    params = model.init(jax.random.key(1), x)
+    w = np.asarray(params["params"]["lin"]["kernel"], np.float64)
+    b = np.asarray(params["params"]["lin"]["bias"], np.float64)
+    xn = np.asarray(x, np.float64)
+    z = xn @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad = xn.T @ (p - np.eye(3)[np.asarray(y)]) / 8
+    key = jax.random.key(2)
+    sal = S.importance(key, model, params, x, y)            # default: saliency
+    assert list(sal) == ["lin"] and sal["lin"].shape == (5, 3)
+    np.testing.assert_allclose(sal["lin"], np.abs(w * grad), rtol=1e-4, atol=1e-7)
+    mag = S.importance(key, model, params["params"], x, y, method="magnitude")
+    np.testing.assert_array_equal(np.asarray(mag["lin"]), np.abs(np.asarray(w, np.float32)))
+
+
+def test_importance_keeps_kernel_shapes():
     model = ConvDense()
-    x = jnp.ones((1, 4, 5, 2))
+    x = jnp.ones((2, 4, 5, 2))
     params = model.init(jax.random.key(0), x)
-    sal = S.saliency(lambda p: jnp.sum(model.apply(p, x) ** 2), params)
-    kc = S.kernel_criticality(sal, params)
-    assert tuple(kc) == layers.layer_names(params)
-    for name, m in kc.items():
-        kern = params["params"][name]["kernel"]
-        assert m.shape == layers.kernel_matrix(kern).shape
-        np.testing.assert_array_equal(m, layers.kernel_matrix(sal["params"][name]["kernel"]))
-    # the inner dict works too, and identity maps to kernel_matrix of the kernels
-    kc2 = S.kernel_criticality(params["params"], params["params"])
-    np.testing.assert_array_equal(kc2["Conv_0"],
-                                  layers.kernel_matrix(params["params"]["Conv_0"]["kernel"]))
+    mag = S.importance(jax.random.key(1), model, params, x, jnp.array([0, 1]), method="magnitude")
+    assert list(mag) == ["Conv_0", "Dense_0"]
+    conv = params["params"]["Conv_0"]["kernel"]
+    assert mag["Conv_0"].shape == conv.shape == (3, 3, 2, 3)       # not the crossbar layout
+    np.testing.assert_array_equal(np.asarray(mag["Conv_0"]), np.abs(np.asarray(conv)))
+
+
+def test_importance_hessian_is_half_abs_hii_w2_of_the_full_hessian():
+    # ½·|H_ii|·w² against the exact Hessian diagonal of the flattened model (jax.hessian);
+    # Hutchinson's per-probe variance of entry i is Σ_{j≠i} H_ij², and |½|a|w² − ½|b|w²| ≤
+    # ½w²|a − b|, so the tolerance is ½w²·5·SE.
+    model = SmallMLP()
+    x = jax.random.normal(jax.random.key(0), (6, 5))
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    params = model.init(jax.random.key(1), x)
+    loss = S.loss_fn(model, x, y)
+    flat, unravel = ravel_pytree(params)
+    full = np.asarray(jax.jit(jax.hessian(lambda f: loss(unravel(f))))(flat), np.float64)
+    n = 4000
+    imp = S.importance(jax.random.key(2), model, params, x, y, method="hessian", num_probes=n)
+    se = np.sqrt(np.sum((full - np.diag(np.diag(full))) ** 2, axis=1) / n)
+    hii = unravel(jnp.asarray(np.diag(full), jnp.float32))["params"]
+    se_t = unravel(jnp.asarray(se, jnp.float32))["params"]
+    for name in ("Dense_0", "Dense_1"):
+        w = np.asarray(params["params"][name]["kernel"], np.float64)
+        expect = 0.5 * np.abs(np.asarray(hii[name]["kernel"], np.float64)) * w ** 2
+        tol = 0.5 * w ** 2 * 5 * np.asarray(se_t[name]["kernel"], np.float64) + 1e-7
+        assert imp[name].shape == w.shape
+        np.testing.assert_array_less(np.abs(np.asarray(imp[name], np.float64) - expect), tol)
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -315,8 +388,10 @@ def test_bad_inputs_raise_naming_the_argument():
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="num_probes"):
         S.hessian_diag(key, loss, params, num_probes=0)
-    with pytest.raises(ValueError, match="num_probes"):
+    with pytest.raises(TypeError, match="num_probes"):
         S.hessian_diag(key, loss, params, num_probes=2.0)
+    with pytest.raises(TypeError, match="key"):
+        S.hessian_diag(0, loss, params, num_probes=2)
     with pytest.raises(ValueError, match="batch"):
         S.hessian_diag(key, loss, params, num_probes=4, batch=0)
     with pytest.raises(ValueError, match="num_samples"):
@@ -333,15 +408,24 @@ def test_bad_inputs_raise_naming_the_argument():
         S.swim_sensitivity(params, {"a": jnp.ones(3), "b": jnp.ones(5)})
     with pytest.raises(ValueError, match="loss"):
         S.saliency(lambda p: ravel_pytree(p)[0], params)          # not a scalar
-    with pytest.raises(ValueError, match="params"):
+    with pytest.raises(TypeError, match="params"):
         S.saliency(lambda p: jnp.sum(p), jnp.arange(3))           # integer params
+    with pytest.raises(TypeError, match="sigma"):
+        S.swim_sensitivity(params, True)
     model = SmallMLP()
     x = jnp.ones((4, 5))
     with pytest.raises(ValueError, match="y"):
         S.loss_fn(model, x, jnp.zeros(3, jnp.int32))
-    with pytest.raises(ValueError, match="y"):
+    with pytest.raises(TypeError, match="y"):
         S.loss_fn(model, x, jnp.zeros(4))
     mparams = model.init(key, x)
+    y = jnp.zeros(4, jnp.int32)
+    with pytest.raises(TypeError, match="key"):
+        S.importance(0, model, mparams, x, y)                     # an int seed is not a key
+    with pytest.raises(ValueError, match="method"):
+        S.importance(key, model, mparams, x, y, method="fisher")
+    with pytest.raises(TypeError, match="num_probes"):
+        S.importance(key, model, mparams, x, y, method="hessian", num_probes=8.0)
     with pytest.raises(ValueError, match="x"):
         S.activation_stats(model, mparams, jnp.ones(5))
     with pytest.raises(ValueError, match="x"):

@@ -12,6 +12,7 @@ from nvjax import data as data_mod
 from nvjax import devices as dv
 from nvjax import encoding, irdrop
 from nvjax import models
+from nvjax import sensitivity as sens
 from nvjax import training as tr
 
 
@@ -24,6 +25,7 @@ def small():
 
 
 # ---------------------------------------------------------------- zero noise = ideal
+@pytest.mark.slow
 def test_zero_noise_forward_equals_ideal(small):
     ds, model, params = small
     x = ds.x_test[:32]
@@ -69,6 +71,7 @@ def test_quantize_params_gradient_is_identity(small):
         np.testing.assert_array_equal(leaf, jnp.ones_like(leaf))
 
 
+@pytest.mark.slow
 def test_chip_forward_gradients_finite(small):
     ds, model, params = small
     cfg = xb.TileConfig(rows=16, cols=16, dac_bits=5, adc_bits=6, out_noise=0.02,
@@ -91,15 +94,28 @@ def test_levels_gradient_straight_through():
 
 
 # ---------------------------------------------------------------- training loop
+@pytest.mark.slow
 def test_train_deterministic_and_learns_under_noise(small):
     ds, model, params = small
     noise = tr.ChipNoise(dv.levels(bits=2, sigma=0.02), 0.0,
                          xb.TileConfig(rows=64, cols=16, adc_bits=5))
-    p1, h1 = tr.train(0, model, ds, params=params, noise=noise, epochs=2, batch_size=128)
-    p2, _ = tr.train(0, model, ds, params=params, noise=noise, epochs=2, batch_size=128)
+    opts = dict(params=params, noise=noise, epochs=3, batch_size=128, learning_rate=1e-2)
+    p1, h1 = tr.train(0, model, ds, **opts)
+    p2, _ = tr.train(0, model, ds, **opts)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_array_equal(a, b)
-    assert h1["train_loss"][-1] < h1["train_loss"][0] or h1["test_accuracy"][-1] > 0.3
+    # It learns through the chip noise. Measured (seeds 0, 1, 2): epoch losses 2.24 → 1.90 →
+    # 1.55, 2.24 → 1.88 → 1.54, 2.25 → 1.98 → 1.65 (each epoch ≥ 0.27 lower); final test accuracy
+    # 0.75, 0.80, 0.67, against 0.049 for the untrained model and 0.1 for chance. Bounds with
+    # margin: every epoch lowers the loss by > 0.1, the final accuracy is > 0.5 and above the
+    # first epoch's.
+    loss = h1["train_loss"]
+    assert len(loss) == 3 and all(b < a - 0.1 for a, b in zip(loss, loss[1:])), loss
+    untrained = float(models.accuracy(model, params, ds.x_test, ds.y_test))
+    final = float(models.accuracy(model, p1, ds.x_test, ds.y_test))   # independent of history
+    assert final == pytest.approx(h1["test_accuracy"][-1], abs=1e-6)
+    assert final > 0.5 and final > untrained + 0.3 and final > h1["test_accuracy"][0], \
+        (untrained, h1["test_accuracy"])
 
 
 def test_train_rejects_solver_ir_and_bad_args(small):
@@ -127,11 +143,12 @@ def test_favorable_levels_and_codebook():
         tr.favorable_codebook(dv.levels(bits=3), bits=8, slice_bits=2)
 
 
+@pytest.mark.slow
 def test_biased_training_puts_important_weights_on_codebook(small):
     ds, model, params = small
     dev = dv.levels(bits=2, sigma=0.05, nonuniform=4.0)
     cb = tr.favorable_codebook(dev, bits=8, slice_bits=2)
-    scores = tr.importance(model, params, ds.x_train[:256], ds.y_train[:256])
+    scores = sens.importance(jax.random.key(4), model, params, ds.x_train[:256], ds.y_train[:256])
     mask = tr.top_mask(scores, 0.3)
     tform = lambda p: tr.quantize(p, bits=8, mask=mask, codebook=cb)[0]  # noqa: E731
     latent, _ = tr.train(1, model, ds, params=params, transform=tform, epochs=2, batch_size=128)
@@ -150,6 +167,7 @@ def test_biased_training_puts_important_weights_on_codebook(small):
     assert n_masked == round(0.3 * sum(np.size(v) for v in scores.values()))
 
 
+@pytest.mark.slow
 def test_sliced_read_noise_free_roundtrip_and_sigma():
     w = jax.random.normal(jax.random.key(0), (40, 30))
     q, w_max = tr.quantize({"d": {"kernel": w}}, bits=8)
@@ -202,6 +220,7 @@ def test_calibrate_recovers_synthetic_gain_offset_on_chip():
     np.testing.assert_allclose(model.apply({"params": eff}, x), model.apply(params, x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_reprogram_brings_cells_into_tolerance_keeps_stuck():
     model = models.MLP((20,))
     params = model.init(jax.random.key(0), jnp.ones((1, 30)))
@@ -231,6 +250,7 @@ def test_reprogram_brings_cells_into_tolerance_keeps_stuck():
         float(xb.reference_sum(fixed.tiles[name].pos.g - fixed.tiles[name].neg.g, fixed.tiles[name].kappa)))
 
 
+@pytest.mark.slow
 def test_predistortion_cancels_first_order_ir_drop():
     cfg = xb.TileConfig(rows=32, cols=32, ir_drop="first_order", r_wire=5.0, ir_predistort=8)
     g = jax.random.uniform(jax.random.key(0), (40, 50), minval=0.0, maxval=20.0)
@@ -253,6 +273,7 @@ def test_predistortion_cancels_first_order_ir_drop():
     assert errs[1] < 0.05 * errs[0]
 
 
+@pytest.mark.slow
 def test_correct_pipeline_and_recovered_fraction(small):
     ds, model, params = small
     cfg = xb.TileConfig(rows=64, cols=16, read_noise=False)
