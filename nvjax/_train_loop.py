@@ -1,10 +1,11 @@
 """The minibatch training loop shared by :func:`nvjax.models.train` and
 :func:`nvjax.training.train`, and its argument checks.
 
-This module imports only jax, numpy and optax.
+This module imports ``_xla``, jax, numpy and optax.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import time
 from typing import Dict, List
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from ._xla import FAST_COMPILE_OPTIONS
 
 __all__ = ["as_key", "check_positive", "train_data", "fit"]
 
@@ -58,7 +61,7 @@ def fit(loss_fn, variables, tx, x_train, y_train, *, steps, batch_size, epochs, 
     n = x_train.shape[0]
     opt_state = tx.init(variables)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE_OPTIONS)  # compile-dominated
     def epoch(v, s, k, e, extra_):
         def step(carry, inp):
             v, s = carry

@@ -20,12 +20,16 @@ from ._strict import ConfigError, from_dict, load_yaml, to_dict
 from .crossbar import TileConfig
 from .lifetime import LifetimeConfig
 
-__all__ = ["ConfigError", "ModelConfig", "DeviceConfig", "SweepConfig", "RunConfig", "load",
+__all__ = ["AUTO_OPTIMIZE_INSTANCES", "ConfigError", "ModelConfig", "DeviceConfig", "SweepConfig", "RunConfig", "load",
            "from_dict", "to_dict", "make_device", "device_points", "DisturbConfig",
            "LifetimeRunConfig", "load_lifetime", "make_disturb", "load_any",
            "DistributedConfig", "load_yaml"]
 
 ParamValue = Union[int, float, Tuple[float, ...]]
+
+#: ``sweep.compile: auto`` optimizes the compiled chunks from this many instances (all sweep
+#: points together) on; below it, compilation costs more than the slower execution.
+AUTO_OPTIMIZE_INSTANCES = 5000
 
 
 @dataclass(frozen=True)
@@ -91,12 +95,17 @@ class SweepConfig:
         device_grid: device parameter name → list of values; the sweep runs the cartesian product
             of all lists (each point on the same instance keys).
         eval_samples: test samples used per accuracy evaluation (None: the whole test set).
+        compile: 'optimized' (XLA's default optimization), 'fast' (LLVM optimization level 1,
+            :data:`nvjax._xla.FAST_COMPILE_OPTIONS`: several times faster compilation, execution
+            as fast within noise on the measured workloads, same results) or 'auto' ('fast'
+            below :data:`AUTO_OPTIMIZE_INSTANCES` instances in all).
     """
     num_instances: int = 1000
     chunk_size: int = 250
     t_read_s: Tuple[float, ...] = (1.0, 3600.0, 86400.0, 2592000.0, 31536000.0)
     device_grid: Dict[str, Tuple[float, ...]] = field(default_factory=dict)
     eval_samples: Optional[int] = None
+    compile: Literal["auto", "fast", "optimized"] = "auto"
 
     def validate(self):
         if self.num_instances < 1:

@@ -11,6 +11,7 @@ This module imports ``devices``, ``encoding``, ``crossbar``, ``layers`` and ``ch
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax

@@ -184,7 +184,10 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
     fn = accuracy_instance(model)
     data = (layers.strip_params(params), cfg.tile, jnp.asarray(x), jnp.asarray(y),
             jnp.asarray(cfg.sweep.t_read_s, jnp.float32))
-    compiled = sweep.compile_chunk(fn, mesh=mesh)
+    n_all = cfg.sweep.num_instances * len(points)
+    optimize = (cfg.sweep.compile == "optimized" or
+                (cfg.sweep.compile == "auto" and n_all >= cfg_mod.AUTO_OPTIMIZE_INSTANCES))
+    compiled = sweep.compile_chunk(fn, mesh=mesh, optimize=optimize)
     key = prng_mod.key(cfg.seed, cfg.prng)          # the sweep's generator (config 'prng')
     results = []
     n_loaded = 0
@@ -326,7 +329,7 @@ def run_lifetime(cfg, out_dir: Optional[str] = None, *, log=print) -> Dict[str, 
     t0 = time.perf_counter()
     timings = {}
     ds = data_mod.digits(seed=cfg.seed, flatten=cfg.model.name == "mlp")
-    model, params, trained = sweep.get_model(cfg, ds, out_dir)
+    model, params, trained = get_model(cfg, ds, out_dir)
     timings["model_s"] = time.perf_counter() - t0
     x, y = ds.x_test, ds.y_test
     if cfg.eval_samples is not None:

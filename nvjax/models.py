@@ -14,7 +14,7 @@ Parameters are the Flax variables dict ``{'params': {...}}`` returned by :func:`
 :func:`accuracy` and :func:`save_params` also accept the inner ``params`` dict. Files are
 msgpack (:mod:`flax.serialization`), written atomically.
 
-This module imports ``data``, ``_train_loop``, jax, flax and optax.
+This module imports ``data``, ``_train_loop``, ``_xla``, jax, flax and optax.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from ._train_loop import as_key as _as_key
 from ._train_loop import check_positive as _check_positive
 from ._train_loop import fit as _fit
 from ._train_loop import train_data as _train_data
+from ._xla import FAST_COMPILE_OPTIONS
 from .data import Dataset
 
 __all__ = ["MLP", "LeNet", "LSTMClassifier", "MODELS", "train", "accuracy", "predict", "save_params",
@@ -193,7 +194,7 @@ def _variables(params: Params) -> Params:
     return {"params": params}
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE_OPTIONS)
 def _logits(model, variables, x):
     return model.apply(variables, x)
 

@@ -1,11 +1,14 @@
 """Strict run configs and the command line."""
+import dataclasses
 import glob
 import json
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
+import yaml
 
 from nvjax import cli
 from nvjax import config as cfg_mod
@@ -14,18 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
-def test_shipped_configs_load(path):
-    import importlib.util
-
-    import yaml
+def test_shipped_configs_load(path, load_script):
     with open(path) as f:
         raw = yaml.safe_load(f)
     if isinstance(raw, dict) and "experiment" in raw:  # experiment scripts own their schema
-        script = os.path.join(ROOT, "experiments", raw["experiment"] + ".py")
-        spec = importlib.util.spec_from_file_location(raw["experiment"], script)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mod.load_config(path)
+        load_script(raw["experiment"]).load_config(path)
         return
     cfg = cfg_mod.load_any(path)
     assert isinstance(cfg, (cfg_mod.RunConfig, cfg_mod.LifetimeRunConfig))
@@ -71,6 +67,7 @@ def test_cli_rejects_bad_config(tmp_path, capsys):
     assert "unknown key 'seeed'" in err and path in err
 
 
+@pytest.mark.slow
 def test_cli_run_small(tmp_path):
     path = _write(tmp_path, "model: {epochs: 5}\nsweep: {num_instances: 10, chunk_size: 5, t_read_s: [1.0]}\nprogress: false\n")
     out = tmp_path / "o"
@@ -80,3 +77,26 @@ def test_cli_run_small(tmp_path):
     assert "mean %" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["points"][0]["n"] == 10
+
+
+
+@pytest.mark.parametrize("cls", [cfg_mod.RunConfig, cfg_mod.LifetimeRunConfig])
+def test_every_config_key_is_in_the_readme_reference(cls):
+    """The README stands alone: every key a run config accepts is in its configuration
+    reference (written as `key` or `a.b` in a table row)."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    ref = text[text.index("## Configuration reference"):]
+    ref = ref[:ref.index("\n## ", 3)]
+    missing = [key for key in _keys_resolved(cls) if f"`{key}`" not in ref]
+    assert not missing, f"config keys missing from the README's reference: {missing}"
+
+
+def _keys_resolved(cls, prefix=""):
+    """Dotted key paths of a config dataclass (nested dataclass fields expanded)."""
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out += _keys_resolved(tp, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out

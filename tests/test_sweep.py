@@ -2,6 +2,7 @@
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,31 +25,100 @@ def test_instance_keys_are_fold_in():
                                       jax.random.key_data(jax.random.fold_in(k, i)))
 
 
+MODEL = MLP(features=(16, 10))
+
+
 @pytest.fixture(scope="module")
 def small_sweep():
-    model = MLP(features=(16, 10))
+    """(accuracy_instance of a small MLP, its arguments after the device)."""
     x = jax.random.uniform(jax.random.key(0), (40, 64))
-    params = model.init(jax.random.key(1), x)
-    y = jnp.argmax(model.apply(params, x), -1)  # software predictions as labels
-    fn = jobs.accuracy_instance(model, params, xb.TileConfig(), x, y, (1.0, 86400.0))
-    return fn
+    params = MODEL.init(jax.random.key(1), x)["params"]
+    y = jnp.argmax(MODEL.apply({"params": params}, x), -1)  # software predictions as labels
+    times = jnp.asarray((1.0, 86400.0), jnp.float32)
+    return jobs.accuracy_instance(MODEL), (params, xb.TileConfig(), x, y, times)
 
 
-def test_results_do_not_depend_on_chunk_size_and_instance_alone(small_sweep):
+def _toy(key, w):
+    """A cheap instance function for engine properties: integer-valued draws, so no float
+    rounding can differ between compilations."""
+    return jnp.floor(8 * jax.random.uniform(key, (3,))) @ w
+
+
+def test_results_do_not_depend_on_chunk_size_and_instance_alone():
+    key = jax.random.key(42)
+    w = jnp.arange(6.0).reshape(3, 2)
+    ref = sweep.run_instances(_toy, key, 300, w, chunk_size=300)
+    assert ref.shape == (300, 2) and ref.std() > 0
+    # an independent computation of instance i: fold_in(key, i), then the function
+    want = np.stack([np.asarray(_toy(jax.random.fold_in(key, i), w)) for i in (0, 1, 217, 299)])
+    np.testing.assert_array_equal(ref[[0, 1, 217, 299]], want)
+    for chunk in (100, 7):
+        np.testing.assert_array_equal(sweep.run_instances(_toy, key, 300, w, chunk_size=chunk), ref)
+    for i in (0, 1, 217, 299):
+        alone = sweep.run_instances(_toy, key, 1, w, chunk_size=1, start=i)
+        np.testing.assert_array_equal(alone[0], ref[i])
+    assert not np.array_equal(sweep.run_instances(_toy, jax.random.key(1), 50, w), ref[:50])
+
+
+def test_accuracy_sweep_does_not_depend_on_chunk_size(small_sweep):
+    fn, args = small_sweep
     dev = D.pcm(g_max=5.0)  # a noisy device so accuracies vary
     key = jax.random.key(42)
-    ref = sweep.run_instances(small_sweep, key, 1000, dev, chunk_size=1000)
-    assert ref.shape == (1000, 2) and ref.std() > 0
-    for chunk in (100, 7):
-        np.testing.assert_array_equal(sweep.run_instances(small_sweep, key, 1000, dev,
-                                                          chunk_size=chunk), ref)
-    for i in (0, 1, 517, 999):
-        alone = sweep.run_instances(small_sweep, key, 1, dev, chunk_size=1, start=i)
-        np.testing.assert_array_equal(alone[0], ref[i])
-    # same seed -> identical; other seed -> different
-    np.testing.assert_array_equal(sweep.run_instances(small_sweep, key, 50, dev, chunk_size=25),
-                                  ref[:50])
-    assert not np.array_equal(sweep.run_instances(small_sweep, jax.random.key(1), 50, dev), ref[:50])
+    ref = sweep.run_instances(fn, key, 24, dev, *args, chunk_size=24)
+    assert ref.shape == (24, 2) and ref.std() > 0
+    np.testing.assert_array_equal(sweep.run_instances(fn, key, 24, dev, *args, chunk_size=8), ref)
+    np.testing.assert_array_equal(
+        sweep.run_instances(fn, key, 1, dev, *args, chunk_size=8, start=13)[0], ref[13])
+
+
+def test_second_run_traces_nothing_and_a_physics_grid_traces_once():
+    """The compiled chunk is cached per instance function: a second sweep with the same function
+    and shapes traces nothing; tile physics (r_wire, v_read, out_noise) and device parameters are
+    traced arguments, so a grid over them traces each stage once."""
+    x = jax.random.uniform(jax.random.key(0), (8, 12))
+    params = MLP(features=(6, 3)).init(jax.random.key(1), x)["params"]
+    model = MLP(features=(6, 3))
+
+    @chex.assert_max_traces(n=1)
+    def prepare(key, device, config):
+        return chip_mod.deploy(key, model, params, device, config=config).tiles
+
+    @chex.assert_max_traces(n=1)
+    def finish(key, tiles, device, config):
+        chip = chip_mod.with_tiles(model, params, device, config, tiles)
+        return chip_mod.apply(key, chip, x, 60.0)
+
+    fn = sweep.Staged(prepare, finish)
+    base = xb.TileConfig(rows=4, cols=4, ir_drop="first_order", out_noise=0.01)
+    outs = []
+    for r in (0.5, 1.0, 2.0, 4.0):                      # 4-point grid over r_wire
+        outs.append(sweep.run_instances(fn, jax.random.key(0), 6, D.pcm(),
+                                        base.replace(r_wire=r), chunk_size=3))
+    for q in (0.0088, 0.02, 0.05):                     # a device-parameter grid
+        sweep.run_instances(fn, jax.random.key(0), 6, D.pcm(read_q=q), base, chunk_size=3)
+    # the same points again: nothing is traced (assert_max_traces would raise)
+    sweep.run_instances(fn, jax.random.key(0), 6, D.pcm(), base.replace(r_wire=2.0), chunk_size=3)
+    # more wire resistance, more IR drop: outputs move further from the r_wire -> 0 case
+    diffs = [float(np.abs(o - outs[0]).mean()) for o in outs[1:]]
+    assert diffs[0] < diffs[1] < diffs[2]
+
+
+def test_tile_physics_vmap_and_grad():
+    """vmap over r_wire equals a Python loop, and the MVM is differentiable in r_wire (first
+    order: d|y|/dr < 0, the voltage drop grows with the wire resistance)."""
+    w = jax.random.uniform(jax.random.key(2), (8, 5), minval=-1.0, maxval=1.0)
+    x = jax.random.uniform(jax.random.key(3), (4, 8))
+    base = xb.TileConfig(rows=8, cols=8, ir_drop="first_order", read_noise=False,
+                         drift_compensation=False)
+    tiles = xb.program_tiles(jax.random.key(4), D.ideal(), w, config=base)
+
+    def y(r):
+        return xb.mvm(jax.random.key(5), D.ideal(), tiles, x, 0.0, config=base.replace(r_wire=r))[0]
+    rs = jnp.array([0.0, 100.0, 1000.0])
+    np.testing.assert_allclose(jax.vmap(y)(rs), jnp.stack([y(r) for r in rs]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y(0.0), x @ w, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda r: jnp.sum(jnp.abs(y(r))))(100.0)
+    assert np.isfinite(g) and g < 0
 
 
 def test_staged_is_prepare_then_finish():
@@ -72,44 +142,40 @@ def test_staged_is_prepare_then_finish():
     for chunk in (23, 4):
         for width in (None, 2):
             f = sweep.compile_chunk(staged, vmap_width=width)
-            assert len(f._jits) == 2
+            assert f is sweep.compile_chunk(staged, vmap_width=width)   # cached
             got = sweep.run_instances(staged, k, 23, 2.0, chunk_size=chunk, compiled=f)
             np.testing.assert_array_equal(got, ref)
     with pytest.raises(TypeError, match="callable"):
         sweep.Staged(prepare, None)
 
 
+@pytest.mark.slow
 def test_two_stage_accuracy_instance_equals_one_stage(small_sweep):
     """accuracy_instance (two stages: deploy, then reads) gives the accuracies of deploy + apply
     written as one function, and with_tiles rebuilds the deployed chip exactly."""
-    assert isinstance(small_sweep, sweep.Staged)
-    model = MLP(features=(16, 10))
-    x = jax.random.uniform(jax.random.key(0), (40, 64))
-    params = model.init(jax.random.key(1), x)
-    y = jnp.argmax(model.apply(params, x), -1)
-    times = jnp.asarray((1.0, 86400.0), jnp.float32)
-    cfg = xb.TileConfig()
+    fn, (params, cfg, x, y, times) = small_sweep
+    assert isinstance(fn, sweep.Staged) and fn is jobs.accuracy_instance(MODEL)
 
     def one_stage(key, device):
         k_prog, k_read = jax.random.split(key)
-        chip = chip_mod.deploy(k_prog, model, params, device, config=cfg)
+        chip = chip_mod.deploy(k_prog, MODEL, params, device, config=cfg)
         return jnp.stack([jnp.mean(jnp.argmax(chip_mod.apply(jax.random.fold_in(k_read, j), chip,
                                                              x, times[j]), -1) == y)
                           for j in range(2)])
     dev = D.pcm(g_max=5.0)
     key = jax.random.key(42)
-    a = sweep.run_instances(small_sweep, key, 64, dev, chunk_size=16)
-    b = sweep.run_instances(one_stage, key, 64, dev, chunk_size=16)
+    a = sweep.run_instances(fn, key, 32, dev, params, cfg, x, y, times, chunk_size=16)
+    b = sweep.run_instances(one_stage, key, 32, dev, chunk_size=16)
     assert a.std() > 0
     # accuracies are multiples of 1/40: float rounding between the two compilations could flip a
     # logit tie at most, never on this many instances
     np.testing.assert_allclose(a, b, atol=1e-6)
-    chip = chip_mod.deploy(key, model, params, dev, config=cfg)
-    again = chip_mod.with_tiles(model, params, dev, cfg, chip.tiles)
+    chip = chip_mod.deploy(key, MODEL, params, dev, config=cfg)
+    again = chip_mod.with_tiles(MODEL, params, dev, cfg, chip.tiles)
     np.testing.assert_array_equal(chip_mod.apply(key, again, x, 10.0),
                                   chip_mod.apply(key, chip, x, 10.0))
     with pytest.raises(ValueError, match="do not match"):
-        chip_mod.with_tiles(model, params, dev, cfg, {"Dense_0": chip.tiles["Dense_0"]})
+        chip_mod.with_tiles(MODEL, params, dev, cfg, {"Dense_0": chip.tiles["Dense_0"]})
 
 
 def test_summarize_closed_form():
@@ -122,6 +188,7 @@ def test_summarize_closed_form():
     assert s["min"] == 0.01 and s["max"] == 1.0 and s["n"] == 100
 
 
+@pytest.mark.slow
 def test_reliability_end_to_end(tmp_path):
     cfg = cfg_mod.from_dict({
         "seed": 1, "progress": False,
@@ -163,6 +230,7 @@ def test_reliability_end_to_end(tmp_path):
     {"kind": "ideal", "p_stuck_min": 0.01},
     {"kind": "pcm", "p_stuck_max": 0.01},
 ])
+@pytest.mark.slow
 def test_every_device_kind_runs_from_config(tmp_path, device):
     cfg = cfg_mod.from_dict({
         "progress": False, "model": {"hidden": [16], "epochs": 3}, "device": device,
