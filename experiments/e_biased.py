@@ -28,9 +28,6 @@ Writes ``results.json``, ``results.csv`` (one row per model, K, s, variant and c
 
     python experiments/e_biased.py configs/e_biased.yaml --out runs/e_biased
 """
-import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -42,14 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from nvjax import data as data_mod
 from nvjax import devices as dev_mod
 from nvjax import models as models_mod
 from nvjax import sensitivity as sens
-from nvjax import jobs
 from nvjax import sweep
 from nvjax import training as tr
-from nvjax.config import load_yaml, to_dict
+from nvjax.config import load_yaml
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common  # noqa: E402
 
 CLAIM = "biased training toward favorable states gives up to 2.4× the hardware accuracy of " \
         "conventional quantization-aware training when the variation is severe (Diware et al., " \
@@ -103,8 +103,7 @@ class EBiasedConfig:
     progress: bool = True
 
     def validate(self):
-        if not self.models or len(set(self.models)) != len(self.models):
-            raise ValueError(f"models must be a non-empty list without duplicates, got {self.models}")
+        _common.check_distinct("models", self.models)
         if not self.cells:
             raise ValueError("cells must list at least one cell option")
         for c in self.cells:
@@ -115,9 +114,7 @@ class EBiasedConfig:
             raise ValueError("sigma must be >= 0 and strengths a non-empty list of values > 0")
         if not self.fractions or any(not 0 < p <= 1 for p in self.fractions):
             raise ValueError(f"fractions must be values in (0, 1], got {self.fractions}")
-        for name in ("num_chips", "chunk_size", "bootstrap"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _common.check_at_least_one(self, "num_chips", "chunk_size", "bootstrap")
 
 
 def load_config(path) -> EBiasedConfig:
@@ -148,29 +145,16 @@ def make_instance(model, variants, x, y, bits, slice_bits):
 
 
 def bootstrap_ratio(a_b, a_c, n, seed):
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a_b.shape[0], size=(n, a_b.shape[0]))
-    r = a_b[idx].mean(1) / np.maximum(a_c[idx].mean(1), 1e-12)
-    return float(a_b.mean() / max(a_c.mean(), 1e-12)), float(r.std()), \
-        [float(v) for v in np.percentile(r, [2.5, 97.5])]
+    """mean(biased)/mean(conventional) over the chips, its bootstrap std over chips (same
+    resample for both arms) and 95 % interval."""
+    return _common.bootstrap(lambda b, c: b / np.maximum(c, 1e-12), (a_b, a_c), n, seed)
 
 
 def run_model(name, cfg: EBiasedConfig, out_dir, log=print):
     t0 = time.perf_counter()
-    cache = cfg.model_cache_dir or os.path.join(out_dir, "models")
-    os.makedirs(cache, exist_ok=True)
-    model, params = models_mod.get_trained(name, cache_dir=cache, seed=cfg.seed,
-                                           epochs=cfg.model_epochs)
-    ds = data_mod.digits(seed=cfg.seed, flatten=name == "mlp")
-    x, y = ds.x_test, ds.y_test
-    if cfg.eval_samples is not None:
-        x, y = x[: cfg.eval_samples], y[: cfg.eval_samples]
-    xi, yi = ds.x_train, ds.y_train
-    if cfg.importance_samples is not None:
-        xi, yi = xi[: cfg.importance_samples], yi[: cfg.importance_samples]
-    sw = float(models_mod.accuracy(model, params, x, y))
-    root = jax.random.key(cfg.seed)
-    k_chips, k_train, k_imp = (jax.random.fold_in(root, i) for i in (1, 2, 3))
+    model, params, ds, x, y, sw = _common.load_trained(name, cfg, out_dir)
+    xi, yi = _common.first(cfg.importance_samples, ds.x_train, ds.y_train)
+    k_chips, k_train, k_imp = _common.fold_keys(cfg.seed, 1, 2, 3)
     scores = sens.importance(k_imp, model, params, xi, yi, method=cfg.importance)
     log(f"[{name}] software accuracy {100 * sw:.2f} % ({time.perf_counter() - t0:.1f} s)")
     ft = cfg.finetune
@@ -245,9 +229,7 @@ def best_ratio(results, min_conventional=0.0):
 
 
 def plot(path, results, cfg: EBiasedConfig):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     panels = [(m, k) for m, res in results.items() for k in res["cells"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
     ss = np.asarray(cfg.strengths)
@@ -267,9 +249,7 @@ def plot(path, results, cfg: EBiasedConfig):
                      f"{cfg.num_chips} chips", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def markdown(results, cfg: EBiasedConfig):
@@ -308,46 +288,22 @@ def markdown(results, cfg: EBiasedConfig):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("config")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--from-results", action="store_true",
-                    help="rewrite the figure and summary from OUT/results.json (no simulation)")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    os.makedirs(args.out, exist_ok=True)
-    if args.from_results:
-        saved = json.load(open(os.path.join(args.out, "results.json")))
-        plot(os.path.join(args.out, "e_biased.png"), saved["models"], cfg)
-        md = markdown(saved["models"], cfg) + f"\nTotal run time {saved['total_s']:.1f} s.\n"
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write(md)
-        print(md)
-        return 0
-    t0 = time.perf_counter()
-    results, rows = {}, []
-    for m in cfg.models:
-        results[m], r = run_model(m, cfg, args.out)
-        rows += r
-    total = time.perf_counter() - t0
+def run(cfg: EBiasedConfig, args):
+    """Every model, cell, strength and variant; writes results.json, results.csv, the figure and
+    summary."""
+    results, rows, total = _common.run_models(run_model, cfg, args.out)
     b = best_ratio(results)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"experiment": "e_biased", "claim": CLAIM, "config": to_dict(cfg),
-                   "versions": jobs.versions(), "total_s": total,
-                   "best_ratio": None if b is None else {"model": b[1], "cell_bits": b[2],
-                                                         "strength": b[3], "variant": b[4], **b[0]},
-                   "models": results}, f, indent=2)
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "cell_bits", "strength", "variant", "chip", "accuracy"])
-        w.writerows(rows)
-    plot(os.path.join(args.out, "e_biased.png"), results, cfg)
-    md = markdown(results, cfg) + f"\nTotal run time {total:.1f} s.\n"
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(md)
-    print(md)
-    return 0
+    _common.write_results(args.out, cfg, claim=CLAIM, total_s=total, best_ratio=None if b is None
+                          else {"model": b[1], "cell_bits": b[2], "strength": b[3],
+                                "variant": b[4], **b[0]},
+                          models=results)
+    _common.write_csv(os.path.join(args.out, "results.csv"),
+                      ["model", "cell_bits", "strength", "variant", "chip", "accuracy"], rows)
+    return _common.write_report(args.out, cfg, results, plot, markdown, _common.run_time(total))
+
+
+def main(argv=None):
+    return _common.main(argv, __doc__, load_config, run, from_results=(plot, markdown))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,7 @@ accuracy vs inferences, and the linear cost. Writes ``results.json``, ``chips.cs
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -35,12 +32,16 @@ import jax
 import numpy as np
 
 from nvjax import config as cfg_mod
-from nvjax import data as data_mod
 from nvjax import lifetime as lt
 from nvjax import models as models_mod
 from nvjax import jobs
 from nvjax import placement as pl
 from nvjax.config import LifetimeRunConfig, load_yaml
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def _first_intervals(rec, horizon):
 def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
     base = cfg.base
     mcfg = dataclasses.replace(base, model=dataclasses.replace(base.model, name=name))
-    ds = data_mod.digits(seed=base.seed, flatten=name == "mlp")
+    ds, x, y = _common.digits_split(name, base.seed, base.eval_samples)
     model_dir = os.path.join(out_dir, name)
     os.makedirs(model_dir, exist_ok=True)
     model, params, _ = jobs.get_model(mcfg, ds, model_dir)
@@ -131,10 +132,7 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
             base.lifetime, max_disturb_rows=cfg.placement.conv_disturb_rows, num_steps=steps))
     device = cfg_mod.make_device(base.device)
     disturb = cfg_mod.make_disturb(base.disturb, base.device)
-    x_tr, y_tr = ds.x_train[: cfg.placement.cost_samples], ds.y_train[: cfg.placement.cost_samples]
-    x, y = ds.x_test, ds.y_test
-    if base.eval_samples is not None:
-        x, y = x[: base.eval_samples], y[: base.eval_samples]
+    x_tr, y_tr = _common.first(cfg.placement.cost_samples, ds.x_train, ds.y_train)
     sw_acc = float(models_mod.accuracy(model, params, x, y))
     po = cfg.placement
     t0 = time.perf_counter()
@@ -215,10 +213,8 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
     return res
 
 
-def plot(path, results, lc):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(path, results, cfg: EDisturbConfig):
+    plt = _common.pyplot()
     fig, axes = plt.subplots(2, len(results), figsize=(6.0 * len(results), 7.6), squeeze=False)
     for k, (mname, res) in enumerate(results.items()):
         ax, ax2 = axes[0, k], axes[1, k]
@@ -236,9 +232,7 @@ def plot(path, results, lc):
             a.set_ylabel("accuracy (%)")
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=130)
 
 
 def markdown(results, cfg: EDisturbConfig):
@@ -278,43 +272,32 @@ def markdown(results, cfg: EDisturbConfig):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("config")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--models", nargs="+", default=None)
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+def run(cfg: EDisturbConfig, args):
+    """Every model of the config (``--models`` overrides it); the outputs are rewritten after
+    each model, so partial results survive."""
     if args.models:
         cfg = dataclasses.replace(cfg, models=tuple(args.models))
-    os.makedirs(args.out, exist_ok=True)
     results = {}
     for m in cfg.models:
         results[m] = run_model(m, cfg, args.out)
-        write_all(args.out, cfg, results)   # after every model: partial results survive
-    md = write_all(args.out, cfg, results)
-    print(md)
-    return 0
+        write_all(args.out, cfg, results)
+    return write_all(args.out, cfg, results)
 
 
 def write_all(out, cfg, results):
-    lc = cfg.base.lifetime
-    args = argparse.Namespace(out=out)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"config": cfg_mod.to_dict(cfg), "versions": jobs.versions(),
-                   "inferences": lt.eval_inferences(lc).tolist(), "models": results}, f, indent=2)
-    with open(os.path.join(args.out, "chips.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "placement", "chip", "first_interval"])
-        for m, res in results.items():
-            for pname, iv in res["intervals"].items():
-                for c, v in enumerate(iv):
-                    w.writerow([m, pname, c, f"{v:.6g}"])
-    plot(os.path.join(args.out, "e_disturb.png"), results, lc)
-    md = markdown(results, cfg)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(md + "\n")
-    return md
+    """results.json, chips.csv, e_disturb.png and summary.md; returns the summary's text."""
+    _common.write_results(out, cfg, inferences=lt.eval_inferences(cfg.base.lifetime).tolist(),
+                          models=results)
+    _common.write_csv(os.path.join(out, "chips.csv"),
+                      ["model", "placement", "chip", "first_interval"],
+                      [[m, pname, c, f"{v:.6g}"] for m, res in results.items()
+                       for pname, iv in res["intervals"].items() for c, v in enumerate(iv)])
+    return _common.write_report(out, cfg, results, plot, markdown)
+
+
+def main(argv=None):
+    return _common.main(argv, __doc__, load_config, run, add_arguments=lambda ap: ap.add_argument(
+        "--models", nargs="+", default=None))
 
 
 if __name__ == "__main__":

@@ -30,9 +30,6 @@ Writes ``results.json``, ``results.csv`` (one row per model, non-ideality, varia
 
     python experiments/e_hwmodel.py configs/e_hwmodel.yaml --out runs/e_hwmodel
 """
-import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -46,13 +43,15 @@ import numpy as np
 from nvjax import chip as chip_mod
 from nvjax import correction as corr
 from nvjax import crossbar as xb
-from nvjax import data as data_mod
 from nvjax import devices as dev_mod
-from nvjax import models as models_mod
-from nvjax import jobs
 from nvjax import sweep
 from nvjax import training as tr
 from nvjax.config import load_yaml, to_dict
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common  # noqa: E402
 
 CLAIM = "hardware-aware training plus weight-mapping correction recovers ~95 % of the accuracy " \
         "lost to each non-ideality, R ≈ 0.95 (Han et al., Sci. China Inf. Sci.)"
@@ -156,19 +155,12 @@ class EHwmodelConfig:
     progress: bool = True
 
     def validate(self):
-        if not self.models or len(set(self.models)) != len(self.models):
-            raise ValueError(f"models must be a non-empty list without duplicates, got {self.models}")
+        _common.check_distinct("models", self.models)
         if not self.nonidealities:
             raise ValueError("nonidealities must list at least one non-ideality")
-        names = [n.name for n in self.nonidealities]
-        if len(set(names)) != len(names):
-            raise ValueError(f"non-ideality names must be unique, got {names}")
-        for name in ("tile_rows", "tile_cols", "calib_samples", "num_chips", "chunk_size",
-                     "bootstrap"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_samples is not None and self.eval_samples < 1:
-            raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
+        _common.check_unique_names("non-ideality", self.nonidealities)
+        _common.check_at_least_one(self, "tile_rows", "tile_cols", "calib_samples", "num_chips",
+                                   "chunk_size", "bootstrap", "eval_samples")
 
 
 def load_config(path) -> EHwmodelConfig:
@@ -237,12 +229,10 @@ def _hwaware(model, ds, params, device, ni, tile, cfg, key, calibration=None):
 
 
 def bootstrap_r(acc_ideal, a_non, a_mit, n, seed):
-    """R from the chip means, and its bootstrap std over chips (same resample for both)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a_non.shape[0], size=(n, a_non.shape[0]))
-    r = corr.recovered_fraction(acc_ideal, a_non[idx].mean(1), a_mit[idx].mean(1))
-    return float(corr.recovered_fraction(acc_ideal, a_non.mean(), a_mit.mean())), \
-        float(np.nanstd(r)), [float(v) for v in np.nanpercentile(r, [2.5, 97.5])]
+    """R from the chip means, its bootstrap std over chips (same resample for both) and 95 %
+    interval; resamples with an undefined R (NaN) are left out of the spread."""
+    return _common.bootstrap(lambda non, mit: corr.recovered_fraction(acc_ideal, non, mit),
+                             (a_non, a_mit), n, seed, ignore_nan=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,19 +240,10 @@ def bootstrap_r(acc_ideal, a_non, a_mit, n, seed):
 # --------------------------------------------------------------------------------------------
 def run_model(name, cfg: EHwmodelConfig, out_dir, log=print):
     t0 = time.perf_counter()
-    cache = cfg.model_cache_dir or os.path.join(out_dir, "models")
-    os.makedirs(cache, exist_ok=True)
-    model, params = models_mod.get_trained(name, cache_dir=cache, seed=cfg.seed,
-                                           epochs=cfg.model_epochs)
-    ds = data_mod.digits(seed=cfg.seed, flatten=name == "mlp")
-    x, y = ds.x_test, ds.y_test
-    if cfg.eval_samples is not None:
-        x, y = x[: cfg.eval_samples], y[: cfg.eval_samples]
+    model, params, ds, x, y, sw = _common.load_trained(name, cfg, out_dir)
     x_cal = ds.x_train[: cfg.calib_samples]
-    sw = float(models_mod.accuracy(model, params, x, y))
     log(f"[{name}] software accuracy {100 * sw:.2f} % ({time.perf_counter() - t0:.1f} s)")
-    root = jax.random.key(cfg.seed)
-    k_chips, k_train = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+    k_chips, k_train = _common.fold_keys(cfg.seed, 1, 2)
     res, rows = {}, []
     for j, ni in enumerate(cfg.nonidealities):
         device = make_device(ni)
@@ -324,9 +305,7 @@ def mean_r(results, variant="hwaware_corrected", min_loss=1.0):
 
 
 def plot(path, results, cfg: EHwmodelConfig):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     names = [n.name for n in cfg.nonidealities]
     fig, axes = plt.subplots(1, len(results), figsize=(max(6, 1.3 * len(names)) * len(results) / 1.2,
                                                        4.6), squeeze=False)
@@ -350,9 +329,7 @@ def plot(path, results, cfg: EHwmodelConfig):
         ax.set_title(f"{mname}: {cfg.num_chips} chips per bar", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def markdown(results, cfg: EHwmodelConfig):
@@ -389,45 +366,20 @@ def markdown(results, cfg: EHwmodelConfig):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("config")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--from-results", action="store_true",
-                    help="rewrite the figure and summary from OUT/results.json (no simulation)")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    os.makedirs(args.out, exist_ok=True)
-    if args.from_results:
-        saved = json.load(open(os.path.join(args.out, "results.json")))
-        plot(os.path.join(args.out, "e_hwmodel.png"), saved["models"], cfg)
-        md = markdown(saved["models"], cfg) + f"\nTotal run time {saved['total_s']:.1f} s.\n"
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write(md)
-        print(md)
-        return 0
-    t0 = time.perf_counter()
-    results, rows = {}, []
-    for m in cfg.models:
-        results[m], r = run_model(m, cfg, args.out)
-        rows += r
-    total = time.perf_counter() - t0
+def run(cfg: EHwmodelConfig, args):
+    """Every model and non-ideality; writes results.json, results.csv, the figure and summary."""
+    results, rows, total = _common.run_models(run_model, cfg, args.out)
     m, s, k, _ = mean_r(results)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"experiment": "e_hwmodel", "claim": CLAIM, "config": to_dict(cfg),
-                   "versions": jobs.versions(), "total_s": total,
-                   "mean_R_hwaware_corrected": {"mean": m, "std": s, "cells": k},
-                   "models": results}, f, indent=2)
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "nonideality", "chip"] + [f"acc_{v}" for v in VARIANTS])
-        w.writerows(rows)
-    plot(os.path.join(args.out, "e_hwmodel.png"), results, cfg)
-    md = markdown(results, cfg) + f"\nTotal run time {total:.1f} s.\n"
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(md)
-    print(md)
-    return 0
+    _common.write_results(args.out, cfg, claim=CLAIM, total_s=total,
+                          mean_R_hwaware_corrected={"mean": m, "std": s, "cells": k},
+                          models=results)
+    _common.write_csv(os.path.join(args.out, "results.csv"),
+                      ["model", "nonideality", "chip"] + [f"acc_{v}" for v in VARIANTS], rows)
+    return _common.write_report(args.out, cfg, results, plot, markdown, _common.run_time(total))
+
+
+def main(argv=None):
+    return _common.main(argv, __doc__, load_config, run, from_results=(plot, markdown))
 
 
 if __name__ == "__main__":

@@ -31,9 +31,6 @@ chip and sweep point), ``e_rowprog.png`` and ``summary.md`` into ``--out``.
 
     python experiments/e_rowprog.py configs/e_rowprog.yaml --out runs/e_rowprog
 """
-import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -45,13 +42,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvjax import layers
-from nvjax import data as data_mod
 from nvjax import devices
 from nvjax import models as models_mod
 from nvjax import programming as pr
-from nvjax import jobs
 from nvjax import sweep
-from nvjax.config import load_yaml, to_dict
+from nvjax.config import load_yaml
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common  # noqa: E402
 
 SYNTHETIC = ("gaussian", "uniform", "laplace")
 MODELS = ("mlp", "lstm")
@@ -168,9 +168,7 @@ class ERowprogConfig:
     progress: bool = True
 
     def validate(self):
-        for name in ("num_chips", "rows", "cols"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _common.check_at_least_one(self, "num_chips", "rows", "cols")
         if self.w_max_uS <= 0:
             raise ValueError(f"w_max_uS must be > 0, got {self.w_max_uS}")
         if not self.distributions:
@@ -179,9 +177,7 @@ class ERowprogConfig:
             raise ValueError(f"distributions has duplicates: {self.distributions}")
         if not self.variability:
             raise ValueError("variability must list at least one level")
-        names = [v.name for v in self.variability]
-        if len(set(names)) != len(names):
-            raise ValueError(f"variability names must be unique, got {names}")
+        names = _common.check_unique_names("variability", self.variability)
         if self.accuracy.variability not in names:
             raise ValueError(f"accuracy.variability {self.accuracy.variability!r} is not one of "
                              f"the variability names {names}")
@@ -190,14 +186,11 @@ class ERowprogConfig:
             if not vals or any(v <= 0 for v in vals):
                 raise ValueError(f"{name} must be a non-empty list of values > 0, got {vals}")
         acc = self.accuracy
-        if acc.num_chips < 1:
-            raise ValueError(f"accuracy.num_chips must be >= 1, got {acc.num_chips}")
+        _common.check_at_least_one(acc, "num_chips", prefix="accuracy.")
         if any(v <= 0 for v in acc.budget_scales):
             raise ValueError(f"accuracy.budget_scales must be > 0, got {acc.budget_scales}")
-        if acc.eval_samples is not None and acc.eval_samples < 1:
-            raise ValueError(f"accuracy.eval_samples must be >= 1, got {acc.eval_samples}")
-        if self.model_epochs is not None and self.model_epochs < 1:
-            raise ValueError(f"model_epochs must be >= 1, got {self.model_epochs}")
+        _common.check_at_least_one(acc, "eval_samples", prefix="accuracy.")
+        _common.check_at_least_one(self, "model_epochs")
         for s in self.budget_scales + self.pareto_budget_scales + acc.budget_scales:
             self.program.make(budget_scale=s)
         for s in self.pareto_step_scales:
@@ -214,12 +207,6 @@ def load_config(path) -> ERowprogConfig:
 # --------------------------------------------------------------------------------------------
 # Targets
 # --------------------------------------------------------------------------------------------
-def _model(name, cfg: ERowprogConfig, out_dir):
-    cache = cfg.model_cache_dir or os.path.join(out_dir, "models")
-    os.makedirs(cache, exist_ok=True)
-    return models_mod.get_trained(name, cache_dir=cache, seed=cfg.seed, epochs=cfg.model_epochs)
-
-
 def _kernels(params):
     """Layer name → kernel in crossbar layout [n_in, n_out] (chip.layer_names order)."""
     inner = params["params"] if set(params) == {"params"} else params
@@ -245,7 +232,7 @@ def synthetic_target(key, dist, rows, cols):
 
 def target_sets(cfg: ERowprogConfig, out_dir, models):
     """Target set name → list of (layer name, raw weights [n_in, n_out]); raw, not yet scaled."""
-    k_targets = jax.random.fold_in(jax.random.key(cfg.seed), 0)
+    (k_targets,) = _common.fold_keys(cfg.seed, 0)
     sets = {}
     for d, dist in enumerate(cfg.distributions):
         if dist in SYNTHETIC:
@@ -364,11 +351,10 @@ def run(cfg: ERowprogConfig, out_dir, log=print):
     timings = {}
     t_start = time.perf_counter()
     needed = sorted(set(d for d in cfg.distributions if d in MODELS) | set(cfg.accuracy.models))
-    models = {m: _model(m, cfg, out_dir) for m in needed}
+    models = {m: _common.trained_model(m, cfg, out_dir) for m in needed}
     timings["models_s"] = time.perf_counter() - t_start
     sets = target_sets(cfg, out_dir, models)
-    root = jax.random.key(cfg.seed)
-    k_chips, k_acc = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+    k_chips, k_acc = _common.fold_keys(cfg.seed, 1, 2)
     var_by_name = {v.name: v for v in cfg.variability}
     nominal = var_by_name[cfg.accuracy.variability]
     n_points = (len(sets) * (len(cfg.variability) * len(cfg.budget_scales) + len(cfg.eps_values)
@@ -453,10 +439,7 @@ def run(cfg: ERowprogConfig, out_dir, log=print):
     accuracy = {}
     for m, mname in enumerate(cfg.accuracy.models):
         model, params = models[mname]
-        ds = data_mod.digits(seed=cfg.seed, flatten=mname == "mlp")
-        x, y = ds.x_test, ds.y_test
-        if cfg.accuracy.eval_samples is not None:
-            x, y = x[: cfg.accuracy.eval_samples], y[: cfg.accuracy.eval_samples]
+        _, x, y = _common.digits_split(mname, cfg.seed, cfg.accuracy.eval_samples)
         sw = float(models_mod.accuracy(model, params, x, y))
         acc_fn = _accuracy_fn(model, x, y)
         layers = list(_kernels(params).items())
@@ -494,9 +477,7 @@ def _default_point(pts, key="budget_scale", value=1.0):
 
 
 def plot(path, res, cfg: ERowprogConfig):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
     dists = list(res["budget"])
     colors = {d: f"C{i}" for i, d in enumerate(dists)}
@@ -587,9 +568,7 @@ def plot(path, res, cfg: ERowprogConfig):
                  fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def markdown(res, cfg: ERowprogConfig):
@@ -674,28 +653,18 @@ CSV_FIELDS = ["sweep", "target", "variability", "budget_scale", "n_coarse", "n_c
               "max_row_time", "rms_err_rel", "accuracy"]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("config")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    os.makedirs(args.out, exist_ok=True)
+def run_and_write(cfg: ERowprogConfig, args):
+    """All four sweeps; writes results.json, results.csv, the figure and summary."""
     res, rows = run(cfg, args.out)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"experiment": "e_rowprog", "claim": CLAIM, "config": to_dict(cfg),
-                   "versions": jobs.versions(), **res}, f, indent=2)
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    plot(os.path.join(args.out, "e_rowprog.png"), res, cfg)
-    md = markdown(res, cfg)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(md + "\n")
-    print(md)
-    return 0
+    _common.write_results(args.out, cfg, claim=CLAIM, **res)
+    _common.write_csv(os.path.join(args.out, "results.csv"), CSV_FIELDS,
+                      ({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+                       for r in rows))
+    return _common.write_report(args.out, cfg, res, plot, markdown)
+
+
+def main(argv=None):
+    return _common.main(argv, __doc__, load_config, run_and_write)
 
 
 if __name__ == "__main__":

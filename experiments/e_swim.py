@@ -36,9 +36,6 @@ Writes ``results.json``, ``results.csv`` (one row per model, cell variant, ranki
 
     python experiments/e_swim.py configs/e_swim.yaml --out runs/e_swim
 """
-import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -50,15 +47,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from nvjax import data as data_mod
 from nvjax import devices as dev_mod
 from nvjax import encoding as enc
 from nvjax import models as models_mod
 from nvjax import programming as pr
 from nvjax import sensitivity as sens
-from nvjax import jobs
 from nvjax import sweep
-from nvjax.config import load_yaml, to_dict
+from nvjax.config import load_yaml
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common  # noqa: E402
 
 RANKINGS = ("swim", "magnitude", "random")
 CLAIM = "write-verifying p ≈ 0.1 of the weights (SWIM ranking) keeps accuracy within ~1 % of " \
@@ -135,38 +135,25 @@ class ESwimConfig:
     progress: bool = True
 
     def validate(self):
-        if not self.models or len(set(self.models)) != len(self.models):
-            raise ValueError(f"models must be a non-empty list without duplicates, got "
-                             f"{self.models}")
-        if self.model_epochs is not None and self.model_epochs < 1:
-            raise ValueError(f"model_epochs must be >= 1, got {self.model_epochs}")
+        _common.check_distinct("models", self.models)
+        _common.check_at_least_one(self, "model_epochs")
         if not (1 <= self.slice_bits <= 8) or self.bits < 1 or self.bits % self.slice_bits:
             raise ValueError(f"bits ({self.bits}) must be a positive multiple of slice_bits "
                              f"({self.slice_bits}, 1..8)")
         if not self.cells:
             raise ValueError("cells must list at least one cell variant")
-        names = [c.name for c in self.cells]
-        if len(set(names)) != len(names):
-            raise ValueError(f"cell variant names must be unique, got {names}")
+        _common.check_unique_names("cell variant", self.cells)
         if self.tol < 0:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
-        if self.max_cycles < 1:
-            raise ValueError(f"max_cycles must be >= 1, got {self.max_cycles}")
+        _common.check_at_least_one(self, "max_cycles")
         if not self.fractions or any(not 0.0 <= p <= 1.0 for p in self.fractions):
             raise ValueError(f"fractions must be a non-empty list of values in [0, 1], got "
                              f"{self.fractions}")
         if len(set(self.fractions)) != len(self.fractions):
             raise ValueError(f"fractions has duplicates: {self.fractions}")
-        if not self.rankings or len(set(self.rankings)) != len(self.rankings):
-            raise ValueError(f"rankings must be a non-empty list without duplicates, got "
-                             f"{self.rankings}")
-        for name in ("hessian_probes", "num_chips", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("hessian_samples", "eval_samples"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+        _common.check_distinct("rankings", self.rankings)
+        _common.check_at_least_one(self, "hessian_probes", "num_chips", "chunk_size",
+                                   "hessian_samples", "eval_samples")
 
 
 def load_config(path) -> ESwimConfig:
@@ -279,22 +266,11 @@ def make_instance(model, params, cfg: ESwimConfig, targets, x, y, method: str):
 def run_model(name, cfg: ESwimConfig, out_dir, log=print):
     timings = {}
     t0 = time.perf_counter()
-    cache = cfg.model_cache_dir or os.path.join(out_dir, "models")
-    os.makedirs(cache, exist_ok=True)
-    model, params = models_mod.get_trained(name, cache_dir=cache, seed=cfg.seed,
-                                           epochs=cfg.model_epochs)
-    ds = data_mod.digits(seed=cfg.seed, flatten=name == "mlp")
-    x, y = ds.x_test, ds.y_test
-    if cfg.eval_samples is not None:
-        x, y = x[: cfg.eval_samples], y[: cfg.eval_samples]
-    xh, yh = ds.x_train, ds.y_train
-    if cfg.hessian_samples is not None:
-        xh, yh = xh[: cfg.hessian_samples], yh[: cfg.hessian_samples]
-    sw = float(models_mod.accuracy(model, params, x, y))
+    model, params, ds, x, y, sw = _common.load_trained(name, cfg, out_dir)
+    xh, yh = _common.first(cfg.hessian_samples, ds.x_train, ds.y_train)
     timings["model_s"] = time.perf_counter() - t0
 
-    root = jax.random.key(cfg.seed)
-    k_chips, k_hess = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+    k_chips, k_hess = _common.fold_keys(cfg.seed, 1, 2)
     t0 = time.perf_counter()
     hdiag = sens.hessian_diag(k_hess, sens.loss_fn(model, xh, yh), params,
                               num_probes=cfg.hessian_probes, batch=min(32, cfg.hessian_probes))
@@ -362,9 +338,7 @@ def _point(res_v, ranking, p):
 
 
 def plot(path, results, cfg: ESwimConfig):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     n_cols = len(cfg.cells) + 1
     fig, axes = plt.subplots(len(results), n_cols, figsize=(5.2 * n_cols, 4.3 * len(results)),
                              squeeze=False)
@@ -405,9 +379,7 @@ def plot(path, results, cfg: ESwimConfig):
         ax.set_title(f"{mname}: normalized write cycles", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def markdown(results, cfg: ESwimConfig):
@@ -469,33 +441,18 @@ def markdown(results, cfg: ESwimConfig):
     return "\n".join(lines)
 
 
+def run(cfg: ESwimConfig, args):
+    """Every model; writes results.json, results.csv, the figure and summary."""
+    results, rows, total = _common.run_models(run_model, cfg, args.out)
+    _common.write_results(args.out, cfg, claim=CLAIM, total_s=total, models=results)
+    _common.write_csv(os.path.join(args.out, "results.csv"),
+                      ["model", "cells", "ranking", "p", "chip", "accuracy", "norm_cycles"], rows)
+    return _common.write_report(args.out, cfg, results, plot, markdown,
+                                "\n" + _common.run_time(total))
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("config")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    os.makedirs(args.out, exist_ok=True)
-    t0 = time.perf_counter()
-    results, rows = {}, []
-    for m in cfg.models:
-        results[m], r = run_model(m, cfg, args.out)
-        rows += r
-    total = time.perf_counter() - t0
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"experiment": "e_swim", "claim": CLAIM, "config": to_dict(cfg),
-                   "versions": jobs.versions(), "total_s": total, "models": results}, f,
-                  indent=2)
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "cells", "ranking", "p", "chip", "accuracy", "norm_cycles"])
-        w.writerows(rows)
-    plot(os.path.join(args.out, "e_swim.png"), results, cfg)
-    md = markdown(results, cfg) + f"\n\nTotal run time {total:.1f} s.\n"
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(md)
-    print(md)
-    return 0
+    return _common.main(argv, __doc__, load_config, run)
 
 
 if __name__ == "__main__":

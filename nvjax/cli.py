@@ -136,7 +136,7 @@ def _cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     from ._version import __version__
-    p = argparse.ArgumentParser(prog="nvjax", description=__doc__,
+    p = argparse.ArgumentParser(prog="nvjax", description=__doc__.split("\n\nThis module imports")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"nvjax {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -57,9 +57,14 @@ def accuracy_instance(model) -> sweep.Staged:
     tile physics of the same shapes.
 
     Example:
-        >>> fn = accuracy_instance(model)                                     # doctest: +SKIP
-        >>> acc = sweep.run_instances(fn, jax.random.key(0), 100, devices.pcm(), params,
-        ...                           crossbar.TileConfig(), x, y, jnp.array([1.0, 86400.0]))
+        >>> model = models.MLP(features=(8, 10))
+        >>> x, y = jnp.ones((4, 64)), jnp.zeros((4,), jnp.int32)
+        >>> params = model.init(jax.random.key(0), x)["params"]
+        >>> acc = sweep.run_instances(accuracy_instance(model), jax.random.key(0), 8,
+        ...                           devices.pcm(), params, crossbar.TileConfig(), x, y,
+        ...                           jnp.array([1.0, 86400.0]), chunk_size=4)
+        >>> acc.shape
+        (8, 2)
     """
     return _accuracy_staged(model)
 

@@ -39,6 +39,7 @@ def _fns(policy="accuracy", v_read=0.45, ir="none", steps=6, every=2, device=Non
     return L.lifetime(model, params, device or D.pcm(), tc, R.pcm_disturb(), x, y, config=cfg)
 
 
+@pytest.mark.slow
 def test_scan_equals_step_by_step_python_loop():
     key = jax.random.key(3)
     g_err = jax.jit(_fns(policy="none", steps=8, every=2).simulate)(key)[1].g_error
@@ -62,6 +63,7 @@ def test_scan_equals_step_by_step_python_loop():
     assert int(state_s.num_programs) == 1 + int(np.asarray(rec_s.reprogrammed).sum())
 
 
+@pytest.mark.slow
 def test_whole_run_compiles_once():
     fns = _fns()
     fns = fns._replace(simulate=chex.assert_max_traces(fns.simulate, n=1))
@@ -69,6 +71,22 @@ def test_whole_run_compiles_once():
     assert rec.accuracy.shape == (5, 3)
 
 
+@pytest.mark.slow
+def test_placements_are_arguments_one_trace_for_all():
+    """The placement is an argument of the simulation: two different placements (same shapes)
+    run through one trace, and they give different chips (the weights sit elsewhere)."""
+    fns = _fns(ir="first_order")
+    fns = fns._replace(simulate=chex.assert_max_traces(fns.simulate, n=1))
+    ident = {"hidden": (np.arange(10), np.arange(12)), "out": (np.arange(12), np.arange(4))}
+    rev = {"hidden": (np.arange(10)[::-1], np.arange(12)[::-1]),
+           "out": (np.arange(12)[::-1], np.arange(4))}
+    a = L.run(fns, jax.random.key(0), 2, placement=ident, chunk_size=2)
+    b = L.run(fns, jax.random.key(0), 2, placement=rev, chunk_size=2)
+    assert a.accuracy.shape == b.accuracy.shape == (2, 3)
+    assert not np.array_equal(np.asarray(a.g_error), np.asarray(b.g_error))
+
+
+@pytest.mark.slow
 def test_chip_alone_equals_its_row_of_the_ensemble():
     fns = _fns()
     rec = L.run(fns, jax.random.key(7), 4, chunk_size=3)
@@ -77,6 +95,7 @@ def test_chip_alone_equals_its_row_of_the_ensemble():
         np.testing.assert_allclose(a[2], b, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_zero_inputs_give_no_reads_and_no_disturb():
     fns = _fns()
     state = fns.init(jax.random.key(0))
@@ -88,6 +107,7 @@ def test_zero_inputs_give_no_reads_and_no_disturb():
     assert float(state.t) == pytest.approx(fns.config.dt_s)
 
 
+@pytest.mark.slow
 def test_damage_of_one_step_matches_the_d7_law_by_hand():
     """ir_drop='none': every cell of row i sees v_read·x_i/max|x| on each driven read."""
     fns = _fns(v_read=0.3)
@@ -107,6 +127,7 @@ def test_damage_of_one_step_matches_the_d7_law_by_hand():
     np.testing.assert_allclose(new.reads["hidden"], n_per * (x != 0).sum(0), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_accuracy_falls_with_reads_and_ir_drop_lowers_the_damage():
     fns = _fns(policy="none", v_read=0.5, steps=12, every=3)
     state, rec = jax.jit(fns.simulate)(jax.random.key(0))
@@ -123,6 +144,7 @@ def test_accuracy_falls_with_reads_and_ir_drop_lowers_the_damage():
     assert np.all(d_ir <= d * (1 + 1e-5)) and d_ir.sum() < d.sum()
 
 
+@pytest.mark.slow
 def test_reprogramming_resets_and_keeps_the_chips_faults():
     dev = D.pcm(p_stuck_min=0.1, p_stuck_max=0.05)
     fns = _fns(policy="conductance_error", g_error_max=0.02, v_read=0.5, steps=8, every=2,
@@ -145,6 +167,7 @@ def test_reprogramming_resets_and_keeps_the_chips_faults():
         np.testing.assert_array_equal(np.asarray(t.pos.g)[stuck == 2], 25.0)
 
 
+@pytest.mark.slow
 def test_patience_delays_the_policy():
     rec1 = jax.jit(_fns(policy="conductance_error", g_error_max=0.02, v_read=0.5, steps=8,
                         every=2).simulate)(jax.random.key(4))[1]
@@ -219,6 +242,7 @@ def test_cli_lifetime_writes_results(tmp_path):
     assert s["num_chips"] == 3 and len(s["accuracy_p50"]) == 2
 
 
+@pytest.mark.slow
 def test_max_disturb_rows_uses_an_evenly_spaced_subset():
     fns = _fns(v_read=0.3, max_disturb_rows=4)
     state = fns.init(jax.random.key(1))

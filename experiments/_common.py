@@ -1,0 +1,275 @@
+"""What the five reproduction scripts (``e_disturb``, ``e_hwmodel``, ``e_swim``, ``e_biased``,
+``e_rowprog``) share: their command line (:func:`main`), the checks their configs repeat, their trained models
+and data splits, the chip keys and the bootstrap over chips, and the writing of their outputs
+(``results.json`` with the config and versions, the per-chip CSV, the figure and ``summary.md``).
+
+Each script owns its config dataclass (with an ``experiment`` field naming the script) and its
+physics; this module holds only what they would otherwise each repeat. It is imported by the
+scripts as ``import _common`` (each script puts its own folder on ``sys.path`` first, so this
+works whether the script is run as ``python experiments/e_x.py ...`` or loaded from its file by
+the tests).
+"""
+import argparse
+import csv
+import json
+import os
+import time
+from typing import Callable, Mapping, NamedTuple, Optional, Tuple
+
+import jax
+import numpy as np
+
+from nvjax import data as data_mod
+from nvjax import jobs
+from nvjax import models as models_mod
+from nvjax.config import to_dict
+
+RESULTS_JSON = "results.json"
+SUMMARY_MD = "summary.md"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def main(argv, doc: str, load_config: Callable, run: Callable, *,
+         from_results: Optional[Tuple[Callable, Callable]] = None,
+         add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> int:
+    """The command line of an experiment script: ``CONFIG --out DIR`` (+ its own options).
+
+    Parses ``argv`` (the description is the first line of ``doc``, the script's docstring),
+    loads the config with ``load_config(path)``, creates ``--out`` and prints the text that
+    ``run(cfg, args)`` returns (the summary; ``args.out`` is the output folder).
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+        doc: the script's module docstring.
+        load_config: ``path -> config``.
+        run: ``(cfg, args) -> text`` — the experiment: simulates, writes its outputs, returns the
+            text to print.
+        from_results: ``(plot, markdown)`` of the script: it then takes ``--from-results``,
+            which rewrites the figure and summary (:func:`write_report`, footer
+            :func:`run_time`) from the ``models`` and ``total_s`` of ``DIR/results.json``
+            without simulating.
+        add_arguments: adds the script's own options to the parser.
+
+    Returns:
+        0 (the exit status).
+    """
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--out", required=True)
+    if from_results is not None:
+        ap.add_argument("--from-results", action="store_true",
+                        help="rewrite the figure and summary from OUT/results.json (no simulation)")
+    if add_arguments is not None:
+        add_arguments(ap)
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    os.makedirs(args.out, exist_ok=True)
+    if from_results is not None and args.from_results:
+        saved = read_json(os.path.join(args.out, RESULTS_JSON))
+        text = write_report(args.out, cfg, saved["models"], *from_results,
+                            footer=run_time(saved["total_s"]))
+    else:
+        text = run(cfg, args)
+    print(text, end="" if text.endswith("\n") else "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Config checks (for the ``validate`` methods of the scripts' config dataclasses)
+# --------------------------------------------------------------------------------------------
+def check_at_least_one(obj, *names: str, prefix: str = "") -> None:
+    """Raise ValueError ``"<prefix><name> must be >= 1, got <value>"`` for the first field of
+    ``obj`` in ``names`` below 1 (a field left None, an unset optional, passes)."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and v < 1:
+            raise ValueError(f"{prefix}{name} must be >= 1, got {v}")
+
+
+def check_distinct(name: str, values) -> None:
+    """Raise ValueError unless ``values`` (the field ``name``) is non-empty without duplicates."""
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{name} must be a non-empty list without duplicates, got {values}")
+
+
+def check_unique_names(what: str, items) -> list:
+    """The ``name`` of each item; ValueError ``"<what> names must be unique"`` on a repeat."""
+    names = [i.name for i in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} names must be unique, got {names}")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Trained models and data
+# --------------------------------------------------------------------------------------------
+def first(n: Optional[int], *arrays):
+    """The first ``n`` entries of each array (all of them when ``n`` is None), as a tuple."""
+    return tuple(a if n is None else a[:n] for a in arrays)
+
+
+def digits_split(name: str, seed: int, eval_samples: Optional[int] = None):
+    """The digits data of model ``name`` (flat images for 'mlp', 8×8×1 otherwise; split
+    ``seed``, :func:`nvjax.data.digits`) and its first ``eval_samples`` test images.
+
+    Returns:
+        ``(ds, x_test, y_test)``.
+    """
+    ds = data_mod.digits(seed=seed, flatten=name == "mlp")
+    x, y = first(eval_samples, ds.x_test, ds.y_test)
+    return ds, x, y
+
+
+def trained_model(name: str, cfg, out_dir: str):
+    """``(model, params)`` of :func:`nvjax.models.get_trained` for ``name`` with the config's
+    ``seed`` and ``model_epochs``, cached in ``cfg.model_cache_dir`` (None: ``out_dir/models``)."""
+    cache = cfg.model_cache_dir or os.path.join(out_dir, "models")
+    os.makedirs(cache, exist_ok=True)
+    return models_mod.get_trained(name, cache_dir=cache, seed=cfg.seed, epochs=cfg.model_epochs)
+
+
+class Trained(NamedTuple):
+    """A trained model with its data: ``ds`` the digits split, ``(x, y)`` the evaluated test
+    images, ``software_accuracy`` the model's accuracy on them."""
+    model: object
+    params: object
+    ds: object
+    x: np.ndarray
+    y: np.ndarray
+    software_accuracy: float
+
+
+def load_trained(name: str, cfg, out_dir: str) -> Trained:
+    """:func:`trained_model` and :func:`digits_split` (``cfg.seed``, ``cfg.eval_samples``) of
+    model ``name``, and its software accuracy on the evaluated test images."""
+    model, params = trained_model(name, cfg, out_dir)
+    ds, x, y = digits_split(name, cfg.seed, cfg.eval_samples)
+    return Trained(model, params, ds, x, y, float(models_mod.accuracy(model, params, x, y)))
+
+
+# --------------------------------------------------------------------------------------------
+# Chips and statistics over chips
+# --------------------------------------------------------------------------------------------
+def fold_keys(seed: int, *indices: int):
+    """``fold_in(key(seed), i)`` for each index: the independent streams of a run (chips,
+    training, probes, ...), as a tuple."""
+    root = jax.random.key(seed)
+    return tuple(jax.random.fold_in(root, i) for i in indices)
+
+
+def bootstrap(statistic: Callable, samples, n: int, seed: int, *, ignore_nan: bool = False):
+    """A statistic of per-chip means and its bootstrap spread over chips.
+
+    The chips are resampled with replacement ``n`` times (``np.random.default_rng(seed)``), the
+    *same* resample for every array of ``samples`` (paired: the arms were read on the same
+    chips); ``statistic(*means)`` is evaluated on the full means and, vectorised, on the ``n``
+    resampled means.
+
+    Args:
+        statistic: ``(*means) -> value``, elementwise on arrays of resampled means.
+        samples: arrays [chips], one per arm.
+        n: bootstrap resamples.
+        seed: seed of the resampling.
+        ignore_nan: spread over the resamples whose statistic is not NaN.
+
+    Returns:
+        ``(value, bootstrap std, [2.5th, 97.5th percentile])`` as Python floats.
+    """
+    rng = np.random.default_rng(seed)
+    chips = samples[0].shape[0]
+    idx = rng.integers(0, chips, size=(n, chips))
+    resampled = statistic(*(a[idx].mean(1) for a in samples))
+    std, percentile = (np.nanstd, np.nanpercentile) if ignore_nan else (np.std, np.percentile)
+    return float(statistic(*(a.mean() for a in samples))), float(std(resampled)), \
+        [float(v) for v in percentile(resampled, [2.5, 97.5])]
+
+
+def run_models(run_model: Callable, cfg, out_dir: str):
+    """``run_model(name, cfg, out_dir) -> (result, csv rows)`` for every name of
+    ``cfg.models``, in order.
+
+    Returns:
+        ``(results {name: result}, rows of all models, wall time in s)``.
+    """
+    t0 = time.perf_counter()
+    results, rows = {}, []
+    for m in cfg.models:
+        results[m], r = run_model(m, cfg, out_dir)
+        rows += r
+    return results, rows, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+def read_json(path):
+    """The JSON document at ``path``."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, doc) -> None:
+    """Write ``doc`` as indented JSON."""
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+
+
+def write_results(out_dir: str, cfg, *, claim: Optional[str] = None, **fields) -> None:
+    """``out_dir/results.json``: ``experiment`` and ``claim`` (when a paper's claim is given),
+    the config (:func:`nvjax.config.to_dict`), the versions (:func:`nvjax.jobs.versions`), then
+    ``fields`` in order."""
+    doc = {} if claim is None else {"experiment": cfg.experiment, "claim": claim}
+    doc.update(config=to_dict(cfg), versions=jobs.versions(), **fields)
+    write_json(os.path.join(out_dir, RESULTS_JSON), doc)
+
+
+def write_csv(path, header, rows) -> None:
+    """A CSV file: the ``header`` row, then ``rows`` (sequences, or mappings by header name with
+    missing names left empty), written as given (format numbers before)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([r.get(k, "") for k in header] if isinstance(r, Mapping) else r
+                     for r in rows)
+
+
+def write_text(path, text: str) -> None:
+    """Write ``text`` to ``path``."""
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures only go to files)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """Lay out ``fig``, save it to ``path`` and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def write_report(out_dir: str, cfg, results, plot: Callable, markdown: Callable,
+                 footer: str = "\n") -> str:
+    """The figure ``out_dir/<cfg.experiment>.png`` (``plot(path, results, cfg)``) and
+    ``out_dir/summary.md`` (``markdown(results, cfg) + footer``).
+
+    Returns:
+        The summary's text.
+    """
+    plot(os.path.join(out_dir, f"{cfg.experiment}.png"), results, cfg)
+    text = markdown(results, cfg) + footer
+    write_text(os.path.join(out_dir, SUMMARY_MD), text)
+    return text
+
+
+def run_time(total_s: float) -> str:
+    """The footer of a summary that states the run's wall time."""
+    return f"\nTotal run time {total_s:.1f} s.\n"
