@@ -23,7 +23,8 @@ Each workload is timed with every generator of :mod:`nvjax.prng` and reported ne
   :func:`nvjax.sweep.limit_malloc_arenas`), and against the number of devices (forced host devices,
   ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, in subprocesses).
 
-``python -m nvjax.bench --child SPEC`` is the subprocess entry point (one JSON line out).
+``python -m nvjax.bench --child SPEC`` (:func:`main`) is the subprocess entry point (one JSON line
+out).
 This module imports ``chip``, ``crossbar``, ``devices``, ``prng`` and ``sweep``.
 """
 from __future__ import annotations
@@ -49,8 +50,9 @@ from . import prng
 from . import sweep
 
 __all__ = ["WORKLOADS", "GENERATORS", "run", "format_report", "numpy_instance", "workload_model",
-           "machine_limit", "nvjax_rate", "numpy_rate", "aihwkit_rates", "rate_vs_count",
-           "device_scaling"]
+           "workload_instance", "normals_per_instance", "draw_shapes", "machine_limit",
+           "nvjax_rate", "numpy_rate", "aihwkit_rates", "measure_in_subprocess", "rate_vs_count",
+           "device_scaling", "main"]
 
 LAYERS = (784, 256, 128, 10)
 BATCH = 1000
@@ -88,9 +90,10 @@ def workload_model(seed: int = 0):
     return model, params, x
 
 
-def _normals_per_instance(config: xb.TileConfig) -> int:
-    """Normal draws of one instance: 2 devices × (programming + drift exponent + read) per weight,
-    plus output noise per row tile and column when the periphery has it."""
+def normals_per_instance(config: xb.TileConfig) -> int:
+    """Normal draws of one instance of the workload (:func:`workload_instance`): 2 devices ×
+    (programming + drift exponent + read) per weight, plus output noise per row tile and column
+    when the periphery has it. The random-number part of :func:`machine_limit`."""
     n = sum(6 * a * b for a, b in zip(LAYERS[:-1], LAYERS[1:]))
     if config.out_noise > 0:
         n += sum(BATCH * xb.num_row_tiles(a, config) * b for a, b in zip(LAYERS[:-1], LAYERS[1:]))
@@ -122,9 +125,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb
 
 
-def _draw_shapes(config: xb.TileConfig):
-    """The shapes of one instance's normal draws in the library: per layer 2 devices ×
-    (programming, drift exponent, read) arrays [n_in, n_out], and output noise [B, Ti, n_out]."""
+def draw_shapes(config: xb.TileConfig) -> list:
+    """The shapes of one instance's normal draws in the library (their sizes sum to
+    :func:`normals_per_instance`): per layer 2 devices × (programming, drift exponent, read)
+    arrays [n_in, n_out], and output noise [B, Ti, n_out]."""
     shapes = []
     for a, b in zip(LAYERS[:-1], LAYERS[1:]):
         shapes += [(a, b)] * 6
@@ -197,8 +201,8 @@ def machine_limit(config: xb.TileConfig, *, generator: str = "threefry",
         normals and FLOPs per instance, their measured rates and times, and
         ``limit_instances_per_s = 1 / (t_normals + t_matmul)``.
     """
-    n_norm = _normals_per_instance(config)
-    shapes = _draw_shapes(config)
+    n_norm = normals_per_instance(config)
+    shapes = draw_shapes(config)
     assert sum(int(np.prod(s)) for s in shapes) == n_norm
     t_rng = normals_time(n_norm, generator, chunks, shapes)
     t_mm = matmul_time(chunks) if t_matmul is None else t_matmul
@@ -209,10 +213,16 @@ def machine_limit(config: xb.TileConfig, *, generator: str = "threefry",
             "limit_instances_per_s": 1.0 / (t_rng + t_mm)}
 
 
-def _instance_fn(model, config):
-    """The workload's instance function, as the library's sweeps run it: two stages
+def workload_instance(model, config: xb.TileConfig) -> sweep.Staged:
+    """The workload's instance function, as the library's sweeps run it (and as
+    :func:`nvjax_rate` times it): ``fn(key, params, x) -> mean logits [10]`` in two stages
     (:class:`nvjax.sweep.Staged`), programming (``chip.deploy``) then the read at one day
-    (``chip.apply``). Parameters and inputs are arguments, not compile-time constants."""
+    (``chip.apply``). Parameters and inputs are arguments, not compile-time constants.
+
+    Args:
+        model: the Flax model of :func:`workload_model`.
+        config: the tile options of a workload (a value of :data:`WORKLOADS`).
+    """
     device = dev_mod.pcm()
 
     def prepare(key, params, x):
@@ -237,7 +247,7 @@ def nvjax_rate(config: xb.TileConfig, instances: int, chunk_size: int = CHUNK_SI
     is kept.
     """
     model, params, x = workload_model()
-    fn = _instance_fn(model, config)
+    fn = workload_instance(model, config)
     compiled = sweep.compile_chunk(fn, vmap_width=vmap_width)
     key = prng.key(0, generator)
     t = time.perf_counter()
@@ -325,15 +335,23 @@ def _aihwkit_script() -> str:
     return os.path.normpath(os.path.join(here, "..", "..", "shared", "tools", "aihwkit_mc.py"))
 
 
-def aihwkit_rates(python: str, threads: Sequence[int] = (1, 2)) -> Optional[dict]:
-    """Run ``../shared/tools/aihwkit_mc.py`` with the given Python at each torch thread count.
+def aihwkit_rates(python: str, threads: Sequence[int] = (1, 2), *,
+                  script: Optional[str] = None) -> Optional[dict]:
+    """Run the aihwkit side of the benchmark with the given Python at each torch thread count.
+
+    Args:
+        python: a Python executable with aihwkit installed.
+        threads: torch thread counts; the script gets the count as its one argument and prints,
+            as its last stdout line, ``{workload: {"instances_per_s", "backend"[, "all"]}}``.
+        script: the script to run (default ``../shared/tools/aihwkit_mc.py`` beside the
+            repository).
 
     Returns:
         ``{workload: {"instances_per_s", "backend", "threads", "all": {"<backend>@<n>t": rate}}}``
-        with the fastest back-end and thread count per workload; ``{"error": ...}`` if every run
-        failed; None if the script is missing.
+        with the fastest back-end and thread count per workload; ``{"error": [one message per
+        thread count]}`` if every run failed; None if the script is missing.
     """
-    script = _aihwkit_script()
+    script = _aihwkit_script() if script is None else script
     if not os.path.exists(script):
         return None
     best: dict = {}
@@ -595,7 +613,10 @@ def format_report(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _main(argv=None) -> int:
+def main(argv=None) -> int:
+    """The subprocess entry point, ``python -m nvjax.bench --child SPEC``: one
+    :func:`nvjax_rate` measurement described by the JSON ``SPEC`` (workload, instances,
+    chunk_size, and optionally vmap_width, generator, repeat), printed as one JSON line."""
     import argparse
     p = argparse.ArgumentParser(prog="python -m nvjax.bench",
                                 description="subprocess entry of the benchmark (use `nvjax bench`)")
@@ -607,4 +628,4 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main())

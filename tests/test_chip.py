@@ -34,6 +34,7 @@ def _init(model, shape, seed=0):
 
 
 @pytest.mark.parametrize("model,shape", [(ConvNet(), (5, 8, 8, 1)), (Nested(), (6, 11))])
+@pytest.mark.slow
 def test_ideal_chip_equals_software(model, shape):
     x, params = _init(model, shape)
     chip = C.deploy(jax.random.key(2), model, params, D.ideal(), config=xb.TileConfig(rows=16, cols=8))
@@ -51,6 +52,7 @@ def test_kernel_matrix_is_the_im2col_layout():
     np.testing.assert_allclose(p @ layers.kernel_matrix(k), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_effective_params_equal_apply_for_ideal_periphery():
     model = Nested()
     x, params = _init(model, (6, 11))
@@ -93,6 +95,7 @@ def test_errors():
         C.deploy(jax.random.key(0), Nested(), {}, "pcm")
 
 
+@pytest.mark.slow
 def test_placement_moves_weights_not_the_function():
     model = Nested()
     x, params = _init(model, (6, 11))

@@ -72,6 +72,7 @@ def _numpy_periphery(x, w, cfg, kappa_span=1.0):
     return y
 
 
+@pytest.mark.slow
 def test_dac_adc_match_independent_numpy_model():
     w, x = _w_x(n_in=150, n_out=12)
     cfg = xb.TileConfig(rows=64, dac_bits=5, adc_bits=6, adc_bound=3.0, drift_compensation=False)
@@ -125,6 +126,7 @@ def test_adc_calibration_by_max():
     assert np.max(np.abs(np.asarray(y) - x @ w)) <= 4 * step
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_consistency():
     w, x = _w_x()
     dev = D.pcm()
@@ -140,6 +142,7 @@ def test_jit_and_vmap_consistency():
     np.testing.assert_allclose(jax.vmap(f)(keys)[1], eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_through_mvm_is_finite():
     w, x = _w_x(n_in=20, n_out=4)
     dev = D.pcm()
@@ -167,6 +170,7 @@ def test_errors():
 
 
 @pytest.mark.parametrize("method", ["first_order", "solver"])
+@pytest.mark.slow
 def test_ir_drop_zero_resistance_equals_matmul(method):
     w, x = _w_x(n_in=40, n_out=12, batch=3)
     cfg = xb.TileConfig(rows=16, cols=8, ir_drop=method, r_wire=0.0)
@@ -175,6 +179,7 @@ def test_ir_drop_zero_resistance_equals_matmul(method):
     np.testing.assert_allclose(y, x @ w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ir_drop_mvm_matches_nodal_solve_of_each_tile():
     from test_irdrop import _nodal
     w, x = _w_x(n_in=10, n_out=6, batch=2)
@@ -197,6 +202,7 @@ def test_ir_drop_mvm_matches_nodal_solve_of_each_tile():
 
 
 @pytest.mark.parametrize("method", ["first_order", "solver"])
+@pytest.mark.slow
 def test_ir_drop_large_batch_uses_linearity(method):
     """B > R takes the unit-drive path (the network is linear in the drives): it must equal the
     per-input solves of B <= R batches."""
@@ -211,6 +217,7 @@ def test_ir_drop_large_batch_uses_linearity(method):
     assert np.abs(np.asarray(y_big) - x @ w).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_cell_voltages_per_tile_match_irdrop():
     g = jax.random.uniform(jax.random.key(3), (10, 6), minval=0.0, maxval=25.0)
     v = jax.random.uniform(jax.random.key(4), (3, 10), maxval=0.2)

@@ -316,6 +316,7 @@ def test_sigma_w_closed_form_value():
 
 
 @pytest.mark.parametrize("bits,slice_bits", [(8, 2), (8, 4)])
+@pytest.mark.slow
 def test_bit_slice_sigma_w_closed_form(bits, slice_bits):
     # σ_W = σ·max|W|·sqrt(Σ 2^{2iK})/Σ 2^{iK} holds for ONE noisy slice stack.
     # Pair signing puts a weight on one stack only, but a physical array programs both stacks and
@@ -530,6 +531,7 @@ def test_determinism(name):
 
 
 @pytest.mark.parametrize("name", list(ALL_DEVICES))
+@pytest.mark.slow
 def test_jit_equals_eager(name):
     dev, g_max = ALL_DEVICES[name]
     g_t = jnp.asarray(np.random.default_rng(34).uniform(0, g_max, S), jnp.float32)
@@ -548,6 +550,7 @@ def test_jit_equals_eager(name):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6 * g_max)
 
 
+@pytest.mark.slow
 def test_vmap_over_keys_equals_individual_calls():
     dev = D.pcm(p_stuck_min=0.05)
     g_t = jnp.asarray(np.random.default_rng(35).uniform(0, 25, S), jnp.float32)

@@ -1,19 +1,12 @@
 """E-disturb experiment end to end on a tiny config (the shipped config takes minutes)."""
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.mark.slow
-def test_e_disturb_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "e_disturb", os.path.join(ROOT, "experiments", "e_disturb.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_e_disturb_tiny(tmp_path, load_script):
+    mod = load_script("e_disturb")
     cfg = tmp_path / "e.yaml"
     cfg.write_text(
         "models: [mlp]\n"

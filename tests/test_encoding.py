@@ -142,6 +142,7 @@ CASES = [(8, 2), (8, 4), (6, 3)]
 @pytest.mark.parametrize("bits,slice_bits", CASES)
 @pytest.mark.parametrize("signed", ["pair", "twos"])
 @pytest.mark.parametrize("g_min,g_max", [(0.0, 1.0), (2.0, 10.0)])
+@pytest.mark.slow
 def test_slices_round_trip(bits, slice_bits, signed, g_min, g_max):
     w = _w((50, 40), seed=2)
     w_max = float(np.abs(w).max())
@@ -266,6 +267,7 @@ def test_favorable_codebook_brute_force(bits, slice_bits, allowed):
     [0, 5, 6, 100],
     _brute_codebook(8, 2, {1, 2}),        # 0 is not a code: q = 0 must map to a code too
 ])
+@pytest.mark.slow
 def test_project_to_codebook_brute_force(codebook):
     top = max(codebook)
     q = np.arange(-top - 3, top + 4)

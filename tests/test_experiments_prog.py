@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nvjax import data as data_mod
-from nvjax import models as models_mod
+from nvjax import devices
 from nvjax import programming as pr
 from nvjax.config import ConfigError
 
@@ -88,12 +88,13 @@ eps_values: [0.25, 0.6]
 pareto_budget_scales: [0.5, 1.0]
 pareto_step_scales: [1.0, 2.0]
 accuracy: {{models: [mlp], budget_scales: [0.1, 1.0], num_chips: 2, eval_samples: 60}}
-model_epochs: 2
+model_epochs: 3
 model_cache_dir: {cache}
 progress: false
 """
 
 
+@pytest.mark.slow
 def test_rowprog_main_tiny(rowprog, tmp_path, model_cache):
     cfg = _write(tmp_path / "rp.yaml", ROWPROG_TINY.format(cache=model_cache))
     out = tmp_path / "out"
@@ -125,10 +126,9 @@ def test_rowprog_main_tiny(rowprog, tmp_path, model_cache):
     assert len(rows) == 2 * (8 + 4 + 8 + 2)
     assert {r["sweep"] for r in rows} == {"budget", "eps", "pareto", "accuracy"}
     assert all(r["accuracy"] != "" for r in rows if r["sweep"] == "accuracy")
-    md = (out / "summary.md").read_text()
-    assert "98–99 %" in md and "Pareto" in md
 
 
+@pytest.mark.slow
 def test_rowprog_stack_layers_and_weights_map_back(rowprog):
     """Stacked layers program like the whole; padding is masked; weights come back in units."""
     # stacked shape [8, 32] and 2 chips, as the tiny config's Gaussian set: compiled once
@@ -141,7 +141,7 @@ def test_rowprog_stack_layers_and_weights_map_back(rowprog):
     assert np.all(np.asarray(target[5:, 20:]) == 0)
     keys = jax.random.split(jax.random.key(2), 2)
     cfg = pr.RowProgramConfig(n_coarse=60, n_correct=20, n_fine=60)
-    stats, weights = rowprog.program_chips(keys, pr.pulse_pcm(), [("a", w1), ("b", w2)], cfg,
+    stats, weights = rowprog.program_chips(keys, devices.pulse_pcm(), [("a", w1), ("b", w2)], cfg,
                                            20.0)
     assert weights[0].shape == (2, 5, 32) and weights[1].shape == (2, 3, 20)
     assert stats["pfail"].shape == (2,)
@@ -159,7 +159,7 @@ SWIM_TINY = """\
 experiment: e_swim
 seed: 0
 models: [mlp]
-model_epochs: 2
+model_epochs: 3
 model_cache_dir: {cache}
 cells:
   - {{name: uniform, sigma: 0.1}}
@@ -176,6 +176,7 @@ progress: false
 """
 
 
+@pytest.mark.slow
 def test_swim_main_tiny(swim, tmp_path, model_cache):
     cfg = _write(tmp_path / "sw.yaml", SWIM_TINY.format(cache=model_cache))
     out = tmp_path / "out"
@@ -194,19 +195,25 @@ def test_swim_main_tiny(swim, tmp_path, model_cache):
             assert pts[(r, 0.0)]["accuracy"] == pts[("swim", 0.0)]["accuracy"]
             assert pts[(r, 1.0)]["accuracy"] == pts[("swim", 1.0)]["accuracy"]
             c0, c1 = pts[(r, 0.0)]["norm_cycles_mean"], pts[(r, 0.1)]["norm_cycles_mean"]
-            assert c0 == pytest.approx(1.0 / v["full_wv_cycles_per_cell_mean"], rel=1e-5)
-            assert c0 < c1 < 1.0
+            # one shot is 1 cycle per cell, full write-verify 1..max_cycles (4)
+            assert 1 / 4 <= c0 <= 1.0 and c0 < c1 < 1.0
+        # a random 10 % of the weights get full write-verify, the others one shot: in expectation
+        # (1 − p)·c(0) + p·c(1) of the full cost (cycles independent of a random mask)
+        c0 = pts[("random", 0.0)]["norm_cycles_mean"]
+        assert pts[("random", 0.1)]["norm_cycles_mean"] == pytest.approx(0.9 * c0 + 0.1, abs=0.02)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 9 * 3
-    assert "claim" in (out / "summary.md").read_text()
+    acc = np.array([float(r["accuracy"]) for r in rows])
+    np.testing.assert_allclose(acc * 40, np.round(acc * 40), atol=1e-4)   # counts out of 40
 
 
-def test_swim_compose_equals_selective_write_verify(swim, model_cache):
+@pytest.mark.slow
+def test_swim_compose_equals_selective_write_verify(swim, trained_model):
     """The fast path (where(mask, full, one shot)) is selective_write_verify bit for bit."""
     cfg = swim.ESwimConfig(models=("mlp",), fractions=(0.05,), rankings=("swim", "random"),
                            max_cycles=4, tol=0.03, num_chips=1)
-    model, params = models_mod.get_trained("mlp", cache_dir=model_cache, epochs=2)
+    model, params = trained_model("mlp", epochs=3)
     ds = data_mod.digits(seed=0)
     device = swim.make_device(cfg.cells[1], cfg.slice_bits)
     w_k = swim.kernels(params)

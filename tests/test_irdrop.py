@@ -44,6 +44,7 @@ def _nodal(g_uS, v_in, r):
 
 
 @pytest.mark.parametrize("shape,r", [((6, 5), 50.0), ((12, 9), 20.0), ((4, 16), 100.0)])
+@pytest.mark.slow
 def test_solver_matches_nodal_solve(shape, r):
     rng = np.random.default_rng(0)
     g = rng.uniform(0, 25, size=shape)
@@ -76,6 +77,7 @@ def test_first_order_agrees_with_solver_for_small_resistance():
     assert np.abs(np.asarray(approx - exact)).max() < 1e-2 * drop
 
 
+@pytest.mark.slow
 def test_fixed_iterations_are_differentiable_and_vmappable():
     rng = np.random.default_rng(2)
     g = jnp.asarray(rng.uniform(0, 25, (6, 6)), jnp.float32)

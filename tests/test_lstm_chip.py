@@ -53,10 +53,12 @@ def _hidden_states(p, seq):
     return hs
 
 
+@pytest.mark.slow
 def test_software_accuracy(trained):
     assert trained[2] >= 0.93
 
 
+@pytest.mark.slow
 def test_layer_names_and_tiles(trained):
     model, params, _ = trained
     names = layers.layer_names(params)
@@ -65,6 +67,7 @@ def test_layer_names_and_tiles(trained):
     assert set(chip.tiles) == LAYERS
 
 
+@pytest.mark.slow
 def test_ideal_chip_equals_software(trained, digits_img):
     model, params, _ = trained
     x = digits_img.x_test[:64]
@@ -78,6 +81,7 @@ def test_ideal_chip_equals_software(trained, digits_img):
                                atol=1e-4)
 
 
+@pytest.mark.slow
 def test_effective_params_of_ideal_chip_equal_params(trained):
     model, params, _ = trained
     chip = C.deploy(jax.random.key(4), model, params, D.ideal(), config=CONFIG)
@@ -88,6 +92,7 @@ def test_effective_params_of_ideal_chip_equal_params(trained):
                      eff, params["params"])
 
 
+@pytest.mark.slow
 def test_return_inputs_and_read_counts(trained, digits_img):
     model, params, _ = trained
     x = digits_img.x_test[:20]
@@ -111,6 +116,7 @@ def test_return_inputs_and_read_counts(trained, digits_img):
     assert int(chip2.tiles["h_proj"].reads.min()) == 20 * 7
 
 
+@pytest.mark.slow
 def test_pcm_accuracy_close_to_software(trained, digits_img):
     model, params, sw = trained
     x = jnp.asarray(digits_img.x_test)
@@ -129,6 +135,7 @@ def test_pcm_accuracy_close_to_software(trained, digits_img):
     assert acc.min() >= sw - 0.15, (acc, sw)
 
 
+@pytest.mark.slow
 def test_each_recurrent_call_draws_its_own_read_noise(trained, digits_img):
     """Step t of h_proj reads the tiles with fold_in(fold_in(key, layer), t): with PCM read noise
     the 8 calls must not share one noise sample. Checked by re-running the recurrence by hand

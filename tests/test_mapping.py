@@ -208,6 +208,7 @@ def _relaxed_linear(logits, cost, tau=0.7):
     return jnp.sum(M.sinkhorn(logits / tau, 30) * cost)
 
 
+@pytest.mark.slow
 def test_relaxed_objective_gradients_match_finite_differences():
     key_l, key_c, key_v = jax.random.split(jax.random.key(3), 3)
     logits = jax.random.normal(key_l, (5, 5))
@@ -226,6 +227,7 @@ def test_relaxed_objective_gradients_match_finite_differences():
                                 eps=1e-2)
 
 
+@pytest.mark.slow
 def test_relaxed_gradients_finite_at_low_temperature():
     logits = jax.random.normal(jax.random.key(4), (6, 6)) * 10.0
     cost = jax.random.uniform(jax.random.key(5), (6, 6))
@@ -234,6 +236,7 @@ def test_relaxed_gradients_finite_at_low_temperature():
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.slow
 def test_relaxed_assign_within_one_percent_of_exact(seed):
     cost = np.random.default_rng(600 + seed).random((64, 64))
     exact = M.assignment_cost(cost, M.assign(cost))
@@ -242,6 +245,7 @@ def test_relaxed_assign_within_one_percent_of_exact(seed):
     assert M.assignment_cost(cost, perm) <= 1.01 * exact
 
 
+@pytest.mark.slow
 def test_relaxed_assign_scale_free_and_rectangular():
     rng = np.random.default_rng(700)
     cost = rng.random((64, 64))
@@ -259,6 +263,7 @@ def _placement_objective(x, y):
     return lambda mats: jnp.sum((mats[0].T @ x - y) ** 2)
 
 
+@pytest.mark.slow
 def test_relaxed_permutations_nonlinear_objective_and_determinism():
     n = 10
     rng = np.random.default_rng(8)
@@ -295,6 +300,7 @@ def test_relaxed_permutations_gumbel_and_stochastic_objective():
     assert not np.array_equal(info.loss_history, info_b.loss_history)  # the key is used
 
 
+@pytest.mark.slow
 def test_relaxed_crossbar_assign():
     rng = np.random.default_rng(12)
     C = rng.random((12, 10)) * rng.random(12)[:, None]

@@ -98,6 +98,7 @@ def test_mlp_shapes_and_names(digits_flat, digits_img):
         == (4, 3)
 
 
+@pytest.mark.slow
 def test_lenet_shapes_and_layer_types(digits_img):
     model = models.LeNet()
     v = model.init(jax.random.key(0), digits_img.x_train[:1])
@@ -131,6 +132,7 @@ def test_mlp_trains_to_95_percent(trained_mlp, digits_flat):
     assert models.accuracy(model, params["params"], digits_flat.x_test, digits_flat.y_test) == acc
 
 
+@pytest.mark.slow
 def test_lenet_trains_to_95_percent(trained_lenet, digits_img):
     model, params, history = trained_lenet
     acc = models.accuracy(model, params, digits_img.x_test, digits_img.y_test)
@@ -138,6 +140,7 @@ def test_lenet_trains_to_95_percent(trained_lenet, digits_img):
     assert len(history["test_accuracy"]) == 30
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(digits_flat):
     model = models.MLP(features=(16, 10))
     p1, h1 = models.train(jax.random.key(3), model, digits_flat, epochs=2, batch_size=128)
@@ -175,6 +178,7 @@ def test_accuracy_length_mismatch(trained_mlp, digits_flat):
         models.accuracy(model, params, digits_flat.x_test, digits_flat.y_test[:-1])
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(tmp_path, trained_lenet, digits_img):
     model, params, _ = trained_lenet
     path = tmp_path / "sub" / "lenet.msgpack"
@@ -199,6 +203,7 @@ def test_save_load_round_trip(tmp_path, trained_lenet, digits_img):
         models.load_params(path, template=wrong_shape)
 
 
+@pytest.mark.slow
 def test_get_trained_caches(tmp_path):
     model, params = models.get_trained("mlp", cache_dir=str(tmp_path), epochs=2)
     assert isinstance(model, models.MLP) and tuple(model.features) == (64, 10)
@@ -221,6 +226,7 @@ def test_get_trained_bad_arguments():
         models.get_trained("mlp", epochs=0)
 
 
+@pytest.mark.slow
 def test_lstm_shapes_names_and_reference(digits_img):
     model = models.LSTMClassifier()
     v = model.init(jax.random.key(0), digits_img.x_train[:2])
@@ -242,6 +248,7 @@ def test_lstm_shapes_names_and_reference(digits_img):
     np.testing.assert_allclose(model.apply(rand, x), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lstm_input_layouts_give_identical_logits(digits_img):
     model = models.LSTMClassifier()
     x = digits_img.x_test[:9]
@@ -265,6 +272,7 @@ def test_lstm_bad_input_shape(shape):
         models.LSTMClassifier().init(jax.random.key(0), np.zeros(shape, np.float32))
 
 
+@pytest.mark.slow
 def test_lstm_trains(trained_lstm, digits_img, digits_flat):
     model, params, history = trained_lstm
     acc = models.accuracy(model, params, digits_img.x_test, digits_img.y_test)
@@ -275,6 +283,7 @@ def test_lstm_trains(trained_lstm, digits_img, digits_flat):
     assert models.accuracy(model, params, digits_flat.x_test, digits_flat.y_test) == acc
 
 
+@pytest.mark.slow
 def test_lstm_save_load_round_trip(tmp_path, trained_lstm, digits_img):
     model, params, _ = trained_lstm
     path = tmp_path / "lstm.msgpack"
@@ -290,6 +299,7 @@ def test_lstm_save_load_round_trip(tmp_path, trained_lstm, digits_img):
         models.load_params(path, template=wrong)
 
 
+@pytest.mark.slow
 def test_get_trained_lstm(tmp_path):
     assert models.MODELS["lstm"][1:] == (False, 100)
     model, params = models.get_trained("lstm", cache_dir=tmp_path, epochs=1)

@@ -37,6 +37,7 @@ def _onehots(placement, names):
     return tuple(mats)
 
 
+@pytest.mark.slow
 def test_layer_reads_by_hand():
     model, params, x, y = _setup()
     cfg = xb.TileConfig(v_read=0.3)
@@ -48,6 +49,7 @@ def test_layer_reads_by_hand():
     np.testing.assert_allclose(a, expect, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_position_factor_and_exact_placement():
     model, params, x, y = _setup()
     dev, p = D.pcm(), R.pcm_disturb()
@@ -100,6 +102,7 @@ def test_random_placement_permutations_from_a_key():
         pl.random_placement(3, params)                    # an int seed is not a key
 
 
+@pytest.mark.slow
 def test_objective_limits_zero_reads_and_no_ir_drop():
     model, params, x, y = _setup()
     dev, p = D.pcm(), R.pcm_disturb()
@@ -144,6 +147,7 @@ def test_objective_gradients_match_finite_differences():
     np.testing.assert_allclose(an, fd, rtol=5e-2, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_relaxed_placement_returns_permutations():
     model, params, x, y = _setup()
     cfg = xb.TileConfig(rows=8, cols=8, v_read=0.5, ir_drop="first_order", r_wire=3000.0)

@@ -290,6 +290,7 @@ def test_seed_words():
         assert [int(v) for v in jax.random.key_data(traced(s))] == data(s)
 
 
+@pytest.mark.slow
 def test_sharded_and_64_bit_modes():
     # one fresh process: 2 CPU devices in 32-bit mode, then 64-bit mode
     code = textwrap.dedent("""

@@ -263,6 +263,7 @@ def test_weight_scale():
     assert float(jnp.max(jnp.abs(w * P.weight_scale(w, w_max_uS=20.0)))) == pytest.approx(20.0)
 
 
+@pytest.mark.slow
 def test_row_program_identities():
     dev = D.pulse_pcm()
     cfg = P.RowProgramConfig(t_pulse=2.5)
@@ -295,6 +296,7 @@ def test_row_program_success_rate_defaults(kind):
     assert 2.0 < float(jnp.mean(r.pulses)) < 20.0
 
 
+@pytest.mark.slow
 def test_row_program_pfail_decreases_with_budget():
     dev, w_t, key = D.pulse_pcm(), _weights("uniform"), jax.random.key(42)
     # Same key: a weight's pulse sequence does not depend on the LSP budget, so the failed set
@@ -316,6 +318,7 @@ def test_row_program_pfail_decreases_as_eps_loosens():
     assert pf[-1] <= pf[-2] and pf[-1] < 1e-3 and pf[0] > 0.1, pf
 
 
+@pytest.mark.slow
 def test_row_program_vmap_over_chips_and_jit():
     dev = D.pulse_pcm()
     w_t = _weights("laplacian")

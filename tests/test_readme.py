@@ -2,9 +2,12 @@
 import os
 import re
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_readme_kernel_example_executes():
     text = open(os.path.join(ROOT, "README.md")).read()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
@@ -26,6 +29,7 @@ def test_quickstart_has_two_commands():
     assert "pytest" in cmds[1]
 
 
+@pytest.mark.slow
 def test_readme_mitigation_example_executes():
     text = open(os.path.join(ROOT, "README.md")).read()
     block = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "training" in b][0]

@@ -86,6 +86,7 @@ def test_hessian_diag_quadratic_converges_to_diag_within_standard_errors():
     assert np.max(np.abs(z)) > 0.1
 
 
+@pytest.mark.slow
 def test_hessian_diag_mlp_matches_full_hessian():
     model = SmallMLP()
     x = jax.random.normal(jax.random.key(0), (6, 5))
@@ -103,6 +104,7 @@ def test_hessian_diag_mlp_matches_full_hessian():
     np.testing.assert_array_less(np.abs(est - np.diag(full)), 5 * se + 1e-5)
 
 
+@pytest.mark.slow
 def test_hessian_diag_independent_of_batch_and_jittable():
     loss, params, _ = _quadratic(_sym(2, 7))
     key = jax.random.key(3)
@@ -169,6 +171,7 @@ def _numpy_patches_same3x3(x):
     return np.array(rows)
 
 
+@pytest.mark.slow
 def test_activation_stats_conv_counts_per_patch_feature():
     model = ConvDense()
     rng = np.random.default_rng(0)
@@ -190,6 +193,7 @@ def test_activation_stats_conv_counts_per_patch_feature():
     assert layers.kernel_matrix(params["params"]["Conv_0"]["kernel"]).shape[0] == 18
 
 
+@pytest.mark.slow
 def test_activation_stats_layer_names_match_chip_for_nested_models():
     class Block(nn.Module):
         @nn.compact
@@ -239,6 +243,7 @@ def test_activation_stats_accumulate_repeated_calls_and_agree_with_chip_read_cou
 
 # ----------------------------------------------------------------------------- criticality
 
+@pytest.mark.slow
 def test_criticality_mc_sigma_zero_equals_saliency():
     model = SmallMLP()
     x = jax.random.normal(jax.random.key(0), (6, 5))
@@ -357,6 +362,7 @@ def test_importance_keeps_kernel_shapes():
     np.testing.assert_array_equal(np.asarray(mag["Conv_0"]), np.abs(np.asarray(conv)))
 
 
+@pytest.mark.slow
 def test_importance_hessian_is_half_abs_hii_w2_of_the_full_hessian():
     # ½·|H_ii|·w² against the exact Hessian diagonal of the flattened model (jax.hessian);
     # Hutchinson's per-probe variance of entry i is Σ_{j≠i} H_ij², and |½|a|w² − ½|b|w²| ≤

@@ -60,6 +60,7 @@ def test_results_do_not_depend_on_chunk_size_and_instance_alone():
     assert not np.array_equal(sweep.run_instances(_toy, jax.random.key(1), 50, w), ref[:50])
 
 
+@pytest.mark.slow
 def test_accuracy_sweep_does_not_depend_on_chunk_size(small_sweep):
     fn, args = small_sweep
     dev = D.pcm(g_max=5.0)  # a noisy device so accuracies vary
@@ -71,6 +72,7 @@ def test_accuracy_sweep_does_not_depend_on_chunk_size(small_sweep):
         sweep.run_instances(fn, key, 1, dev, *args, chunk_size=8, start=13)[0], ref[13])
 
 
+@pytest.mark.slow
 def test_second_run_traces_nothing_and_a_physics_grid_traces_once():
     """The compiled chunk is cached per instance function: a second sweep with the same function
     and shapes traces nothing; tile physics (r_wire, v_read, out_noise) and device parameters are
@@ -103,6 +105,7 @@ def test_second_run_traces_nothing_and_a_physics_grid_traces_once():
     assert diffs[0] < diffs[1] < diffs[2]
 
 
+@pytest.mark.slow
 def test_tile_physics_vmap_and_grad():
     """vmap over r_wire equals a Python loop, and the MVM is differentiable in r_wire (first
     order: d|y|/dr < 0, the voltage drop grows with the wire resistance)."""
@@ -121,6 +124,7 @@ def test_tile_physics_vmap_and_grad():
     assert np.isfinite(g) and g < 0
 
 
+@pytest.mark.slow
 def test_staged_is_prepare_then_finish():
     """A Staged pair: called directly it is finish(key, prepare(key)); swept, each chunk runs as two
     compiled calls and gives exactly the values of a hand-written one-stage function (integer-valued

@@ -194,6 +194,7 @@ def test_fit_gain_offset_exact():
     np.testing.assert_allclose(b, o, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_calibrate_recovers_synthetic_gain_offset_on_chip():
     """A Dense layer programmed with W' = W·diag(s) + e0⊗o on inputs whose feature 0 is 1:
     y_hw = X W diag(s) + o, so the fit must give gain 1/s and offset −o/s exactly."""
