@@ -5,15 +5,31 @@ before JAX starts; subprocesses inherit it): compilation, not computation, domin
 every test, and on XLA:CPU level 1 compiles several times faster than the default while giving
 the same results (measured bit-identical on the quickstart sweep and its trained MLP; see
 nvjax/_xla.py). ``NVJAX_TEST_XLA_OPT=1`` keeps XLA's defaults.
+
+Many tests build the same computation again from fresh closures (a new ``jax.jit`` each time,
+so JAX's in-memory cache cannot see it); JAX's persistent compilation cache recognises identical
+programs by their fingerprint. The suite points it at a folder made for this one run (the pytest
+process, its xdist workers and the subprocesses of the CLI tests share it; removed at exit), so
+nothing carries over between runs. ``NVJAX_TEST_XLA_CACHE=0`` turns it off.
 """
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 if os.environ.get("NVJAX_TEST_XLA_OPT", "0") != "1":
     _flag = "--xla_backend_optimization_level=1"
     if _flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+if os.environ.get("NVJAX_TEST_XLA_CACHE", "1") == "1" \
+        and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="nvjax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir        # inherited by workers
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    atexit.register(shutil.rmtree, _cache_dir, True)
 
 import pytest  # noqa: E402
 
