@@ -15,15 +15,16 @@ import numpy as np
 
 from ._version import __version__
 
-__all__ = ["atomic_write", "write_json", "write_csv", "versions", "RESUME_VERSIONS"]
+__all__ = ["atomic_write", "atomic_write_with", "write_json", "write_csv", "versions", "RESUME_VERSIONS"]
 
 
-def atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+def atomic_write_with(path: str, write, *, binary: bool = False) -> None:
+    """Create ``path`` atomically: ``write(f)`` fills a temporary file beside it, which is
+    flushed, fsync-ed and moved into place with ``os.replace`` (removed on any error)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -33,24 +34,23 @@ def atomic_write(path: str, text: str) -> None:
         raise
 
 
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    atomic_write_with(path, lambda f: f.write(text))
+
+
 def write_json(path: str, obj: Any) -> None:
     """``obj`` as indented JSON (trailing newline), written atomically."""
     atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_csv(path: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A CSV file with one header row, written atomically (temporary file, then ``os.replace``)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(list(header))
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """A CSV file with one header row, written atomically."""
+    def write(f):
+        w = csv.writer(f)
+        w.writerow(list(header))
+        w.writerows(rows)
+    atomic_write_with(path, write)
 
 
 def versions() -> Dict[str, str]:

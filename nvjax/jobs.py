@@ -120,16 +120,16 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
 
     Scaling (results are bit-identical in every case):
 
-    * chunks are sharded over all devices (or ``mesh``), see :func:`compile_chunk`;
+    * chunks are sharded over all devices (or ``mesh``), see :func:`nvjax.sweep.compile_chunk`;
     * ``cfg.distributed`` (or the ``NVJAX_*`` environment variables) starts a multi-process run
-      with :func:`init_distributed`; every process runs this function with the same config,
+      with :func:`nvjax.sweep.init_distributed`; every process runs this function with the same config,
       process 0 trains or loads the weights (broadcast to the others) and writes the files;
     * with ``out_dir``, the run is resumable: ``out_dir/manifest.json`` identifies it (resolved
       config without ``progress``/``distributed``, a hash of the weights, nvjax/jax/jaxlib
       versions and backend) and every finished chunk is written atomically to
       ``out_dir/chunks/p<point>-<lo>-<hi>.npz``. A rerun with the same config skips the chunks
       found there; a rerun with another config raises ``ValueError`` (see
-      :func:`open_checkpoint`). The chunk files are kept after the run.
+      :func:`nvjax.sweep.open_checkpoint`). The chunk files are kept after the run.
 
     Args:
         cfg: a :class:`nvjax.config.RunConfig`.

@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from ._io import atomic_write
+from ._io import atomic_write, atomic_write_with
 from ._xla import FAST_COMPILE_OPTIONS
 from ._runtime import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, heap_trimmer,
                        init_distributed, limit_malloc_arenas)
@@ -299,19 +299,10 @@ def _chunk_path(checkpoint_dir, name, lo, hi):
 
 
 def _save_chunk(path, leaves):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **{f"leaf{i}": np.asarray(a) for i, a in enumerate(leaves)})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_with(path, lambda f: np.savez(f, **{f"leaf{i}": np.asarray(a)
+                                                    for i, a in enumerate(leaves)}),
+                      binary=True)
 
 
 def _load_chunk(path, template_leaves, n):
