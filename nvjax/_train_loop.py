@@ -17,7 +17,7 @@ import optax
 
 from ._xla import FAST_COMPILE_OPTIONS
 
-__all__ = ["as_key", "check_positive", "train_data", "fit"]
+__all__ = ["as_key", "check_positive", "train_data", "fit", "init_variables"]
 
 
 def as_key(key):
@@ -87,3 +87,13 @@ def fit(loss_fn, variables, tx, x_train, y_train, *, steps, batch_size, epochs, 
             print(f"epoch {e + 1}/{epochs}: train loss {float(loss):.4f}, {what} "
                   f"{acc:.4f} ({history['time_s'][-1]:.1f} s)", flush=True)
     return variables, history
+
+
+def init_variables(model, key, x):
+    """``model.init(key, x)`` as one compiled call (LLVM level 1).
+
+    Eagerly, every initializer op is its own small compilation (29 for the digits MLP, about
+    3 s on 2 cores); one jit of the whole init takes about 0.6 s and gave the same parameters
+    (same SHA-256).
+    """
+    return jax.jit(model.init, compiler_options=FAST_COMPILE_OPTIONS)(key, x)

@@ -36,6 +36,7 @@ from . import data as data_mod
 from ._train_loop import as_key as _as_key
 from ._train_loop import check_positive as _check_positive
 from ._train_loop import fit as _fit
+from ._train_loop import init_variables as _init_variables
 from ._train_loop import train_data as _train_data
 from ._xla import FAST_COMPILE_OPTIONS
 from .data import Dataset
@@ -277,7 +278,7 @@ def train(key, model: nn.Module, data: Dataset, *, epochs: int, batch_size: int 
     x_train, y_train, steps = _train_data(data, batch_size)
     key = _as_key(key)
     init_key, shuffle_key = jax.random.split(key)
-    variables = model.init(init_key, x_train[:1])
+    variables = _init_variables(model, init_key, x_train[:1])
     tx = optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay > 0 \
         else optax.adam(learning_rate)
 

@@ -48,7 +48,7 @@ from . import models as models_mod
 from . import programming
 from ._checks import is_concrete
 from ._ops import round_ste, straight_through
-from ._train_loop import as_key, check_positive, fit, train_data
+from ._train_loop import as_key, check_positive, fit, init_variables, train_data
 from .correction import calibrate
 
 __all__ = ["WeightNoise", "ChipNoise", "perturb", "noisy_forward", "train", "round_ste", "straight_through",
@@ -208,7 +208,7 @@ def train(key, model: nn.Module, data, *, params=None, noise=None,
     key = as_key(key)
     k_init, k_shuffle, k_noise = jax.random.split(key, 3)
     if params is None:
-        params = model.init(k_init, x_train[:1])
+        params = init_variables(model, k_init, x_train[:1])
     variables = {"params": layers.strip_params(params)}
     tform = transform if transform is not None else (lambda p: p)
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)
