@@ -86,8 +86,9 @@ def test_hessian_diag_quadratic_converges_to_diag_within_standard_errors():
     assert np.max(np.abs(z)) > 0.1
 
 
-@pytest.mark.slow
-def test_hessian_diag_mlp_matches_full_hessian():
+def _small_mlp_full_hessian():
+    """The SmallMLP case of the Hessian tests: (model, x, y, params, loss, unravel, exact
+    Hessian of the loss over the flattened parameters)."""
     model = SmallMLP()
     x = jax.random.normal(jax.random.key(0), (6, 5))
     y = jnp.array([0, 1, 2, 0, 1, 2])
@@ -95,6 +96,12 @@ def test_hessian_diag_mlp_matches_full_hessian():
     loss = S.loss_fn(model, x, y)
     flat, unravel = ravel_pytree(params)
     full = np.asarray(jax.jit(jax.hessian(lambda f: loss(unravel(f))))(flat))
+    return model, x, y, params, loss, unravel, full
+
+
+@pytest.mark.slow
+def test_hessian_diag_mlp_matches_full_hessian():
+    model, x, y, params, loss, unravel, full = _small_mlp_full_hessian()
     n = 8000
     h = S.hessian_diag(jax.random.key(2), loss, params, num_probes=n, batch=1000)
     assert jax.tree.structure(h) == jax.tree.structure(params)
@@ -367,13 +374,8 @@ def test_importance_hessian_is_half_abs_hii_w2_of_the_full_hessian():
     # ½·|H_ii|·w² against the exact Hessian diagonal of the flattened model (jax.hessian);
     # Hutchinson's per-probe variance of entry i is Σ_{j≠i} H_ij², and |½|a|w² − ½|b|w²| ≤
     # ½w²|a − b|, so the tolerance is ½w²·5·SE.
-    model = SmallMLP()
-    x = jax.random.normal(jax.random.key(0), (6, 5))
-    y = jnp.array([0, 1, 2, 0, 1, 2])
-    params = model.init(jax.random.key(1), x)
-    loss = S.loss_fn(model, x, y)
-    flat, unravel = ravel_pytree(params)
-    full = np.asarray(jax.jit(jax.hessian(lambda f: loss(unravel(f))))(flat), np.float64)
+    model, x, y, params, loss, unravel, full = _small_mlp_full_hessian()
+    full = full.astype(np.float64)
     n = 4000
     imp = S.importance(jax.random.key(2), model, params, x, y, method="hessian", num_probes=n)
     se = np.sqrt(np.sum((full - np.diag(np.diag(full))) ** 2, axis=1) / n)
