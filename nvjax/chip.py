@@ -14,7 +14,7 @@ This module imports ``devices``, ``crossbar``, ``layers``, ``_checks`` and flax.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -95,7 +95,7 @@ def deploy(key, model: nn.Module, params, device, *,
     kernels = {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "kernel"}
     if not kernels:
         raise ValueError("deploy: the parameter tree has no 'kernel' leaves (Dense/Conv layers)")
-    layer_inputs = layer_inputs(model, params, calibration) if calibration is not None else {}
+    calib_rows = layer_inputs(model, params, calibration) if calibration is not None else {}
     if placement is not None:
         unknown = set(placement) - set(kernels)
         if unknown:
@@ -110,7 +110,7 @@ def deploy(key, model: nn.Module, params, device, *,
     tiles = {}
     for i, (name, kernel) in enumerate(kernels.items()):
         w = kernel_matrix(kernel)
-        calib = layer_inputs.get(name)
+        calib = calib_rows.get(name)
         if placement is not None and name in placement:
             inv_r, inv_c = (inverse_permutation(p) for p in placement[name])
             w = w[inv_r][:, inv_c]                      # W_phys[row_perm[i], col_perm[j]] = W[i, j]

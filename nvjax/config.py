@@ -6,7 +6,6 @@ what was expected. Units are part of key names (``t_read_s``). This module impor
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Optional, Tuple, Union

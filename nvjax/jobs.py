@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from . import lifetime as lifetime_mod
 from . import models as models_mod
 from . import prng as prng_mod
 from . import sweep
-from ._io import RESUME_VERSIONS, atomic_write, versions, write_csv, write_json
+from ._io import RESUME_VERSIONS, versions, write_csv, write_json
 from ._runtime import init_distributed
 
 __all__ = ["accuracy_instance", "reliability", "make_model", "get_model", "write_results",

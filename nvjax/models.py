@@ -22,7 +22,6 @@ import functools
 import numbers
 import os
 import tempfile
-import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn

@@ -20,7 +20,7 @@ IR drop (voltage at each physical cell) and D7 (:mod:`nvjax.disturb`) to the sol
 Every stochastic function takes a PRNG ``key`` first (:func:`linear_costs` for the Hessian
 probes, :func:`random_placement`, :func:`relaxed_placement`).
 
-This module imports ``crossbar``, ``devices``, ``disturb``, ``layers``, ``mapping``,
+This module imports ``crossbar``, ``disturb``, ``layers``, ``mapping``,
 ``sensitivity``, ``_checks`` and flax.
 """
 from __future__ import annotations
@@ -33,7 +33,6 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import crossbar as xb
-from . import devices as dev_mod
 from . import disturb as dist_mod
 from . import layers
 from . import mapping

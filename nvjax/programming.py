@@ -51,7 +51,6 @@ from .devices import (DeviceVariation, PulsePCM, draw_devices, pulse_pcm,  # noq
                       reset, set_pulse)
 from ._checks import check_float_array as _check_float_array
 from ._checks import check_int as _check_int
-from ._checks import check_key as _check_key
 from ._checks import check_real as _check_real
 from ._checks import is_concrete as _is_concrete
 

@@ -37,9 +37,8 @@ import json
 import math
 import os
 import sys
-import time
 import weakref
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

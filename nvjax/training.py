@@ -28,8 +28,7 @@ This module imports ``devices``, ``encoding``, ``crossbar``, ``layers``, ``chip`
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax

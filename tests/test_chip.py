@@ -125,3 +125,20 @@ def test_placement_moves_weights_not_the_function():
                  placement={"enc": (jnp.zeros(11, jnp.int32), cp)})
     with pytest.raises(ValueError, match="unknown layers"):
         C.deploy(jax.random.key(2), model, params, D.ideal(), config=cfg, placement={"dec": (rp, cp)})
+
+
+def test_deploy_calibrates_each_layers_adc_on_its_own_inputs():
+    """deploy(calibration=x): every layer's per-column ADC range ('max') is max|rows @ W| over the
+    rows that layer sees for input x in software (the hidden layer sees relu(x @ W0 + b0))."""
+    model = nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(3)])
+    x = jax.random.uniform(jax.random.key(0), (20, 5))
+    params = model.init(jax.random.key(1), x)["params"]
+    cfg = xb.TileConfig(rows=8, cols=8, adc_bits=8, adc_range="max")
+    chip = C.deploy(jax.random.key(2), model, params, D.ideal(), config=cfg, calibration=x)
+    w0, b0 = params["layers_0"]["kernel"], params["layers_0"]["bias"]
+    w2 = params["layers_2"]["kernel"]
+    h = np.maximum(np.asarray(x) @ np.asarray(w0) + np.asarray(b0), 0.0)
+    np.testing.assert_allclose(chip.tiles["layers_0"].adc_scale[0],
+                               np.abs(np.asarray(x) @ np.asarray(w0)).max(0), rtol=1e-5)
+    np.testing.assert_allclose(chip.tiles["layers_2"].adc_scale[0],
+                               np.abs(h @ np.asarray(w2)).max(0), rtol=1e-5)
