@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["is_concrete", "check_int", "check_real", "check_float_array", "check_key"]
+__all__ = ["UserError", "is_concrete", "check_int", "check_real", "check_float_array", "check_key"]
+
+
+class UserError(ValueError):
+    """A problem with what the user supplied (a config value, a path, a file, a resumed run).
+
+    The command line reports it as one line, ``nvjax <cmd>: error: <message>``, and exits 2; the
+    message must name the key, argument or file at fault. Subclasses: ``config.ConfigError``.
+    """
 
 
 def is_concrete(x) -> bool:

@@ -30,6 +30,8 @@ Strictness rules:
 After a dataclass is built, its ``validate(self)`` method (if any) is called;
 a ``ValueError`` it raises is re-raised as :class:`ConfigError` prefixed by
 the file and the dotted path of that dataclass.
+
+This module imports ``_checks`` (for :class:`UserError`, the base of :class:`ConfigError`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from ._checks import UserError
+
 __all__ = ["ConfigError", "from_dict", "load_yaml", "to_dict"]
 
 T = TypeVar("T")
@@ -55,7 +59,7 @@ _SCI_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 _NoneType = type(None)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """Raised for any problem while loading or validating a configuration."""
 
 
