@@ -23,19 +23,31 @@ Scaling, all on JAX's own engine:
   computed once and held in memory; in one compiled function XLA:CPU would rather recompute its
   random draws inside every consumer (see :class:`Staged`).
 * **Resume.** With ``checkpoint_dir=``, every finished chunk is written atomically (temporary
-  file, then ``os.replace``) and a rerun loads it instead of recomputing it.
-  :func:`open_checkpoint` guards a run's folder with a ``manifest.json`` (used by
+  file, then ``os.replace``) as ``<name>-<lo>-<hi>.npz``, keyed by the instance range
+  ``[lo, hi)`` it holds. A rerun loads whatever ranges it finds there (whatever chunk size wrote
+  them) and computes the rest, so a resumed run may use another chunk size; the results are
+  the same. :func:`open_checkpoint` guards a run's folder with a ``manifest.json`` (used by
   :func:`nvjax.jobs.reliability`, the ``nvjax run`` job).
+* **Memory.** Before the first chunk runs, its compiled stages are asked how much memory they
+  need (XLA's ``memory_analysis()`` of the compiled chunk: arguments, results, temporaries),
+  and a chunk size that would not fit in the memory available (host memory on CPU, the device's
+  on accelerators) is refused with the numbers and the largest chunk size that fits.
 
-This module imports only ``_io``, ``_runtime``, ``_xla``, jax, numpy and tqdm: it knows nothing of chips,
-models or configs (the jobs that use it live in :mod:`nvjax.jobs`). :func:`init_distributed` and
-:func:`limit_malloc_arenas` are re-exported from :mod:`nvjax._runtime`.
+Every problem a user can fix (a corrupt chunk file, a chunk size too large, a folder holding
+another run) raises :class:`~nvjax._checks.UserError` naming the file or setting and what to
+do; in a multi-process run every process raises the same one.
+
+This module imports only ``_checks``, ``_io``, ``_runtime``, ``_xla``, jax, numpy and tqdm: it
+knows nothing of chips, models or configs (the jobs that use it live in :mod:`nvjax.jobs`).
+:func:`init_distributed` and :func:`limit_malloc_arenas` are re-exported from
+:mod:`nvjax._runtime`.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 import weakref
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -47,10 +59,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from ._checks import UserError
 from ._io import atomic_write, atomic_write_with
 from ._xla import FAST_COMPILE_OPTIONS
-from ._runtime import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, heap_trimmer,
-                       init_distributed, limit_malloc_arenas)
+from ._runtime import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID,
+                       available_device_memory, available_host_memory, first_error,
+                       heap_trimmer, init_distributed, limit_malloc_arenas)
 
 __all__ = ["instance_keys", "run_instances", "compile_chunk", "Staged", "limit_malloc_arenas",
            "instance_mesh", "init_distributed", "broadcast", "open_checkpoint", "summarize",
@@ -164,12 +178,14 @@ class _ChunkFn:
                            compiler_options=opts)
         self._jits = [wrap(g) for g in stages]
 
-    def __call__(self, sweep_key, indices, *args):
+    def _inputs(self, sweep_key, indices, args):
+        """``inputs(state) -> (positional args, static keyword args)`` of each stage's jit
+        (``state``: None for the first stage, the first stage's result for the second)."""
         if self.mesh is None:
-            out = self._jits[0](sweep_key, indices, *args)
-            for f in self._jits[1:]:
-                out = f(sweep_key, indices, out, *args)
-            return out
+            def plain(state):
+                head = (sweep_key, indices) if state is None else (sweep_key, indices, state)
+                return head + tuple(args), {}
+            return plain
         idx = np.asarray(indices, np.uint32)
         if idx.ndim != 1 or idx.shape[0] % self.mesh.size:
             raise ValueError(f"indices must be 1-D with a length that is a multiple of the "
@@ -179,10 +195,30 @@ class _ChunkFn:
         impls = tuple(jax.random.key_impl(l) if _is_key(l) else None for l in leaves)
         leaves = [self._unsharded(jax.random.key_data(l) if i is not None else l)
                   for l, i in zip(leaves, impls)]
+
+        def sharded(state):
+            return (g_idx, state, leaves), {"treedef": treedef, "impls": impls}
+        return sharded
+
+    def __call__(self, sweep_key, indices, *args):
+        inputs = self._inputs(sweep_key, indices, args)
         out = None
         for f in self._jits:
-            out = f(g_idx, out, leaves, treedef=treedef, impls=impls)
+            pos, static = inputs(out)
+            out = f(*pos, **static)
         return out
+
+    def executable(self, sweep_key, indices, *args) -> "_Executable":
+        """The chunk compiled ahead of time for these argument shapes (JAX caches the lowering
+        and the executable, so asking again is cheap), with XLA's memory analysis of it."""
+        inputs = self._inputs(sweep_key, indices, args)
+        compiled, state = [], None
+        for f in self._jits:
+            pos, static = inputs(state)
+            c = f.lower(*pos, **static).compile()
+            compiled.append(c)
+            state = c.out_info  # the next stage is lowered on the result's shapes
+        return _Executable(self, compiled)
 
     def _unsharded(self, x):
         """An argument shared by all instances, as ``jit`` accepts it next to mesh arrays.
@@ -195,6 +231,42 @@ class _ChunkFn:
                 and x.sharding.device_set != self._inst.device_set):
             return np.asarray(x)
         return x
+
+
+class _Executable:
+    """A chunk function compiled for one set of argument shapes (:meth:`_ChunkFn.executable`):
+    called like the chunk function with arguments of those shapes."""
+
+    def __init__(self, chunk_fn: "_ChunkFn", compiled: Sequence[Any]):
+        self.mesh = chunk_fn.mesh
+        self._chunk_fn = chunk_fn
+        self._compiled = list(compiled)
+
+    def __call__(self, sweep_key, indices, *args):
+        inputs = self._chunk_fn._inputs(sweep_key, indices, args)
+        out = None
+        for c in self._compiled:
+            pos, _ = inputs(out)  # static arguments are part of the executable
+            out = c(*pos)
+        return out
+
+    def peak_bytes(self) -> Optional[Dict[str, int]]:
+        """Memory one call needs per device, from XLA's memory analysis of the compiled stages:
+        ``{'peak', 'temp', 'buffers'}`` in bytes, where a stage needs its arguments, results
+        and temporaries at once and the stages run one after the other (the first stage's
+        result is an argument of the second); None where the backend does not tell."""
+        peak, temp, buffers = 0, 0, 0
+        for c in self._compiled:
+            try:
+                m = c.memory_analysis()
+            except Exception:  # noqa: BLE001 (not implemented on some backends)
+                return None
+            if m is None:
+                return None
+            io = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            if io + m.temp_size_in_bytes > peak:
+                peak, temp, buffers = io + m.temp_size_in_bytes, m.temp_size_in_bytes, io
+        return {"peak": int(peak), "temp": int(temp), "buffers": int(buffers)}
 
 
 #: Compiled chunk functions per instance function (weak keys: an entry lives as long as its
@@ -297,24 +369,84 @@ def _chunk_path(checkpoint_dir, name, lo, hi):
     return os.path.join(checkpoint_dir, f"{name}-{lo}-{hi}.npz")
 
 
+def _chunk_files(checkpoint_dir, name):
+    """``[(lo, hi, path)]`` of the chunk files ``<name>-<lo>-<hi>.npz`` in the folder."""
+    try:
+        entries = os.listdir(checkpoint_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise UserError(f"cannot read the checkpoint folder {checkpoint_dir} "
+                        f"({e.strerror or e}); fix its permissions or use another output "
+                        "folder") from None
+    pattern = re.compile(re.escape(name) + r"-(\d+)-(\d+)\.npz")
+    found = []
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if m and int(m[1]) < int(m[2]):
+            found.append((int(m[1]), int(m[2]), os.path.join(checkpoint_dir, entry)))
+    return sorted(found)
+
+
+def _plan(files, start, num_instances, chunk):
+    """Segments ``[(lo, hi, k)]`` (instance offsets from ``start``) covering
+    ``[0, num_instances)``: ``k >= 0`` takes the instances from chunk file ``files[k]`` (where
+    several files hold an instance, the one reaching furthest), ``k = -1`` computes them (at
+    most ``chunk`` per segment, ending where the next file begins). ``files`` are sorted by
+    their first instance."""
+    segments, p, j, best = [], 0, 0, (-1, -1)  # best: (hi, k) among files begun so far
+    while p < num_instances:
+        a = start + p
+        while j < len(files) and files[j][0] <= a:
+            best = max(best, (files[j][1], j))
+            j += 1
+        if best[0] > a:
+            q, k = min(best[0] - start, num_instances), best[1]
+        else:
+            nxt = files[j][0] - start if j < len(files) else num_instances
+            q, k = min(p + chunk, num_instances, nxt), -1
+        segments.append((p, q, k))
+        p = q
+    return segments
+
+
 def _save_chunk(path, leaves):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_with(path, lambda f: np.savez(f, **{f"leaf{i}": np.asarray(a)
-                                                    for i, a in enumerate(leaves)}),
-                      binary=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_with(path, lambda f: np.savez(f, **{f"leaf{i}": np.asarray(a)
+                                                        for i, a in enumerate(leaves)}),
+                          binary=True)
+    except OSError as e:
+        raise UserError(f"cannot write the chunk file {path} ({e.strerror or e}); free some "
+                        "disk space or use another output folder, then rerun the same command "
+                        "to resume") from None
 
 
 def _load_chunk(path, template_leaves, n):
-    with np.load(path) as z:
-        leaves = [z[f"leaf{i}"] if f"leaf{i}" in z.files else None
-                  for i in range(len(template_leaves))]
-        extra = len(z.files) != len(template_leaves)
-    for a, t in zip(leaves, template_leaves):
-        if extra or a is None or a.shape != (n,) + tuple(t.shape) or a.dtype != t.dtype:
-            want = [(n,) + tuple(t.shape) for t in template_leaves]
-            raise ValueError(f"chunk file {path} does not hold this sweep's results (expected "
-                             f"leaves of shapes {want}); delete it or use another checkpoint "
-                             "folder")
+    """The leaves of chunk file ``path`` (``n`` instances), checked against the sweep's."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            leaves = [np.asarray(z[f"leaf{i}"]) if f"leaf{i}" in names else None
+                      for i in range(len(template_leaves))]
+    except Exception as e:  # noqa: BLE001 (zip, zlib, format and OS errors alike)
+        reason = f"{type(e).__name__}: {e}"
+        try:
+            with open(path, "rb") as f:
+                if f.read(2) != b"PK":
+                    reason = "not an .npz archive"
+        except OSError:
+            pass
+        raise UserError(f"chunk file {path} is corrupt or unreadable ({reason}); delete it and "
+                        "rerun the same command: its instances are then recomputed") from None
+    want = [(n,) + tuple(t.shape) for t in template_leaves]
+    if len(names) != len(template_leaves) or any(
+            a is None or a.shape != w or a.dtype != t.dtype
+            for a, w, t in zip(leaves, want, template_leaves)):
+        got = [None if a is None else a.shape for a in leaves]
+        raise UserError(f"chunk file {path} does not hold this sweep's results (expected "
+                        f"leaves of shapes {want}, found {got}); delete it and rerun to "
+                        "recompute its instances, or use another checkpoint folder")
     return leaves
 
 
@@ -336,11 +468,59 @@ def broadcast(tree):
 # The driver
 
 
+#: A chunk may use at most this fraction of the memory available when the sweep starts (the rest
+#: is left to the process's other buffers and to the error of XLA's estimate, which was within
+#: 3 % of the measured peak on the quickstart workload).
+MEMORY_FRACTION = 0.9
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.3g} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.3g} MB"
+
+
+def _memory_problem(exe, *, chunk_size, batch, mesh, stats, name) -> Optional[str]:
+    """None if one chunk of ``exe`` fits in the memory available to this process, else the
+    message saying how much it needs, how much there is and which chunk size would fit."""
+    mem = exe.peak_bytes() if hasattr(exe, "peak_bytes") else None
+    if mem is None:
+        return None
+    mesh_devices = list(mesh.devices.flat) if mesh is not None else [jax.local_devices()[0]]
+    local = [d for d in mesh_devices if d.process_index == jax.process_index()] or mesh_devices
+    on_host = local[0].platform == "cpu"  # CPU devices share the host's memory
+    copies = len(local) if on_host else 1
+    need = mem["peak"] * copies
+    avail = available_host_memory() if on_host else available_device_memory(local)
+    stats.update(memory_estimate_bytes=need)
+    if avail is None:
+        return None
+    free, where = avail
+    stats.update(memory_available_bytes=free)
+    if need <= MEMORY_FRACTION * free:
+        return None
+    local_batch = batch * copies / len(mesh_devices) if on_host else batch / len(mesh_devices)
+    per_instance = need / max(local_batch, 1)
+    width = len(mesh_devices)
+    fits = int(MEMORY_FRACTION * free / per_instance * len(mesh_devices) / (
+        copies if on_host else 1)) // width * width
+    what = (f"{copies} CPU devices × " if copies > 1 else "") + (
+        f"{_gb(mem['temp'])} temporaries + {_gb(mem['buffers'])} arguments and results")
+    advice = (f"set {name} to at most {fits}" if fits >= 1 else
+              "even one instance per chunk does not fit: free some memory or use a machine "
+              "with more")
+    return (f"{name} = {chunk_size}: one chunk of {batch} instances needs about {_gb(need)} "
+            f"(XLA's memory analysis of the compiled chunk: {what}), more than "
+            f"{MEMORY_FRACTION:.0%} of the {_gb(free)} available ({where}); {advice} "
+            "(results do not depend on the chunk size)")
+
+
 def run_instances(instance_fn: Callable, sweep_key, num_instances: int, *args,
                   chunk_size: int = 256, progress: bool = False, desc: str = "instances",
                   start: int = 0, compiled: Optional[Callable] = None,
                   mesh: Optional[Mesh] = None, checkpoint_dir: Optional[str] = None,
-                  checkpoint_name: str = "chunk", return_loaded: bool = False):
+                  checkpoint_name: str = "chunk", return_loaded: bool = False,
+                  check_memory: bool = True, stats: Optional[Dict[str, Any]] = None,
+                  chunk_size_name: str = "chunk_size",
+                  save_if: Optional[Callable[[Any], bool]] = None):
     """Evaluate ``instance_fn(key_i, *args)`` for i in [start, start + num_instances).
 
     Args:
@@ -359,12 +539,25 @@ def run_instances(instance_fn: Callable, sweep_key, num_instances: int, *args,
             mesh is used.
         mesh: the device mesh sharding each chunk (see :func:`compile_chunk`; None: all devices
             when there are several). Results do not depend on it.
-        checkpoint_dir: a folder for chunk files ``<checkpoint_name>-<lo>-<hi>.npz`` (instance
-            indices ``[lo, hi)``). A chunk whose file exists is loaded instead of computed; each
-            computed chunk is written atomically by process 0. The caller makes sure the folder
-            belongs to the same computation (e.g. with :func:`open_checkpoint`).
+        checkpoint_dir: a folder for chunk files ``<checkpoint_name>-<lo>-<hi>.npz``, each
+            holding the results of instances ``[lo, hi)``. Instances found in files there are
+            loaded (whatever chunk size wrote them; where files overlap, the one reaching
+            furthest is used), the others computed in chunks of at most ``chunk_size`` and
+            written atomically by process 0. The caller makes sure the folder belongs to the
+            same computation (e.g. with :func:`open_checkpoint`).
         checkpoint_name: prefix of the chunk files (e.g. the sweep point).
-        return_loaded: also return how many chunks were loaded from ``checkpoint_dir``.
+        return_loaded: also return how many chunk files were loaded from ``checkpoint_dir``.
+        check_memory: before the first chunk is computed, compare the memory it needs (XLA's
+            analysis of the compiled chunk, for a function made by :func:`compile_chunk`) with
+            the memory available, and refuse a chunk size that would need more than
+            :data:`MEMORY_FRACTION` of it.
+        stats: a dict to fill with ``chunks`` (segments run or loaded), ``loaded``,
+            ``memory_estimate_bytes`` and ``memory_available_bytes`` (where known).
+        chunk_size_name: what the caller's user calls the chunk size (in error messages),
+            e.g. ``'sweep.chunk_size'`` for a config key.
+        save_if: with ``checkpoint_dir``, a chunk's results (the pytree, instance axis first)
+            are written only when ``save_if(results)`` is True, e.g. when they are all finite:
+            a chunk that failed is recomputed by a rerun instead of being resumed.
 
     Memory is bounded by the chunk size and flat in the number of chunks: when the resident set
     comes within :data:`nvjax._runtime.TRIM_MARGIN_MB` of its peak (checked at most every
@@ -373,7 +566,12 @@ def run_instances(instance_fn: Callable, sweep_key, num_instances: int, *args,
 
     Returns:
         The pytree of results with a leading instance axis [num_instances, ...] (NumPy arrays),
-        on every process; with ``return_loaded``, ``(results, number of chunks loaded)``.
+        on every process; with ``return_loaded``, ``(results, number of chunk files loaded)``.
+
+    Raises:
+        UserError: a chunk size whose chunk would not fit in memory (the message has the
+            estimate, the memory available and a chunk size that fits), a corrupt or foreign
+            chunk file (the message names it); on every process of a multi-process run.
 
     Example:
         >>> f = lambda key, w: jax.random.normal(key, (3,)) @ w
@@ -388,55 +586,90 @@ def run_instances(instance_fn: Callable, sweep_key, num_instances: int, *args,
         raise ValueError(f"start must be >= 0, got {start}")
     if compiled is not None and mesh is not None and getattr(compiled, "mesh", None) != mesh:
         raise ValueError("mesh differs from the mesh of `compiled`; pass one of them")
+    stats = {} if stats is None else stats
     f = compiled if compiled is not None else compile_chunk(instance_fn, mesh=mesh)
-    width = f.mesh.size if getattr(f, "mesh", None) is not None else 1
+    f_mesh = getattr(f, "mesh", None)
+    width = f_mesh.size if f_mesh is not None else 1
     chunk = min(chunk_size, num_instances)
     batch = math.ceil(chunk / width) * width  # compiled batch, padded
-    spans = [(lo, min(lo + chunk, num_instances)) for lo in range(0, num_instances, chunk)]
     main = jax.process_index() == 0
-    paths = [None] * len(spans)
-    done = np.zeros(len(spans), bool)
-    if checkpoint_dir is not None:
-        paths = [_chunk_path(checkpoint_dir, checkpoint_name, start + lo, start + hi)
-                 for lo, hi in spans]
-        if main:
-            done = np.array([os.path.exists(p) for p in paths], bool)
-        done = broadcast(done)  # process 0 decides
-    template = None
-    if done.any():
-        shapes = jax.eval_shape(lambda k: instance_fn(k, *args), jax.random.fold_in(sweep_key, 0))
-        template = jax.tree_util.tree_flatten(shapes)
+    files = []
+    if checkpoint_dir is not None and main:
+        files = _chunk_files(checkpoint_dir, checkpoint_name)
+    segments = _plan(files, start, num_instances, chunk)
+    if checkpoint_dir is not None and jax.process_count() > 1:  # process 0 decides
+        count = int(broadcast(np.array(len(segments), np.uint32)))
+        table = np.array(segments if main else np.zeros((count, 3)), np.int64)
+        table = broadcast(np.stack([table[:, 0], table[:, 1], table[:, 2] >= 0], 1)
+                          .astype(np.uint32))
+        segments = [(int(p), int(q), (segments[i][2] if main else 0) if loaded else -1)
+                    for i, (p, q, loaded) in enumerate(table)]
+    n_loaded = sum(k >= 0 for _, _, k in segments)
+    stats.update(chunks=len(segments), loaded=n_loaded)
     bar = _progress(num_instances, desc) if progress and main else None
-    trim_heap = heap_trimmer()
     result, treedef = None, None  # preallocated [num_instances, ...] per leaf
-    for (lo, hi), path, is_done in zip(spans, paths, done):
-        n = hi - lo
-        if is_done:
-            t_leaves = template[0]
-            leaves = (_load_chunk(path, t_leaves, n) if main else
-                      [np.zeros((n,) + tuple(t.shape), t.dtype) for t in t_leaves])
-            treedef = template[1]
-        else:
-            idx = np.arange(start + lo, start + lo + batch, dtype=np.uint32)
-            res = _fetch(f(sweep_key, idx, *args))
-            leaves, treedef = jax.tree_util.tree_flatten(res)
-            leaves = [np.asarray(a)[:n] for a in leaves]
-            if path is not None and main:
-                _save_chunk(path, leaves)
-            trim_heap()
+    if n_loaded:
+        shapes = jax.eval_shape(lambda k: instance_fn(k, *args), jax.random.fold_in(sweep_key, 0))
+        t_leaves, treedef = jax.tree_util.tree_flatten(shapes)
+        result = [np.zeros((num_instances,) + tuple(t.shape), t.dtype) for t in t_leaves]
+        problem = None
+        if main:
+            try:
+                for p, q, k in segments:
+                    if k >= 0:
+                        lo, hi, path = files[k]
+                        leaves = _load_chunk(path, t_leaves, hi - lo)
+                        for r, a in zip(result, leaves):
+                            r[p:q] = a[start + p - lo:start + q - lo]
+            except UserError as e:
+                problem = str(e)
+        problem = first_error(problem)
+        if problem:
+            if bar is not None:
+                bar.close()
+            raise UserError(problem)
+        if bar is not None:
+            bar.update(sum(q - p for p, q, k in segments if k >= 0))
+    trim_heap = heap_trimmer()
+    run = None
+    for p, q, k in segments:
+        if k >= 0:
+            continue
+        n = q - p
+        idx = np.arange(start + p, start + p + batch, dtype=np.uint32)
+        if run is None:  # the first chunk to compute: compile it and check its memory
+            run, problem = f, None
+            if hasattr(f, "executable"):
+                run = f.executable(sweep_key, idx, *args)
+                if check_memory:
+                    problem = _memory_problem(run, chunk_size=chunk_size, batch=batch,
+                                              mesh=f_mesh, stats=stats, name=chunk_size_name)
+            problem = first_error(problem) if check_memory else None
+            if problem:
+                if bar is not None:
+                    bar.close()
+                raise UserError(problem)
+        res = _fetch(run(sweep_key, idx, *args))
+        leaves, treedef = jax.tree_util.tree_flatten(res)
+        leaves = [np.asarray(a)[:n] for a in leaves]
+        if checkpoint_dir is not None and main and (
+                save_if is None or save_if(jax.tree_util.tree_unflatten(treedef, leaves))):
+            _save_chunk(_chunk_path(checkpoint_dir, checkpoint_name, start + p, start + q),
+                        leaves)
+        trim_heap()
         if result is None:
             result = [np.empty((num_instances,) + a.shape[1:], a.dtype) for a in leaves]
         for r, a in zip(result, leaves):
-            r[lo:hi] = a  # a copy: no chunk buffer is kept, memory stays flat in the count
+            r[p:q] = a  # a copy: no chunk buffer is kept, memory stays flat in the count
         if bar is not None:
             bar.update(n)
     if bar is not None:
         bar.close()
     leaves = result
-    if done.any():
+    if n_loaded:
         leaves = broadcast(leaves)  # process 0 loaded the finished chunks
     out = jax.tree_util.tree_unflatten(treedef, leaves)
-    return (out, int(done.sum())) if return_loaded else out
+    return (out, n_loaded) if return_loaded else out
 
 
 def _progress(total, desc):
@@ -462,7 +695,8 @@ def _flatten_dict(d, prefix=""):
     return out
 
 
-def open_checkpoint(directory: str, manifest: Dict[str, Any]) -> bool:
+def open_checkpoint(directory: str, manifest: Dict[str, Any], *, ignore: Sequence[str] = (),
+                    create: bool = True) -> bool:
     """Claim ``directory`` for a resumable run described by ``manifest`` (call on process 0).
 
     The first call writes ``directory/manifest.json`` atomically; a later call with an equal
@@ -472,27 +706,56 @@ def open_checkpoint(directory: str, manifest: Dict[str, Any]) -> bool:
     Args:
         directory: the run's folder (created if missing).
         manifest: a JSON-serializable dict that identifies the computation (resolved config,
-            seed, chunk size, instance count, versions, ...), not timings or device counts.
+            seed, instance count, versions, ...), not timings, device counts or anything else
+            the results do not depend on (such as the chunk size).
+        ignore: flattened keys (``'params_sha256'``, ``'config.sweep'``: a key and everything
+            under it) left out of the comparison, e.g. to check a manifest before all of it
+            is known.
+        create: False only compares (nothing is created or written when the folder holds no
+            manifest).
 
     Returns:
         True if the folder already held this run (resume), False if it was new.
 
     Raises:
-        ValueError: the folder holds another run; the message lists the differing keys.
+        UserError: the folder holds another run (the message lists the differing keys and says
+            what to do), or its manifest is unreadable.
     """
     manifest = json.loads(json.dumps(manifest))  # canonical JSON types (tuples -> lists)
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "manifest.json")
     if not os.path.exists(path):
-        atomic_write(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if create:
+            try:
+                os.makedirs(directory, exist_ok=True)
+                atomic_write(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            except OSError as e:
+                raise UserError(f"cannot write {path} ({e.strerror or e}); choose an output "
+                                "folder you can write to") from None
         return False
-    with open(path) as f:
-        old = json.load(f)
-    if old == manifest:
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} (which identifies the run in {directory}) is unreadable or "
+                        f"corrupt ({e}); use another output folder, or delete {path} and the "
+                        "run's chunk files to start afresh") from None
+
+    def kept(d):
+        return {k: v for k, v in _flatten_dict(d).items()
+                if not any(k == i or k.startswith(i + ".") for i in ignore)}
+    a, b = kept(old), kept(manifest)
+    if a == b:
         return True
-    a, b = _flatten_dict(old), _flatten_dict(manifest)
     diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+            for k in sorted(set(a) | set(b), key=lambda k: (k.count("."), k))  # 'job' first
+            if a.get(k, "<missing>") != b.get(k, "<missing>")]
     shown = "; ".join(diff[:8]) + (f"; ... ({len(diff)} keys)" if len(diff) > 8 else "")
-    raise ValueError(f"{path} belongs to a different run ({shown}); use another output folder, "
-                     f"or delete {path} and the chunk files to start this one afresh")
+    hint = ""
+    if "format" in old and old.get("format") != manifest.get("format"):
+        hint = " (it was written by another version of nvjax)"
+    raise UserError(f"{path} belongs to a different run ({shown}){hint}. The output folder "
+                    f"{directory} holds that run's results: rerun with its config to resume "
+                    f"it, use another output folder for this one, or delete {path} and the "
+                    "run's chunk files to start afresh")
