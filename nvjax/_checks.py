@@ -1,7 +1,10 @@
 """Argument validation shared by every module (one policy).
 
-TypeError for a value of the wrong type, ValueError for a value of the right type that is out of
-range; every message names the argument, says what was expected and what came. Traced values
+TypeError for a value of the wrong type, :class:`UserError` (a ``ValueError``) for a value of the
+right type that is out of range; every message names the argument, says what was expected and what
+came. One policy: numbers must be finite (NaN and ±inf never pass, whatever the bounds), positive
+where the physics divides by them or takes their logarithm, probabilities in [0, 1], times >= 0.
+Range checks are written so that NaN fails them (``not lo <= x``, never ``x < lo``). Traced values
 (inside ``jit``/``vmap``/``grad``) cannot be inspected and pass unchecked.
 
 This module imports only jax and numpy.
@@ -15,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["UserError", "is_concrete", "check_int", "check_real", "check_float_array", "check_key"]
+__all__ = ["UserError", "is_concrete", "check_int", "check_real", "check_time", "check_float_array",
+           "check_key"]
 
 
 class UserError(ValueError):
@@ -37,7 +41,7 @@ def check_int(name: str, value, minimum: int) -> int:
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} "
                         f"({type(value).__name__})")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise UserError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 
@@ -52,14 +56,31 @@ def check_real(name: str, value, *, minimum=None, maximum=None, strict_min=False
             or np.issubdtype(a.dtype, np.complexfloating):
         raise TypeError(f"{name} must be real, got dtype {a.dtype}")
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise UserError(f"{name} must be finite, got {_show(value)}")
     if minimum is not None:
         bad = np.any(a <= minimum) if strict_min else np.any(a < minimum)
         if bad:
             op = ">" if strict_min else ">="
-            raise ValueError(f"{name} must be {op} {minimum}, got {value!r}")
+            raise UserError(f"{name} must be {op} {minimum:g}, got {_show(value)}")
     if maximum is not None and np.any(a > maximum):
-        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
+        raise UserError(f"{name} must be <= {maximum:g}, got {_show(value)}")
+
+
+def check_time(name: str, t) -> None:
+    """A concrete time in s (scalar or array): finite and >= 0; tracers pass."""
+    check_real(name, t, minimum=0.0)
+
+
+def _show(value) -> str:
+    """A short rendering of a value for a message (arrays summarized)."""
+    a = np.asarray(value)
+    if a.ndim == 0:
+        return repr(a.item())
+    if a.size <= 8:
+        return repr(a.tolist())
+    bad = ~np.isfinite(a)
+    return (f"an array of shape {a.shape} ({int(bad.sum())} non-finite, "
+            f"min {np.nanmin(np.where(bad, np.nan, a)) if not bad.all() else 'n/a'})")
 
 
 def check_float_array(name: str, x, *, ndim: Optional[int] = None) -> jax.Array:
@@ -70,9 +91,9 @@ def check_float_array(name: str, x, *, ndim: Optional[int] = None) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
     if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
+        raise UserError(f"{name} must be {ndim}-D, got shape {x.shape}")
     if is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
-        raise ValueError(f"{name} must be finite; found "
+        raise UserError(f"{name} must be finite; found "
                          f"{int(np.sum(~np.isfinite(np.asarray(x))))} non-finite value(s)")
     return x
 

@@ -22,6 +22,11 @@ Strictness rules:
 * ``bool`` is never accepted for ``int``/``float``; ``float`` is never accepted
   for ``int``; numeric strings are rejected. ``int`` is accepted for ``float``
   and converted.
+* A ``float`` must be finite: YAML's ``.nan``, ``.inf`` and ``-.inf`` (and
+  numbers too large for a float) are rejected wherever a float is expected,
+  inside lists and mappings too, naming the key (``key 'sweep.t_read_s[1]':
+  expected a finite float, got nan``). No configuration value is meaningful as
+  NaN or infinity; a bound that may be absent is ``Optional`` (null) instead.
 * Exception: PyYAML follows YAML 1.1, which reads ``1e-3`` or ``1.0e3`` (no dot
   or no exponent sign) as a *string*. For ``float`` fields only, a string that
   matches :data:`_SCI_FLOAT_RE` (a decimal number *with an exponent*) is
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -215,6 +221,11 @@ def _build(data: Mapping, cls: type, path: str, source: str) -> Any:
     return instance
 
 
+def _not_finite(value: Any, path: str, source: str) -> typing.NoReturn:
+    raise ConfigError(f"{source}: {_where(path)}: expected a finite float, got {value!r} "
+                      "(NaN and infinity are not valid configuration values)")
+
+
 def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
     """Checks/converts ``value`` against annotation ``tp``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -227,6 +238,8 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
         if value is None and _NoneType in args:
             return None
         arms = [a for a in args if a is not _NoneType]
+        if float in arms and isinstance(value, float) and not math.isfinite(value):
+            _not_finite(value, path, source)
         if len(arms) == 1:  # Optional[X]: keep the precise inner error.
             return _convert(value, arms[0], path, source)
         for arm in arms:
@@ -248,10 +261,15 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
             return value
         fail()
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _SCI_FLOAT_RE.match(value.strip()):
-            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or \
+                isinstance(value, str) and _SCI_FLOAT_RE.match(value.strip()):
+            try:
+                out = float(value)
+            except OverflowError:  # an int beyond the float range
+                out = math.inf
+            if not math.isfinite(out):
+                _not_finite(value, path, source)
+            return out
         fail()
     if tp is str:
         if isinstance(value, str):

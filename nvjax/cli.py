@@ -13,29 +13,125 @@
                                    MLP 784-256-128-10 on PCM: pcm-ideal-io, pcm-default-io)
 
 Every config key is documented in the README's "Configuration reference" and in the commented
-configs/*.yaml of the repository. Units: conductance µS, time s, voltage V.
+configs/*.yaml of the repository. A key left out takes its default; run and lifetime print the
+resolved config first, each default marked. Units: conductance µS, time s, voltage V.
 
-This module imports ``config``, ``jobs``, ``bench``, ``_runtime`` and ``_version``, each inside the
-command that needs it, so that ``nvjax --help`` and ``nvjax --version`` do not load JAX.
+Errors in what you supplied (a config value, an option, a path, an output folder holding another
+run, a corrupt file) end the command with one line, "nvjax <command>: error: <message>" naming
+the key, option or file, and exit status 2; Ctrl-C ends it with exit status 130 (rerun the same
+command to resume a run). A warning of nvjax's own (e.g. a model used outside its validity range,
+such as the first-order IR-drop form on large tiles) is one line, "nvjax <command>: warning:
+<message>", and the command goes on.
+
+This module imports ``config``, ``jobs``, ``bench``, ``prng``, ``_checks``, ``_runtime`` and
+``_version``, each inside the command that needs it, so that ``nvjax --help`` and
+``nvjax --version`` do not load JAX.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import signal
 import sys
+import tempfile
+import threading
+import warnings
 
 __all__ = ["main"]
+
+
+#: What Ctrl-C prints after "nvjax <command>: " (exit status 130).
+_INTERRUPTED = {
+    "run": "interrupted; rerun the same command to resume (finished chunks are kept)",
+    "lifetime": "interrupted; rerun the same command to resume (a lifetime run starts over; "
+                "trained weights in --out are reused)",
+    "bench": "interrupted",
+}
+
+
+#: Functions in which a raised exception is printed and dropped by Python (garbage-collector and
+#: finalizer callbacks, e.g. JAX's ``_xla_gc_callback``): a Ctrl-C landing there is re-delivered.
+_SWALLOWING = ("_xla_gc_callback", "__del__")
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C: KeyboardInterrupt, unless the interpreter is inside a callback that would swallow
+    it; then the signal is sent again a moment later, so one Ctrl-C always ends the command."""
+    f, depth = frame, 0
+    while f is not None and depth < 8:
+        if f.f_code.co_name in _SWALLOWING:
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        f, depth = f.f_back, depth + 1
+    raise KeyboardInterrupt
+
+
+def _check_out(out: str) -> None:
+    """Refuse an --out that exists and is not a folder (before any work)."""
+    from ._checks import UserError
+    if not out.strip():
+        raise UserError("--out: an output folder is needed, got an empty path")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: exists and is not a folder")
+
+
+def _prepare_out(out: str) -> None:
+    """Create the output folder (and its parents) and make sure a file can be written there."""
+    from ._checks import UserError
+    _check_out(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".nvjax-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create or write the output folder "
+                        f"({e.strerror or e})") from None
+
+
+def _resolved_config(path: str, cfg, options=()) -> str:
+    """The resolved config as YAML text, every key the file leaves out marked ``# default``
+    (``options``: dotted keys set by command-line options, marked so)."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        raw = {}
+    lines = []
+
+    def walk(obj, given, indent, prefix):
+        for f in dataclasses.fields(obj):
+            if not f.init:
+                continue
+            value = getattr(obj, f.name)
+            here = isinstance(given, dict) and f.name in given
+            mark = "" if here else "  # default"
+            if prefix + f.name in options:
+                mark = "  # command-line option"
+            pad = "  " * indent
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{pad}{f.name}:{mark + ' (whole section)' if not here else ''}")
+                walk(value, given.get(f.name) if here else None, indent + 1,
+                     f"{prefix}{f.name}.")
+            else:
+                lines.append(f"{pad}{f.name}: {json.dumps(value, ensure_ascii=False)}{mark}")
+    walk(cfg, raw, 0, "")
+    return "\n".join(lines)
+
+
+def _print_resolved(cmd: str, path: str, cfg, options=()) -> None:
+    print(f"nvjax {cmd}: config {path}, resolved (keys marked '# default' are not in the file "
+          "and take their documented default):")
+    print(_resolved_config(path, cfg, options), flush=True)
 
 
 def _cmd_run(args) -> int:
     from . import config as cfg_mod
     from . import jobs
-    try:
-        cfg = cfg_mod.load(args.config)
-    except cfg_mod.ConfigError as e:
-        print(f"nvjax run: invalid config: {e}", file=sys.stderr)
-        return 2
+    cfg = cfg_mod.load(args.config)
+    _check_out(args.out)
     over = {}
     if args.no_progress:
         over["progress"] = False
@@ -45,21 +141,28 @@ def _cmd_run(args) -> int:
     if dist:  # command-line flags override the config's `distributed` section
         over["distributed"] = {**cfg_mod.to_dict(cfg)["distributed"], **dist}
     if over:
-        try:
-            cfg = cfg_mod.from_dict({**cfg_mod.to_dict(cfg), **over}, cfg_mod.RunConfig)
-        except cfg_mod.ConfigError as e:
-            print(f"nvjax run: invalid option: {e}", file=sys.stderr)
-            return 2
+        cfg = cfg_mod.from_dict({**cfg_mod.to_dict(cfg), **over}, cfg_mod.RunConfig,
+                                source="command-line options (--coordinator, --num-processes, "
+                                       "--process-id)")
     d = cfg.distributed  # before any JAX computation
-    try:
-        jobs.init_distributed(d.coordinator_address, d.num_processes, d.process_id)
-    except ValueError as e:
-        print(f"nvjax run: {e}", file=sys.stderr)
-        return 2
+    jobs.init_distributed(d.coordinator_address, d.num_processes, d.process_id,
+                          initialization_timeout_s=d.startup_timeout_s)
     import jax
+    from ._checks import UserError
+    from ._runtime import first_error
     main = jax.process_index() == 0
+    problem = None
+    if main:  # the output folder is process 0's; its error must stop every process
+        try:
+            _prepare_out(args.out)
+        except UserError as e:
+            problem = str(e)
+    problem = first_error(problem)
+    if problem:
+        raise UserError(problem)
     if main:
-        os.makedirs(args.out, exist_ok=True)
+        _print_resolved("run", args.config, cfg,
+                        {"progress"} & set(over) | {f"distributed.{k}" for k in dist})
     summary = jobs.reliability(cfg, args.out)
     if not main:
         return 0
@@ -76,15 +179,12 @@ def _cmd_run(args) -> int:
 def _cmd_lifetime(args) -> int:
     from . import config as cfg_mod
     from . import jobs
-    try:
-        cfg = cfg_mod.load_lifetime(args.config)
-    except cfg_mod.ConfigError as e:
-        print(f"nvjax lifetime: invalid config: {e}", file=sys.stderr)
-        return 2
+    cfg = cfg_mod.load_lifetime(args.config)
     if args.no_progress:
         cfg = cfg_mod.from_dict({**cfg_mod.to_dict(cfg), "progress": False},
                                 cfg_mod.LifetimeRunConfig)
-    os.makedirs(args.out, exist_ok=True)
+    _prepare_out(args.out)
+    _print_resolved("lifetime", args.config, cfg, {"progress"} if args.no_progress else ())
     summary = jobs.run_lifetime(cfg, args.out)
     t = summary["timings"]
     print(jobs.format_lifetime_report(summary))
@@ -119,8 +219,27 @@ def _vmap_width(text: str):
     return v
 
 
+def _positive_int(text: str) -> int:
+    """An int >= 1 (argparse type)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return v
+
+
 def _cmd_bench(args) -> int:
     from . import bench
+    from . import prng
+    from ._checks import UserError
+    bad = [w for w in args.workloads if w not in bench.WORKLOADS]
+    if bad:
+        raise UserError(f"--workloads: unknown workload(s) {bad}; valid: {sorted(bench.WORKLOADS)}")
+    bad = [g for g in args.generators or () if g not in prng.IMPLS]
+    if bad:
+        raise UserError(f"--generators: unknown generator(s) {bad}; valid: {list(prng.IMPLS)}")
     width = bench.VMAP_WIDTH if args.vmap_width is None else (args.vmap_width or None)
     res = bench.run(instances=args.instances, chunk_size=args.chunk_size, vmap_width=width,
                     workloads=args.workloads, generators=args.generators or bench.GENERATORS,
@@ -159,10 +278,11 @@ def main(argv=None) -> int:
     lt.set_defaults(func=_cmd_lifetime)
     b = sub.add_parser("bench", help="chip instances/s on the standard workloads, vs the machine's limit")
     b.add_argument("--json", action="store_true", help="print only the JSON result line")
-    b.add_argument("--instances", type=int, default=64,
+    b.add_argument("--instances", type=_positive_int, default=64,
                    help="timed instances per workload and generator (default 64)")
-    b.add_argument("--repeat", type=int, default=3, help="timed runs, the best is kept (default 3)")
-    b.add_argument("--chunk-size", type=int, default=None,
+    b.add_argument("--repeat", type=_positive_int, default=3,
+                   help="timed runs, the best is kept (default 3)")
+    b.add_argument("--chunk-size", type=_positive_int, default=None,
                    help="instances per compiled chunk (default: bench.CHUNK_SIZES per workload)")
     b.add_argument("--vmap-width", type=_vmap_width, default=None,
                    help="instances vmapped together inside a chunk, or 'none' for the whole chunk "
@@ -185,9 +305,47 @@ def main(argv=None) -> int:
                    help="torch thread counts tried for aihwkit, its fastest kept (default 1,2)")
     b.set_defaults(func=_cmd_bench)
     args = p.parse_args(argv)
-    from ._runtime import limit_malloc_arenas
-    limit_malloc_arenas()  # one malloc arena, before JAX starts its threads
-    return args.func(args)
+    prog = f"nvjax {args.cmd}"
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _main(args, prog)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _warning_line(prog):
+    """``warnings.showwarning`` for the command: a warning raised by nvjax's own code is one line
+    ``nvjax <command>: warning: <message>`` on stderr; others keep Python's format."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package):
+            print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
+def _main(args, prog) -> int:
+    try:
+        from ._checks import UserError
+        from ._runtime import limit_malloc_arenas
+        limit_malloc_arenas()  # one malloc arena, before JAX starts its threads
+        try:
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line(prog)
+                return args.func(args)
+        except UserError as e:  # config, options, paths, runs, files: one line, no traceback
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: {_INTERRUPTED[args.cmd]}", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,17 +1,27 @@
 """Run configurations: typed, frozen dataclasses loaded strictly from YAML (``configs/*.yaml``).
 
-Unknown or missing keys and bad values raise :class:`ConfigError` naming the key, the file and
-what was expected. Units are part of key names (``t_read_s``). This module imports ``devices``,
-``disturb``, ``crossbar``, ``lifetime``, ``prng``, ``_strict`` (the strict loader) and yaml.
+Unknown keys and bad values raise :class:`ConfigError` naming the key, the file and what was
+expected; a key left out (a whole section included) takes its documented default (the README's
+configuration reference), and the command line prints the resolved config with those keys marked.
+Every value is checked by the policy of ``_checks``: numbers finite (NaN and inf never pass),
+positive where the physics needs it, probabilities in [0, 1] (stuck-at probabilities summing to
+at most 1), times >= 0, bounds finite, counts within what the data set holds. Units are part of
+key names (``t_read_s``). This module imports ``devices``, ``disturb``, ``crossbar``,
+``lifetime``, ``data`` (the size of the digits test split), ``prng``, ``_checks``, ``_strict``
+(the strict loader) and yaml.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Optional, Tuple, Union
 
 import yaml
 
+from . import data as data_mod
 from . import devices as dev_mod
 from . import disturb as dist_mod
 from . import prng as prng_mod
@@ -29,6 +39,32 @@ ParamValue = Union[int, float, Tuple[float, ...]]
 #: ``sweep.compile: auto`` optimizes the compiled chunks from this many instances (all sweep
 #: points together) on; below it, compilation costs more than the slower execution.
 AUTO_OPTIMIZE_INSTANCES = 5000
+
+#: Seeds accepted by every job: the data split needs an unsigned 32-bit seed.
+_SEED_LIMIT = 2 ** 32
+
+
+def _check_seed(seed) -> None:
+    if not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**32) (at most {_SEED_LIMIT - 1}), "
+                         f"got {seed}")
+
+
+@functools.lru_cache(maxsize=8)
+def _test_samples(seed: int) -> int:
+    """Size of the digits test split of a run with this seed (what ``eval_samples`` may use)."""
+    return int(data_mod.digits(seed=seed).y_test.shape[0])
+
+
+def _check_eval_samples(key: str, value, seed: int) -> None:
+    if value is None:
+        return
+    if value < 1:
+        raise ValueError(f"{key} must be >= 1 (or null for the whole test split), got {value}")
+    n = _test_samples(seed)
+    if value > n:
+        raise ValueError(f"{key} = {value} exceeds the {n} samples of the digits test split; use "
+                         f"at most {n}, or null for all of them")
 
 
 @dataclass(frozen=True)
@@ -50,8 +86,15 @@ class ModelConfig:
     def validate(self):
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden must list at least one width, each >= 1, got "
+                             f"{list(self.hidden)}")
+        if self.params_path is not None:
+            if not self.params_path.strip():
+                raise ValueError("params_path must be a file path or null, got an empty string")
+            if os.path.isdir(self.params_path):
+                raise ValueError(f"params_path {self.params_path!r} is a directory; give the path "
+                                 "of a msgpack file (loaded if it exists, else written)")
 
 
 _FACTORIES = {"pcm": dev_mod.pcm, "reram": dev_mod.reram, "levels": dev_mod.levels,
@@ -75,12 +118,38 @@ class DeviceConfig:
 
     def validate(self):
         for p in ("p_stuck_min", "p_stuck_max"):
-            if not 0.0 <= getattr(self, p) <= 1.0:
+            if not 0.0 <= getattr(self, p) <= 1.0:  # NaN fails too
                 raise ValueError(f"{p} must be in [0, 1], got {getattr(self, p)}")
+        if not self.p_stuck_min + self.p_stuck_max <= 1.0 + 1e-9:
+            raise ValueError(f"p_stuck_min + p_stuck_max must be <= 1 (a cell is stuck at g_min, "
+                             f"at g_max, or free), got {self.p_stuck_min} + {self.p_stuck_max}")
+        for k, v in self.params.items():
+            _check_param_shape(self.kind, f"params.{k}", k, v)
         try:
             make_device(self)
-        except TypeError as e:  # unknown parameter names
+        except (TypeError, ValueError) as e:  # unknown names, bad values
             raise ValueError(f"params: {e}") from e
+
+
+def _check_param_shape(kind: str, key: str, name: str, value) -> None:
+    """A device parameter of a config has the shape of the device's own field: a number for a
+    scalar field, a list of the default's length for a coefficient table."""
+    if kind == "levels":
+        if name != "sigma" and isinstance(value, tuple):
+            raise ValueError(f"{key} must be a number, got a list {list(value)}")
+        return
+    default = _FACTORIES[kind]()
+    if not hasattr(default, name) or name == "faults":
+        return  # unknown names are reported by the factory
+    table = isinstance(getattr(default, name), tuple)
+    if not table and isinstance(value, tuple):
+        raise ValueError(f"{key} must be a number, got a list {list(value)}")
+    if table:  # PCM's tables have a fixed length; ReRAM's polynomials any degree
+        want = len(getattr(default, name)) if kind == "pcm" else None
+        if not isinstance(value, tuple) or not value or (want and len(value) != want):
+            raise ValueError(f"{key} must be a list of {want or 'one or more'} numbers (a "
+                             f"coefficient table), got "
+                             f"{list(value) if isinstance(value, tuple) else value!r}")
 
 
 @dataclass(frozen=True)
@@ -111,13 +180,18 @@ class SweepConfig:
             raise ValueError(f"num_instances must be >= 1, got {self.num_instances}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if not self.t_read_s or any(t < 0 for t in self.t_read_s):
-            raise ValueError(f"t_read_s must be a non-empty list of times >= 0 s, got {self.t_read_s}")
+        if not self.t_read_s or not all(0.0 <= t < math.inf for t in self.t_read_s):  # NaN fails
+            raise ValueError(f"t_read_s must be a non-empty list of finite times >= 0 s, got "
+                             f"{list(self.t_read_s)}")
         for k, v in self.device_grid.items():
             if not v:
                 raise ValueError(f"device_grid.{k} must list at least one value")
+            bad = [x for x in v if not math.isfinite(x)]
+            if bad:
+                raise ValueError(f"device_grid.{k} must list finite numbers, got {list(v)}")
         if self.eval_samples is not None and self.eval_samples < 1:
-            raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
+            raise ValueError(f"eval_samples must be >= 1 (or null for the whole test split), got "
+                             f"{self.eval_samples}")
 
 
 @dataclass(frozen=True)
@@ -125,19 +199,25 @@ class DistributedConfig:
     """A multi-process (multi-host) run (:func:`nvjax.sweep.init_distributed`).
 
     Every field left null is read from the environment (``NVJAX_COORDINATOR``,
-    ``NVJAX_NUM_PROCESSES``, ``NVJAX_PROCESS_ID``); all null and no environment: one process.
-    These settings do not change the results.
+    ``NVJAX_NUM_PROCESSES``, ``NVJAX_PROCESS_ID``, ``NVJAX_STARTUP_TIMEOUT_S``); all null and no
+    environment: one process. These settings do not change the results.
 
     Attributes:
         coordinator_address: ``'host:port'`` of process 0's coordinator, reachable by all.
         num_processes: number of processes (>= 1).
         process_id: this process's id in [0, num_processes) (usually from the environment).
+        startup_timeout_s: how long the processes wait for each other at start-up before each
+            gives up with an error naming the coordinator, s (null: 300).
     """
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+    startup_timeout_s: Optional[float] = None
 
     def validate(self):
+        t = self.startup_timeout_s
+        if t is not None and not (0 < t < float("inf")):
+            raise ValueError(f"startup_timeout_s must be a finite number of seconds > 0, got {t}")
         if self.num_processes is not None and self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
         if self.process_id is not None and self.process_id < 0:
@@ -164,13 +244,26 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self):
+        _check_seed(self.seed)
         if self.prng not in prng_mod.IMPLS:
             raise ValueError(f"prng: expected one of {list(prng_mod.IMPLS)}, got {self.prng!r}")
-        for k in self.sweep.device_grid:
-            try:
-                make_device(self.device, **{k: self.sweep.device_grid[k][0]})
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"sweep.device_grid.{k}: {e}") from e
+        for k, values in self.sweep.device_grid.items():
+            for i, v in enumerate(values):  # every value alone: the message names it
+                try:
+                    _check_param_shape(self.device.kind, f"sweep.device_grid.{k}[{i}]", k, v)
+                    make_device(self.device, **{k: v})
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"sweep.device_grid.{k}[{i}] = {v}: {e}") from e
+        grid = self.sweep.device_grid
+        if len(grid) > 1 and math.prod(len(v) for v in grid.values()) <= 100_000:
+            names = sorted(grid)  # then the combinations (e.g. p_stuck_min + p_stuck_max <= 1)
+            for combo in itertools.product(*(grid[n] for n in names)):
+                try:
+                    make_device(self.device, **dict(zip(names, combo)))
+                except (TypeError, ValueError) as e:
+                    point = dict(zip(names, combo))
+                    raise ValueError(f"sweep.device_grid point {point}: {e}") from e
+        _check_eval_samples("sweep.eval_samples", self.sweep.eval_samples, self.seed)
 
 
 def make_device(cfg: DeviceConfig, **point):
@@ -182,6 +275,8 @@ def make_device(cfg: DeviceConfig, **point):
         stuck = dict(p_stuck_min=kw.pop("p_stuck_min", cfg.p_stuck_min),
                      p_stuck_max=kw.pop("p_stuck_max", cfg.p_stuck_max))
     kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in kw.items()}
+    if cfg.kind == "levels" and isinstance(kw.get("bits"), float) and kw["bits"].is_integer():
+        kw["bits"] = int(kw["bits"])  # a device_grid list holds floats
     return _FACTORIES[cfg.kind](**kw, **stuck)
 
 
@@ -221,11 +316,10 @@ class DisturbConfig:
             if k not in _DISTURB_FIELDS:
                 raise ValueError(f"params: unknown disturb parameter {k!r} "
                                  f"(known: {', '.join(_DISTURB_FIELDS)})")
-        for k in ("n_ref", "v0", "g_ref", "beta", "eps_f"):
-            if k in self.params and not self.params[k] > 0:
-                raise ValueError(f"params.{k} must be > 0, got {self.params[k]}")
-        if self.params.get("sigma_ln", 0.0) < 0:
-            raise ValueError(f"params.sigma_ln must be >= 0, got {self.params['sigma_ln']}")
+        try:  # the bounds of nvjax.disturb (the same for both presets)
+            dist_mod.pcm_disturb(**self.params)
+        except ValueError as e:
+            raise ValueError(f"params: {e}") from e
 
 
 def make_disturb(cfg: DisturbConfig, device_cfg: DeviceConfig):
@@ -233,11 +327,13 @@ def make_disturb(cfg: DisturbConfig, device_cfg: DeviceConfig):
     preset = cfg.preset
     if preset == "auto":
         preset = "reram" if device_cfg.kind == "reram" else "pcm"
-    base = dist_mod.reram_disturb() if preset == "reram" else dist_mod.pcm_disturb()
+    over = {}
     if cfg.preset == "auto" and device_cfg.kind not in ("pcm", "reram"):
         g_max = float(dev_mod.g_range(make_device(device_cfg))[1])
-        base = base.replace(g_ref=g_max, g_inf=g_max)
-    return base.replace(**{k: float(v) for k, v in cfg.params.items()})
+        over = {"g_ref": g_max, "g_inf": g_max}
+    over.update({k: float(v) for k, v in cfg.params.items()})
+    factory = dist_mod.reram_disturb if preset == "reram" else dist_mod.pcm_disturb
+    return factory(**over)  # checked by the factory
 
 
 @dataclass(frozen=True)
@@ -261,13 +357,17 @@ class LifetimeRunConfig:
     progress: bool = True
 
     def validate(self):
+        _check_seed(self.seed)
         if self.num_chips < 1:
             raise ValueError(f"num_chips must be >= 1, got {self.num_chips}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.eval_samples is not None and self.eval_samples < self.lifetime.batch_size:
-            raise ValueError(f"eval_samples ({self.eval_samples}) must be >= lifetime.batch_size "
-                             f"({self.lifetime.batch_size})")
+        _check_eval_samples("eval_samples", self.eval_samples, self.seed)
+        n_eval = self.eval_samples if self.eval_samples is not None else _test_samples(self.seed)
+        if n_eval < self.lifetime.batch_size:
+            what = "" if self.eval_samples is not None else ": null, the whole test split"
+            raise ValueError(f"lifetime.batch_size ({self.lifetime.batch_size}) must be <= the "
+                             f"{n_eval} evaluation samples (eval_samples{what})")
         g_min, g_max = (float(v) for v in dev_mod.g_range(make_device(self.device)))
         g_inf = float(make_disturb(self.disturb, self.device).g_inf)
         if not g_min <= g_inf <= g_max:

@@ -298,3 +298,19 @@ def test_load_yaml_invalid_yaml(tmp_path):
 def test_non_dataclass_cls():
     with pytest.raises(TypeError):
         from_dict({}, dict)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "1e999", 10 ** 400])
+def test_float_must_be_finite(value):
+    """NaN and infinity are refused wherever a float is expected, naming the key."""
+    msg = error({"sweep": {"num_instances": 1, "sigma": value}})
+    assert "key 'sweep.sigma': expected a finite float" in msg and SRC in msg
+    msg = error({"sweep": {"num_instances": 1}, "shape": [1, value]})
+    assert "key 'shape[1]': expected a finite float" in msg
+    msg = error({"sweep": {"num_instances": 1}, "extras": {"lr": value}})
+    assert "key 'extras.lr': expected a finite float" in msg
+
+
+def test_finite_floats_still_load():
+    cfg = load({"sweep": {"num_instances": 1, "sigma": 1e308}, "extras": {"a": -0.0, "b": 3}})
+    assert cfg.sweep.sigma == 1e308 and cfg.extras == {"a": -0.0, "b": 3.0}
