@@ -14,6 +14,10 @@ through the evaluation set) on the chip as it is now:
    ``Σ_b n_b/N_D(V_b, G0)`` with ``n_b = [x_b ≠ 0]·inferences_per_step/batch_size``;
 3. time advances by ``inferences_per_step / inference_rate_hz`` seconds (drift).
 
+With ``ir_drop='solver'`` an IR-drop solve that does not converge raises when the functions are
+called eagerly; under ``jit`` its voltages, the damage they drive and the accuracy are NaN and the
+record's ``ir_converged`` is False (never a finite guess).
+
 Every ``eval_every`` steps the chip's accuracy is evaluated on the whole evaluation set and the
 **reprogramming policy** is applied: ``'accuracy'`` reprograms when the accuracy falls more than
 ``accuracy_drop`` below the chip's *fresh* accuracy (measured right after each programming: t = 0,
@@ -48,7 +52,7 @@ from . import crossbar as xb
 from . import devices as dev_mod
 from . import disturb as dist_mod
 from . import sweep
-from ._checks import check_real, is_concrete
+from ._checks import UserError, check_real, is_concrete
 from ._struct import register_physics
 
 __all__ = ["LifetimeConfig", "LifetimeState", "LifetimeRecord", "Lifetime", "lifetime", "run",
@@ -100,21 +104,22 @@ class LifetimeConfig:
         for name in ("num_steps", "eval_every", "batch_size", "patience"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"LifetimeConfig.{name} must be a positive int, got {v!r}")
+                raise UserError(f"LifetimeConfig.{name} must be a positive int, got {v!r}")
         if self.num_steps % self.eval_every:
-            raise ValueError(f"LifetimeConfig.num_steps ({self.num_steps}) must be a multiple of "
-                             f"eval_every ({self.eval_every})")
+            raise UserError(f"LifetimeConfig.num_steps ({self.num_steps}) must be a multiple of "
+                            f"eval_every ({self.eval_every})")
         for name in ("inferences_per_step", "inference_rate_hz", "g_error_max"):
             check_real(f"LifetimeConfig.{name}", getattr(self, name), minimum=0.0,
                        strict_min=True)
         if self.policy not in ("accuracy", "conductance_error", "none"):
-            raise ValueError("LifetimeConfig.policy must be 'accuracy', 'conductance_error' or "
-                             f"'none', got {self.policy!r}")
+            raise UserError("LifetimeConfig.policy must be 'accuracy', 'conductance_error' or "
+                            f"'none', got {self.policy!r}")
         check_real("LifetimeConfig.accuracy_drop", self.accuracy_drop, minimum=0.0, maximum=1.0)
-        if self.max_disturb_rows is not None and (not isinstance(self.max_disturb_rows, int)
+        if self.max_disturb_rows is not None and (isinstance(self.max_disturb_rows, bool)
+                                                  or not isinstance(self.max_disturb_rows, int)
                                                   or self.max_disturb_rows < 1):
-            raise ValueError("LifetimeConfig.max_disturb_rows must be None or a positive int, got "
-                             f"{self.max_disturb_rows!r}")
+            raise UserError("LifetimeConfig.max_disturb_rows must be None or a positive int, got "
+                            f"{self.max_disturb_rows!r}")
 
     @property
     def num_evals(self) -> int:
@@ -149,6 +154,8 @@ class LifetimeState:
         fresh_accuracy: accuracy right after the latest programming.
         below: consecutive evaluations past the policy's threshold, int32.
         step: steps taken, int32.
+        ir_converged: every IR-drop solve (``ir_drop='solver'``) of the steps since the last
+            evaluation point converged, bool (a failed solve leaves NaN voltages and damage).
     """
     key: Array
     chip: chip_mod.Chip
@@ -161,6 +168,7 @@ class LifetimeState:
     fresh_accuracy: Array
     below: Array
     step: Array
+    ir_converged: Array
 
 
 class LifetimeRecord(NamedTuple):
@@ -172,6 +180,10 @@ class LifetimeRecord(NamedTuple):
     t_s: Array               # time since programming, s
     inferences_since: Array  # inferences since programming
     max_row_reads: Array     # most reads of any row since programming
+    # every IR-drop solve (ir_drop='solver') of the steps since the previous point and of this
+    # evaluation converged; False: the accuracy (and what follows) is NaN, never a finite guess.
+    # None: not recorded.
+    ir_converged: Optional[Array] = None
 
 
 class Lifetime(NamedTuple):
@@ -231,6 +243,7 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
     dev_mod.check_device(device, "lifetime: device")
     if not isinstance(disturb, dist_mod.DisturbParams):
         raise TypeError(f"lifetime: disturb must be a DisturbParams, got {type(disturb).__name__}")
+    dist_mod.check_params(disturb, "lifetime")   # its concrete numbers (a NaN would switch it off)
     g_min, g_max = dev_mod.g_range(device)
     if is_concrete(disturb.g_inf) and is_concrete(g_max):
         if not float(g_min) <= float(disturb.g_inf) <= float(g_max):
@@ -270,7 +283,9 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
 
     def accuracy(key, chip, t):
         logits = chip_mod.apply(key, chip, x, t)
-        return jnp.mean(jnp.argmax(logits, -1) == y)
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        # NaN logits (a failed IR-drop solve under jit) give a NaN accuracy, not argmax's guess
+        return jnp.where(jnp.all(jnp.isfinite(logits)), acc, jnp.nan)
 
     def fresh(state):
         key = jax.random.fold_in(jax.random.fold_in(state.key, _K_FRESH), state.num_programs - 1)
@@ -294,7 +309,8 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
                               inferences=jnp.zeros((), jnp.float32),
                               num_programs=jnp.ones((), jnp.int32),
                               fresh_accuracy=jnp.zeros((), jnp.float32),
-                              below=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32))
+                              below=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32),
+                              ir_converged=jnp.ones((), bool))
         return state.replace(fresh_accuracy=fresh(state))
 
     def batch(s):
@@ -306,6 +322,7 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
         chip = disturbed_chip(state)
         inputs = chip_mod.apply_traced(key, chip, xb_, state.t).inputs
         damage, reads = {}, {}
+        ir_ok = state.ir_converged
         for name, rows in inputs.items():
             t_now, t_prog = chip.tiles[name], state.chip.tiles[name]
             scale = reads_per_input
@@ -324,12 +341,13 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
                     v = v_rows[:, :, None]
                 else:
                     v = xb.cell_voltages(getattr(t_now, side).g, v_rows, config=tile_config)
+                    ir_ok = ir_ok & jnp.all(jnp.isfinite(v))   # a failed solve is NaN
                 new.append(dist_mod.accumulate_batch(disturb, dmg, n_b[:, :, None], v, g0, z))
             damage[name] = tuple(new)
             reads[name] = state.reads[name] + jnp.sum(n_b, axis=0)
         return state.replace(damage=damage, reads=reads, t=state.t + config.dt_s,
                              inferences=state.inferences + config.inferences_per_step,
-                             step=state.step + 1)
+                             step=state.step + 1, ir_converged=ir_ok)
 
     def evaluate(state, e):
         key = jax.random.fold_in(jax.random.fold_in(state.key, _K_EVAL), e)
@@ -352,11 +370,15 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
             past = jnp.zeros((), bool)
         below = jnp.where(past, state.below + 1, 0)
         trigger = below >= config.patience
-        state = state.replace(below=below)
+        ir_ok = state.ir_converged
+        if tile_config.ir_drop == "solver":  # the evaluation's MVMs: NaN logits if a solve failed
+            ir_ok = ir_ok & jnp.isfinite(acc)
+        state = state.replace(below=below, ir_converged=jnp.ones((), bool))
         rec = LifetimeRecord(
             accuracy=acc, fresh_accuracy=state.fresh_accuracy, g_error=err, reprogrammed=trigger,
             t_s=state.t, inferences_since=state.inferences,
-            max_row_reads=jnp.max(jnp.stack([jnp.max(r) for r in state.reads.values()])))
+            max_row_reads=jnp.max(jnp.stack([jnp.max(r) for r in state.reads.values()])),
+            ir_converged=ir_ok)
         if config.policy == "none":
             return state, rec
         new = state.replace(chip=program(state.key, state.num_programs, state.chip.placement,
@@ -491,4 +513,7 @@ def summarize(record: LifetimeRecord, config: LifetimeConfig) -> Dict[str, Any]:
         "accuracy_p5": np.percentile(acc, 5, axis=0).tolist(),
         "accuracy_p1": np.percentile(acc, 1, axis=0).tolist(),
         "accuracy_mean": acc.mean(axis=0).tolist(),
+        # evaluation points (over all chips) with a failed IR-drop solve (their accuracy is NaN)
+        "ir_unconverged_points": (0 if record.ir_converged is None
+                                  else int((~np.asarray(record.ir_converged, bool)).sum())),
     }

@@ -31,21 +31,50 @@ def _setup(n=48, n_in=10, seed=0):
     return model, params, x, y
 
 
-def _fns(policy="accuracy", v_read=0.45, ir="none", steps=6, every=2, device=None, **kw):
-    model, params, x, y = _setup()
+def _args(policy="accuracy", v_read=0.45, ir="none", steps=6, every=2, device=None, **kw):
+    """(params, x, y, tile config, lifetime config, device, disturb) of the test chip."""
+    _, params, x, y = _setup()
     tc = xb.TileConfig(rows=8, cols=8, v_read=v_read, ir_drop=ir)
     cfg = L.LifetimeConfig(num_steps=steps, eval_every=every, batch_size=8,
                            inferences_per_step=2e6, policy=policy, **kw)
-    return L.lifetime(model, params, device or D.pcm(), tc, R.pcm_disturb(), x, y, config=cfg)
+    return params, x, y, tc, cfg, device or D.pcm(), R.pcm_disturb()
+
+
+def _fns(**kw):
+    params, x, y, tc, cfg, device, disturb = _args(**kw)
+    return L.lifetime(Tiny(), params, device, tc, disturb, x, y, config=cfg)
+
+
+# The lifetime built inside one jitted function, with the parameters, data and every physics
+# number (v_read, thresholds, device and disturb constants) as arguments: tests that differ only
+# in those numbers share one compilation (only static structure -- step counts, policy,
+# patience, ir_drop mode, fault model -- compiles anew).
+@jax.jit
+def _simulate(key, params, x, y, tc, cfg, device, disturb):
+    return L.lifetime(Tiny(), params, device, tc, disturb, x, y, config=cfg).simulate(key)
+
+
+@jax.jit
+def _init_step(key, params, x, y, tc, cfg, device, disturb, xb_):
+    """(state after init, state after one step on inputs xb_)."""
+    fns = L.lifetime(Tiny(), params, device, tc, disturb, x, y, config=cfg)
+    state = fns.init(key)
+    return state, fns.step(state, xb_)
+
+
+def _sim(key, **kw):
+    return _simulate(key, *_args(**kw))
 
 
 @pytest.mark.slow
 def test_scan_equals_step_by_step_python_loop():
     key = jax.random.key(3)
-    g_err = jax.jit(_fns(policy="none", steps=8, every=2).simulate)(key)[1].g_error
+    # a threshold that is never reached: the same compiled program as the run below
+    g_err = _sim(key, policy="conductance_error", steps=8, every=2, g_error_max=1e9)[1].g_error
     thr = float(g_err[0] + g_err[1]) / 2  # reprograms at the second evaluation
-    fns = _fns(policy="conductance_error", steps=8, every=2, g_error_max=thr)
-    state_s, rec_s = jax.jit(fns.simulate)(key)
+    kw = dict(policy="conductance_error", steps=8, every=2, g_error_max=thr)
+    fns = _fns(**kw)
+    state_s, rec_s = _sim(key, **kw)
     step, ev, ck = jax.jit(fns.step), jax.jit(fns.evaluate), jax.jit(fns.check)
     state = jax.jit(fns.init)(key)
     recs = []
@@ -89,7 +118,7 @@ def test_placements_are_arguments_one_trace_for_all():
 @pytest.mark.slow
 def test_chip_alone_equals_its_row_of_the_ensemble():
     fns = _fns()
-    rec = L.run(fns, jax.random.key(7), 4, chunk_size=3)
+    rec = L.run(fns, jax.random.key(7), 4, chunk_size=2)  # the same chunk as above
     _, one = jax.jit(fns.simulate)(jax.random.fold_in(jax.random.key(7), 2))
     for a, b in zip(rec, one):
         np.testing.assert_allclose(a[2], b, rtol=1e-6)
@@ -97,25 +126,22 @@ def test_chip_alone_equals_its_row_of_the_ensemble():
 
 @pytest.mark.slow
 def test_zero_inputs_give_no_reads_and_no_disturb():
-    fns = _fns()
-    state = fns.init(jax.random.key(0))
-    state = fns.step(state, jnp.zeros((8, 10)))
+    args = _args()
+    _, state = _init_step(jax.random.key(0), *args, jnp.zeros((8, 10)))
     for name in state.damage:
         assert float(jnp.max(state.reads[name])) == 0.0
     np.testing.assert_array_equal(state.damage["hidden"][0], 0.0)
     np.testing.assert_array_equal(state.damage["hidden"][1], 0.0)
-    assert float(state.t) == pytest.approx(fns.config.dt_s)
+    assert float(state.t) == pytest.approx(args[4].dt_s)
 
 
 @pytest.mark.slow
 def test_damage_of_one_step_matches_the_d7_law_by_hand():
     """ir_drop='none': every cell of row i sees v_read·x_i/max|x| on each driven read."""
     fns = _fns(v_read=0.3)
-    state = fns.init(jax.random.key(1))
     xb_ = fns.batch(0)
-    new = fns.step(state, xb_)
+    state, new = _init_step(jax.random.key(1), *_args(v_read=0.3), xb_)
     x = np.asarray(xb_, float)
-    p = R.pcm_disturb()
     v = 0.3 * np.abs(x) / np.abs(x).max(axis=1, keepdims=True)
     n_per = 2e6 / 8
     for side, (z, g0) in enumerate(((state.spread["hidden"][0], state.chip.tiles["hidden"].pos.g),
@@ -129,16 +155,15 @@ def test_damage_of_one_step_matches_the_d7_law_by_hand():
 
 @pytest.mark.slow
 def test_accuracy_falls_with_reads_and_ir_drop_lowers_the_damage():
-    fns = _fns(policy="none", v_read=0.5, steps=12, every=3)
-    state, rec = jax.jit(fns.simulate)(jax.random.key(0))
+    state, rec = _sim(jax.random.key(0), policy="none", v_read=0.5, steps=12, every=3)
     acc = np.asarray(rec.accuracy)
     assert not np.asarray(rec.reprogrammed).any()
     assert acc[-1] < acc[0] - 0.05
     assert np.all(np.diff(np.asarray(rec.g_error)) > 0)     # displacement grows with reads
     assert np.all(np.diff(np.asarray(rec.inferences_since)) > 0)
     # with wire resistance the cells see less than the drive: less damage, never more
-    fns_ir = _fns(policy="none", v_read=0.5, steps=12, every=3, ir="first_order")
-    state_ir, _ = jax.jit(fns_ir.simulate)(jax.random.key(0))
+    state_ir, _ = _sim(jax.random.key(0), policy="none", v_read=0.5, steps=12, every=3,
+                       ir="first_order")
     d = np.asarray(state.damage["hidden"][0])
     d_ir = np.asarray(state_ir.damage["hidden"][0])
     assert np.all(d_ir <= d * (1 + 1e-5)) and d_ir.sum() < d.sum()
@@ -147,16 +172,17 @@ def test_accuracy_falls_with_reads_and_ir_drop_lowers_the_damage():
 @pytest.mark.slow
 def test_reprogramming_resets_and_keeps_the_chips_faults():
     dev = D.pcm(p_stuck_min=0.1, p_stuck_max=0.05)
-    fns = _fns(policy="conductance_error", g_error_max=0.02, v_read=0.5, steps=8, every=2,
-               device=dev)
-    state0 = fns.init(jax.random.key(4))
-    state, rec = jax.jit(fns.simulate)(jax.random.key(4))
+    kw = dict(policy="conductance_error", g_error_max=0.02, v_read=0.5, steps=8, every=2,
+              device=dev)
+    args = _args(**kw)
+    state0, _ = _init_step(jax.random.key(4), *args, jnp.zeros((8, 10)))
+    state, rec = _simulate(jax.random.key(4), *args)
     flags = np.asarray(rec.reprogrammed)
     np.testing.assert_array_equal(flags, np.asarray(rec.g_error) > 0.02)  # patience 1
     assert flags.all()
     # every evaluation follows a reprogramming: the counters restart each time
     np.testing.assert_allclose(rec.inferences_since, 2 * 2e6)
-    np.testing.assert_allclose(rec.t_s, 2 * fns.config.dt_s, rtol=1e-6)
+    np.testing.assert_allclose(rec.t_s, 2 * args[4].dt_s, rtol=1e-6)
     assert int(state.num_programs) == 1 + flags.sum()
     for name, t in state.chip.tiles.items():
         np.testing.assert_array_equal(t.pos.stuck, state0.chip.tiles[name].pos.stuck)
@@ -169,10 +195,10 @@ def test_reprogramming_resets_and_keeps_the_chips_faults():
 
 @pytest.mark.slow
 def test_patience_delays_the_policy():
-    rec1 = jax.jit(_fns(policy="conductance_error", g_error_max=0.02, v_read=0.5, steps=8,
-                        every=2).simulate)(jax.random.key(4))[1]
-    rec3 = jax.jit(_fns(policy="conductance_error", g_error_max=0.02, v_read=0.5, steps=8,
-                        every=2, patience=3).simulate)(jax.random.key(4))[1]
+    rec1 = _sim(jax.random.key(4), policy="conductance_error", g_error_max=0.02, v_read=0.5,
+                steps=8, every=2)[1]
+    rec3 = _sim(jax.random.key(4), policy="conductance_error", g_error_max=0.02, v_read=0.5,
+                steps=8, every=2, patience=3)[1]
     np.testing.assert_array_equal(rec1.reprogrammed, [True, True, True, True])
     np.testing.assert_array_equal(rec3.reprogrammed, [False, False, True, False])
 
@@ -245,9 +271,8 @@ def test_cli_lifetime_writes_results(tmp_path):
 @pytest.mark.slow
 def test_max_disturb_rows_uses_an_evenly_spaced_subset():
     fns = _fns(v_read=0.3, max_disturb_rows=4)
-    state = fns.init(jax.random.key(1))
     xb_ = fns.batch(0)
-    new = fns.step(state, xb_)
+    state, new = _init_step(jax.random.key(1), *_args(v_read=0.3, max_disturb_rows=4), xb_)
     x = np.asarray(xb_, float)[np.linspace(0, 7, 4).astype(int)]
     v = 0.3 * np.abs(x) / np.abs(x).max(axis=1, keepdims=True)
     n_per = 2e6 / 8 * 8 / 4
@@ -257,3 +282,30 @@ def test_max_disturb_rows_uses_an_evenly_spaced_subset():
     np.testing.assert_allclose(new.reads["hidden"], n_per * (x != 0).sum(0), rtol=1e-6)
     with pytest.raises(ValueError, match="max_disturb_rows"):
         L.LifetimeConfig(max_disturb_rows=0)
+
+
+@pytest.mark.slow
+def test_failed_ir_drop_solve_is_flagged_and_nan_never_a_number():
+    """ir_drop='solver' with a solve that cannot converge: eagerly the lifetime raises (naming
+    r_wire, the tile size and the conductance scale); jitted, the record carries
+    ir_converged=False and NaN accuracies, never argmax's guess on NaN logits — and the same
+    compiled run at a small r_wire converges and says so."""
+    model, params, x, y = _setup()
+    tc = xb.TileConfig(rows=8, cols=8, v_read=0.45, ir_drop="solver", r_wire=5e4, ir_max_iter=3)
+    cfg = L.LifetimeConfig(num_steps=2, eval_every=1, batch_size=8, inferences_per_step=2e6,
+                           policy="none")
+
+    def build(r):
+        return L.lifetime(model, params, D.pcm(), tc.replace(r_wire=r), R.pcm_disturb(), x, y,
+                          config=cfg)
+    with pytest.raises(ValueError, match=r"did not converge.*8×8 tiles, r_wire = 50000 Ω, "
+                                         r"conductances up to"):
+        build(5e4).init(jax.random.key(0))              # the fresh accuracy's MVMs, eagerly
+    run = jax.jit(lambda r: build(r).simulate(jax.random.key(0))[1])   # r_wire traced
+    rec = run(5e4)
+    assert rec.ir_converged.shape == (2,) and not np.asarray(rec.ir_converged).any()
+    assert np.all(np.isnan(np.asarray(rec.accuracy)))
+    assert L.summarize(jax.tree_util.tree_map(lambda a: np.asarray(a)[None], rec),
+                       cfg)["ir_unconverged_points"] == 2
+    rec = run(1.0)
+    assert np.asarray(rec.ir_converged).all() and np.all(np.isfinite(np.asarray(rec.accuracy)))

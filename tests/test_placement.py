@@ -182,3 +182,31 @@ def test_objective_with_ir_mvm_equals_the_simulated_chip_at_zero_reads():
     np.testing.assert_allclose(obj(_onehots(placement, names)), ce, rtol=1e-4)
     no_ir, _ = pl.relaxed_objective(model, params, x, y, dev, cfg, R.pcm_disturb(), 0.0, ir_mvm=False)
     assert abs(float(no_ir(_onehots(placement, names)) - ce)) > 1e-4  # the IR term matters here
+
+
+def test_position_factor_uses_the_converged_solver_and_first_order_validity_is_checked():
+    """D from the IR-drop voltages of a direct nodal solve of each tile (all rows at v_read);
+    the relaxed objective's first-order model warns, with its numbers, where it is not valid."""
+    from test_irdrop import _nodal
+    rng = np.random.default_rng(0)
+    gp, gm = rng.uniform(0, 25, (12, 6)), rng.uniform(0, 25, (12, 6))
+    cfg = xb.TileConfig(rows=8, cols=4, ir_drop="first_order", r_wire=2000.0, v_read=0.4)
+    p = R.pcm_disturb()
+    d = np.asarray(pl.position_factor(jnp.asarray(gp, jnp.float32), jnp.asarray(gm, jnp.float32),
+                                      cfg, p))
+    eta = np.zeros((12, 6))
+    for g in (gp, gm):
+        for r0 in (0, 8):
+            for c0 in (0, 4):
+                t = np.zeros((8, 4))
+                blk = g[r0:r0 + 8, c0:c0 + 4]
+                t[:blk.shape[0], :blk.shape[1]] = blk
+                v = _nodal(t, np.full(8, 0.4), 2000.0)
+                eta[r0:r0 + 8, c0:c0 + 4] += 0.5 * v[:blk.shape[0], :blk.shape[1]] / 0.4
+    np.testing.assert_allclose(d, np.exp(0.4 * (eta - 1.0) / float(p.v0)), rtol=2e-4)
+    model, params, x, y = _setup()
+    with pytest.warns(RuntimeWarning, match=r"relaxed_objective.*off by about .* %.*8×8 tiles, "
+                                            r"r_wire = 3000 Ω"):
+        pl.relaxed_objective(model, params, x, y, D.pcm(),
+                             xb.TileConfig(rows=8, cols=8, v_read=0.5, ir_drop="first_order",
+                                           r_wire=3000.0), p, 1e7)
