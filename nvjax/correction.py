@@ -116,7 +116,8 @@ def reprogram(key, chip: chip_mod.Chip, *, tol: float, max_rounds: int = 10,
                   read_noise=chip.config.read_noise)
         pos, n_p = _reprogram_side(jax.random.fold_in(k, 0), chip.device, tl.pos, tp, **kw)
         neg, n_m = _reprogram_side(jax.random.fold_in(k, 1), chip.device, tl.neg, tm, **kw)
-        tiles[name] = tl.replace(pos=pos, neg=neg, ref0=xb.reference_sum(pos.g - neg.g, tl.kappa))
+        tiles[name] = tl.replace(pos=pos, neg=neg, ref0=xb.reference_sum(pos.g - neg.g, tl.kappa,
+                                                                      device=chip.device))
         pulses[name] = n_p + n_m
     return chip.replace(tiles=tiles), pulses
 

@@ -33,7 +33,7 @@ from flax import struct
 from . import devices as dev_mod
 from . import encoding
 from . import irdrop
-from ._checks import is_concrete
+from ._checks import UserError, check_real, check_time, is_concrete
 from ._ops import round_ste
 from ._struct import register_physics
 
@@ -78,15 +78,25 @@ class TileConfig:
         adc_percentile: percentile (0–100] for 'percentile' calibration.
         out_noise: σ of additive Gaussian output noise per tile column, units of s_x·w_max.
         read_noise: apply the device's read noise / drift on every MVM (False reads programmed g).
-        drift_compensation: global drift compensation α = Σ|y_ref(0)|/Σ|y_ref(t)|, x_ref = ones.
+        drift_compensation: global drift compensation α = Σ|y_ref(0)|/Σ|y_ref(t)|; x_ref is
+            ones or the one-hot vectors, as the device's ``drift_reference`` says
+            (:func:`reference_sum`).
         per_column_scale: κ per column instead of per layer.
         v_read: read voltage, V (word-line drive = x·v_read).
         ir_drop: 'none' (cell voltage = x·v_read), 'first_order' or 'solver' (per-cell voltages
             from :mod:`nvjax.irdrop`, per tile and input vector; the column currents of the
-            G⁺ and G⁻ tiles are subtracted and scaled back to weight units).
+            G⁺ and G⁻ tiles are subtracted and scaled back to weight units). 'first_order' is a
+            model of the IR drop only for a small coupling (about 1 % error of the cell voltages
+            at ρ ≈ 0.1, :func:`nvjax.irdrop.first_order_error`; at 256 × 256 and 1 Ω it is off
+            by tens of percent); 'solver' converges or says so: a solve that fails raises when
+            called eagerly and gives NaN outputs under ``jit``.
         r_wire: wire resistance per segment, Ω (default 1 Ω).
-        ir_max_iter: iteration cap of the IR-drop solver (static).
-        ir_omega: relaxation factor of the IR-drop solver, (0, 1].
+        ir_max_iter: iteration cap of the IR-drop solver (static); it needs about
+            √(1 + ρ̄)·8 iterations, ρ̄ = :func:`nvjax.irdrop.coupling` (≈ 40 at 512 × 512, 5 Ω,
+            25 µS).
+        ir_omega: initial relaxation factor of the IR-drop solver, (0, 1]: it scales the
+            solver's automatic (Chebyshev) step sizes and backs off by 0.98 on a growing
+            residual; 1 is optimal.
         ir_predistort: fixed-point iterations of IR-drop pre-distortion of the target
             conductances (:func:`predistort_ir`, applied by :func:`tile` when ``ir_drop`` is not
             'none'); 0 = off.
@@ -121,27 +131,27 @@ class TileConfig:
 
     def __post_init__(self):
         if self.ir_drop not in ("none", "first_order", "solver"):
-            raise ValueError("TileConfig.ir_drop must be 'none', 'first_order' or 'solver', got "
-                             f"{self.ir_drop!r}")
+            raise UserError("TileConfig.ir_drop must be 'none', 'first_order' or 'solver', got "
+                            f"{self.ir_drop!r}")
         if isinstance(self.ir_max_iter, bool) or not isinstance(self.ir_max_iter, int) \
                 or self.ir_max_iter < 1:
-            raise ValueError(f"TileConfig.ir_max_iter must be a positive int, got {self.ir_max_iter!r}")
+            raise UserError(f"TileConfig.ir_max_iter must be a positive int, got {self.ir_max_iter!r}")
         if isinstance(self.ir_predistort, bool) or not isinstance(self.ir_predistort, int) \
                 or self.ir_predistort < 0:
-            raise ValueError(f"TileConfig.ir_predistort must be an int >= 0, got {self.ir_predistort!r}")
+            raise UserError(f"TileConfig.ir_predistort must be an int >= 0, got {self.ir_predistort!r}")
         for name in ("rows", "cols"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TileConfig.{name} must be a positive int, got {v!r}")
+                raise UserError(f"TileConfig.{name} must be a positive int, got {v!r}")
         for name in ("dac_bits", "adc_bits"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 24):
-                raise ValueError(f"TileConfig.{name} must be None or an int in 2..24, got {v!r}")
+                raise UserError(f"TileConfig.{name} must be None or an int in 2..24, got {v!r}")
         if self.dac_range not in ("absmax", "fixed"):
-            raise ValueError(f"TileConfig.dac_range must be 'absmax' or 'fixed', got {self.dac_range!r}")
+            raise UserError(f"TileConfig.dac_range must be 'absmax' or 'fixed', got {self.dac_range!r}")
         if self.adc_range not in ("fixed", "max", "percentile"):
-            raise ValueError("TileConfig.adc_range must be 'fixed', 'max' or 'percentile', got "
-                             f"{self.adc_range!r}")
+            raise UserError("TileConfig.adc_range must be 'fixed', 'max' or 'percentile', got "
+                            f"{self.adc_range!r}")
         for name in ("read_noise", "drift_compensation", "per_column_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TileConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -180,21 +190,9 @@ def _is_literal_zero(v) -> bool:
 
 
 def _check_physics(name, v, *, minimum=None, strict=False, maximum=None):
-    if not is_concrete(v):
-        return
-    if isinstance(v, bool):
-        raise TypeError(f"TileConfig.{name} must be a real number, got {v!r}")
-    try:
-        a = np.asarray(v, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"TileConfig.{name} must be a real number, got {v!r}") from None
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"TileConfig.{name} must be finite, got {v!r}")
-    if minimum is not None and (np.any(a <= minimum) if strict else np.any(a < minimum)):
-        raise ValueError(f"TileConfig.{name} must be {'>' if strict else '>='} {minimum:g}, "
-                         f"got {v!r}")
-    if maximum is not None and np.any(a > maximum):
-        raise ValueError(f"TileConfig.{name} must be <= {maximum:g}, got {v!r}")
+    """A concrete physics number of :class:`TileConfig` (:func:`nvjax._checks.check_real`: a real
+    number, finite, within bounds; TypeError or UserError naming ``TileConfig.<name>``)."""
+    check_real(f"TileConfig.{name}", v, minimum=minimum, strict_min=strict, maximum=maximum)
 
 
 register_physics(TileConfig, PHYSICS_FIELDS)
@@ -211,9 +209,13 @@ class Tiles:
     Attributes:
         pos, neg: :class:`nvjax.devices.CellState` of the G⁺ and G⁻ devices, arrays [n_in, n_out].
         kappa: µS per weight unit, scalar or [n_out] (per column).
-        ref0: Σ|x_ref·W(t=0)| of the programmed weights (drift-compensation reference).
+        ref0: Σ|x_ref·W(t=0)| of the programmed weights (drift-compensation reference,
+            :func:`reference_sum` with the device's reference inputs).
         adc_scale: calibrated ADC range per tile column [Ti, n_out] (weight units), or None.
         reads: int32 [n_in], per-row read counters (inputs for which the row was driven).
+        built: static record of what the tiles were built with (device kind and the
+            :class:`TileConfig` fields that shape the stored arrays, see :func:`mvm`), checked by
+            :func:`mvm` and :func:`read_weights`; None (tiles made by hand): not checked.
     """
     pos: Any
     neg: Any
@@ -221,6 +223,7 @@ class Tiles:
     ref0: Array
     adc_scale: Optional[Array]
     reads: Array
+    built: Any = struct.field(pytree_node=False, default=None)
 
     @property
     def n_in(self) -> int:
@@ -241,7 +244,9 @@ def tile(w: Array, device, *, config: TileConfig = TileConfig()):
 
     With ``config.ir_predistort > 0`` (and IR drop on) the targets are pre-distorted against
     first-order IR drop (:func:`predistort_ir`) and κ is lowered by the largest boost needed, so
-    every boosted cell stays within [g_min, g_max].
+    every boosted cell stays within [g_min, g_max]. Whether the first-order form is a valid model
+    of the pre-distorted tiles is checked once, on the final conductances (where concrete; a
+    ``RuntimeWarning`` beyond 5 %, :func:`nvjax.irdrop.check_first_order`).
     """
     w = _check_weight("tile", w)
     g_min, g_max = dev_mod.g_range(device)
@@ -250,14 +255,19 @@ def tile(w: Array, device, *, config: TileConfig = TileConfig()):
     if config.ir_predistort > 0 and config.ir_drop != "none":
         # Headroom: boosted cells must stay programmable, so first find the largest boost an
         # unclipped pre-distortion needs and lower κ by it (weights are read back in units of κ,
-        # so the function is unchanged), then pre-distort the rescaled targets.
+        # so the function is unchanged), then pre-distort the rescaled targets. G⁺ and G⁻ tiles
+        # are independent: both sides go through one fixed point, stacked along the row tiles.
+        n, ti = config.ir_predistort, num_row_tiles(w.shape[0], config)
+
+        def both(gp, gm):
+            return jnp.concatenate([tile_grid(gp, config), tile_grid(gm, config)])
         span = g_max - g_min
-        need = jnp.maximum(jnp.max(predistort_ir(gp, config, g_min=g_min) - g_min),
-                           jnp.max(predistort_ir(gm, config, g_min=g_min) - g_min)) / span
+        need = (jnp.max(_predistort_grid(both(gp, gm), config, g_min, None, n)) - g_min) / span
         kappa = kappa / jnp.maximum(jax.lax.stop_gradient(need), 1.0)
         gp, gm = encoding.to_pair(w, kappa, g_min, g_max)
-        gp = predistort_ir(gp, config, g_min=g_min, g_max=g_max)
-        gm = predistort_ir(gm, config, g_min=g_min, g_max=g_max)
+        grid = _predistort_grid(both(gp, gm), config, g_min, g_max, n)
+        irdrop.check_first_order(grid, config.r_wire, where="tile (IR pre-distortion)")
+        gp, gm = untile_grid(grid[:ti], *w.shape), untile_grid(grid[ti:], *w.shape)
     return gp, gm, kappa
 
 
@@ -272,7 +282,10 @@ def predistort_ir(g_target: Array, config: TileConfig, *, g_min=0.0, g_max=None,
     depends on the whole tile). Cells whose compensated value would exceed ``g_max`` saturate
     there (their column keeps a residual error; :func:`tile` avoids this by lowering κ so the
     largest boost fits under ``g_max``). The first-order form is used for every
-    ``ir_drop`` mode (it is the pre-distortion model, not the simulation).
+    ``ir_drop`` mode (it is the pre-distortion model, not the simulation); where it is not a
+    valid model of the pre-distorted tiles (estimated error of the cell voltages above 5 %,
+    :func:`nvjax.irdrop.first_order_error`, checked once on the returned conductances when they
+    and ``r_wire`` are concrete) a ``RuntimeWarning`` gives the numbers.
 
     Args:
         g_target: target conductances of one side of the pairs, µS, [n_in, n_out].
@@ -289,15 +302,75 @@ def predistort_ir(g_target: Array, config: TileConfig, *, g_min=0.0, g_max=None,
     """
     g_target = _check_weight("predistort_ir", g_target)
     n = config.ir_predistort if num_iter is None else num_iter
-    n_in, n_out = g_target.shape
-    t = tile_grid(g_target, config)                                # [Ti, Tj, R, C]
+    grid = _predistort_grid(tile_grid(g_target, config), config, g_min, g_max, n)
+    irdrop.check_first_order(grid, config.r_wire, where="predistort_ir")
+    return untile_grid(grid, *g_target.shape)
+
+
+def _predistort_grid(t, config: TileConfig, g_min, g_max, num_iter: int):
+    """The fixed point of :func:`predistort_ir` on a grid of tiles [T, Tj, R, C] (unchecked)."""
     hi = jnp.inf if g_max is None else g_max
 
     def body(_, g):
         m = _grid_transfer(g, config)
         ratio = jnp.where(m > 0, t / jnp.where(m > 0, m, 1.0), 1.0)
         return jnp.where(t > 0, jnp.clip(g * ratio, g_min, hi), t)
-    return untile_grid(jax.lax.fori_loop(0, n, body, t), n_in, n_out)
+    return jax.lax.fori_loop(0, num_iter, body, t)
+
+
+def _check_ir_solves(fn, converged, residual, num_iter, grids, config: TileConfig):
+    """Raise when an IR-drop solve did not converge (called eagerly; under ``jit`` the failed
+    solves' NaN outputs carry the failure). ``converged``, ``residual`` and ``num_iter`` have one
+    entry per tile solve; the message says whether the failed solves ran into the iteration cap
+    (``num_iter == ir_max_iter``: raising it helps) or stopped before it because the residual
+    stopped shrinking or was not finite (raising it does not)."""
+    if not is_concrete(converged):
+        return
+    conv = np.asarray(converged)
+    if conv.all():
+        return
+    failed = ~conv
+    its = np.asarray(num_iter)[failed]
+    res = np.asarray(residual, np.float64)[failed]
+    capped = its >= config.ir_max_iter
+    g = np.concatenate([np.asarray(t, np.float64).reshape(-1) for t in grids])
+    finite = np.isfinite(g)
+    rho = max(float(np.max(np.asarray(irdrop.coupling(
+        np.nan_to_num(np.asarray(t, np.float64), nan=0.0, posinf=0.0, neginf=0.0),
+        config.r_wire)))) for t in grids)
+    gf = g[finite] if finite.any() else np.zeros(1)
+
+    def worst(r):
+        return f"{np.max(r):.2g}" if np.isfinite(r).all() else "not finite"
+    parts = []
+    if capped.any():
+        parts.append(
+            f"{int(capped.sum())} ran into the iteration cap ir_max_iter = {config.ir_max_iter} "
+            f"(relative residual up to {worst(res[capped])}); about "
+            f"{8 * np.sqrt(1 + rho):.0f} iterations are needed at this coupling: raise "
+            "TileConfig.ir_max_iter, or use smaller tiles or a lower r_wire")
+    early = ~capped
+    if early.any():
+        if np.isfinite(res[early]).all():
+            why = (f"the residual stopped shrinking at {worst(res[early])}, above the tolerance "
+                   "(float32 rounding on a strongly coupled tile)")
+            fix = "use smaller tiles or a lower r_wire"
+        else:
+            why = "the residual was not finite"
+            fix = (f"{int((~finite).sum())} conductance(s) are NaN or infinite"
+                   if not finite.all() else "use smaller tiles or a lower r_wire")
+        parts.append(
+            f"{int(early.sum())} stopped after {int(its[early].max())} of at most "
+            f"{config.ir_max_iter} iterations because {why}: raising ir_max_iter does not help; "
+            + fix)
+    if (gf < 0).any():
+        parts.append(f"{int((gf < 0).sum())} conductance(s) are negative (convergence is "
+                     "guaranteed only for G >= 0)")
+    raise UserError(
+        f"{fn}: the IR-drop solver did not converge in {int(failed.sum())} of {conv.size} tile "
+        f"solves ({config.rows}×{config.cols} tiles, r_wire = {float(config.r_wire):g} Ω, "
+        f"conductances up to {float(np.max(gf)):.3g} µS, mean {float(np.mean(gf)):.3g} µS, "
+        f"coupling ρ̄ = {rho:.3g}, tolerance 1e-4): " + "; ".join(parts))
 
 
 def _check_weight(fn, w):
@@ -329,24 +402,95 @@ def program_tiles(key: Array, device, w: Array, *, config: TileConfig = TileConf
     k_pos, k_neg = jax.random.split(key)
     pos = dev_mod.program(k_pos, device, tp)
     neg = dev_mod.program(k_neg, device, tm)
-    ref0 = reference_sum(pos.g - neg.g, kappa)
+    ref0 = reference_sum(pos.g - neg.g, kappa, device=device)
     adc_scale = None
     if calibration is not None and config.adc_range in ("max", "percentile"):
         adc_scale = _calibrate_adc(w, calibration, config)
     return Tiles(pos=pos, neg=neg, kappa=kappa, ref0=ref0, adc_scale=adc_scale,
-                 reads=jnp.zeros((w.shape[0],), jnp.int32))
+                 reads=jnp.zeros((w.shape[0],), jnp.int32),
+                 built=_build_record(device, config, adc_scale is not None))
 
 
-def reference_sum(g_diff, kappa):
-    """Σ_j |Σ_i g_diff[i, j]|/κ_j: the drift-compensation readout with x_ref = ones.
+def _static_float(v):
+    """A concrete scalar as a Python float (for the static build record); None when traced."""
+    if not is_concrete(v) or np.ndim(v) != 0:
+        return None
+    return float(v)
+
+
+def _build_record(device, config: TileConfig, calibrated: bool):
+    """What a layer's tiles were built with, as a hashable tuple of (name, value) pairs: the
+    device kind (and PCM's drift-compensation reference, which fixes ``ref0``) and the config
+    fields that shape the stored arrays — tile size, per-column κ, IR pre-distortion (whether
+    applied and its iterations, with r_wire) and ADC calibration (range, percentile). None:
+    unknown (traced). The ``ir_drop`` mode is not recorded: pre-distortion uses the first-order
+    form whatever the mode (:func:`predistort_ir`), so 'first_order' and 'solver' store the same
+    arrays; the mode only decides whether it is applied (not for 'none')."""
+    predistort = config.ir_predistort > 0 and config.ir_drop != "none"
+    rec = {"device": getattr(device, "name", type(device).__name__),
+           "drift_reference": getattr(device, "drift_reference", None),
+           "rows": config.rows, "cols": config.cols,
+           "per_column_scale": config.per_column_scale,
+           "ir_predistort (applied when ir_drop != 'none')":
+               config.ir_predistort if predistort else 0,
+           "r_wire": _static_float(config.r_wire) if predistort else None,
+           "adc_range": config.adc_range if calibrated else None,
+           "adc_percentile": (_static_float(config.adc_percentile)
+                              if calibrated and config.adc_range == "percentile" else None)}
+    return tuple(rec.items())
+
+
+def _check_use(fn: str, device, tiles: Tiles, t, config: TileConfig) -> None:
+    """Refuse a read of ``tiles`` with another device kind or a config that disagrees with the
+    one they were built with (:func:`_build_record`), or at a non-finite or negative time."""
+    dev_mod.check_device(device, f"{fn}: device")
+    check_time(f"{fn}(t) (time since programming, s)", t)
+    if not isinstance(tiles, Tiles):
+        raise TypeError(f"{fn}: tiles must be Tiles from program_tiles, got {type(tiles).__name__}")
+    if tiles.built is None:
+        return
+    built = dict(tiles.built)
+    now = dict(_build_record(device, config, tiles.adc_scale is not None))
+    if built["device"] != now["device"]:
+        raise TypeError(f"{fn}: the tiles were programmed with a {built['device']} device, but the "
+                        f"device passed is {now['device']}; read with the device they were "
+                        "programmed with")
+    diffs = [f"{k} = {built[k]!r} at programming, {now[k]!r} now" for k in built
+             if k != "device" and built[k] is not None and now.get(k) is not None
+             and built[k] != now[k]]
+    if diffs:
+        raise UserError(f"{fn}: config differs from the one the tiles were built with: "
+                        f"{'; '.join(diffs)}. Pass the TileConfig given to program_tiles (read-out "
+                        "options such as bits, noise, drift compensation and the IR-drop mode, "
+                        "'first_order' or 'solver', may differ)")
+
+
+def reference_sum(g_diff, kappa, *, device=None):
+    """The drift-compensation readout Σ|y_ref| of a layer, in weight units.
+
+    Global drift compensation scales a layer's outputs by α = Σ|y_ref(0)|/Σ|y_ref(t)| for a
+    fixed reference input set x_ref, read once at programming and once at time t. The device's
+    ``drift_reference`` (:class:`nvjax.devices.PCM`; 'ones' for every other device) chooses it:
+
+    * 'ones' — one input vector of ones: Σ_j |Σ_i g_diff[i, j]|/κ_j (the column sums; positive
+      and negative weights of a column cancel);
+    * 'onehot' — the n_in one-hot vectors (the identity matrix, aihwkit 1.2's
+      ``GlobalDriftCompensation``): Σ_ij |g_diff[i, j]|/κ_j.
 
     Args:
         g_diff: G⁺ − G⁻, µS, [n_in, n_out].
         kappa: µS per weight unit, scalar or [n_out].
+        device: the device the layer is programmed with (None: 'ones').
 
     Returns:
         A scalar in weight units.
+
+    References:
+        Joshi et al., Nat. Commun. 11, 2473 (2020) (global drift compensation); aihwkit 1.2,
+        ``aihwkit.inference.compensation.drift.GlobalDriftCompensation`` (one-hot readout).
     """
+    if getattr(device, "drift_reference", "ones") == "onehot":
+        return jnp.sum(jnp.abs(g_diff / kappa))
     return jnp.sum(jnp.abs(jnp.sum(g_diff, axis=-2) / kappa))
 
 
@@ -384,6 +528,7 @@ def read_weights(key: Array, device, tiles: Tiles, t, *, config: TileConfig = Ti
     W_eff = (G⁺(t) − G⁻(t))/κ in weight units (not yet drift-compensated) and α the global drift
     compensation factor Σ|y_ref(0)|/Σ|y_ref(t)| (1 when disabled).
     """
+    _check_use("read_weights", device, tiles, t, config)
     gp, gm, alpha = _read_pair(key, device, tiles, t, config)
     return (gp - gm) / tiles.kappa, alpha
 
@@ -392,15 +537,51 @@ def _read_pair(key, device, tiles: Tiles, t, config: TileConfig):
     """(G⁺(t), G⁻(t), α): read conductances (µS) and the drift-compensation factor."""
     if config.read_noise:
         k_p, k_m = jax.random.split(key)
-        gp = dev_mod.read(k_p, device, tiles.pos, t)
-        gm = dev_mod.read(k_m, device, tiles.neg, t)
+        pos, neg, back = tiles.pos, tiles.neg, None
+        if getattr(device, "pair_remap", False):
+            pos, neg, back = _remap_pair(device, tiles)
+        gp = dev_mod.read(k_p, device, pos, t)
+        gm = dev_mod.read(k_m, device, neg, t)
+        if back is not None:
+            gp, gm = gp * back, gm * back
     else:
         gp, gm = tiles.pos.g, tiles.neg.g
     if config.drift_compensation:
-        alpha = tiles.ref0 / jnp.maximum(reference_sum(gp - gm, tiles.kappa), 1e-30)
+        ref = reference_sum(gp - gm, tiles.kappa, device=device)
+        alpha = tiles.ref0 / jnp.maximum(ref, 1e-30)
     else:
         alpha = jnp.ones((), gp.dtype)
     return gp, gm, alpha
+
+
+def _remap_pair(device, tiles: Tiles):
+    """The programmed pairs re-mapped onto one pair per weight (``device.pair_remap``).
+
+    The programmed weights w = (G⁺ − G⁻)/κ are mapped again with the layer's largest |w| at
+    the full span: h± = clip(±c·w, 0, g_max − g_min) + g_min, c = (g_max − g_min)/max|w|, so the
+    net weight sits on one device and the other is at g_min. The drift exponents stay those
+    drawn at programming for each side (G⁺'s for h⁺, G⁻'s for h⁻); stuck cells enter through
+    their programmed value (ν = 0) and are not re-applied. Reading h± at time t and scaling by
+    κ/c gives conductances whose difference over κ is the weight w(t) = (h⁺(t) − h⁻(t))/c.
+
+    Returns:
+        (pos, neg, back): :class:`nvjax.devices.CellState` of h⁺ and h⁻, and the factor κ/c
+        that maps read h± back to the layer's conductance scale.
+
+    References:
+        aihwkit 1.2, ``BaseNoiseModel.apply_drift_noise`` (the conductance converter of
+        ``SinglePairConductanceConverter`` applied to the programmed weights, then
+        ``apply_drift_noise_to_conductance`` on each side).
+    """
+    g_min, g_max = dev_mod.g_range(device)
+    w = (tiles.pos.g - tiles.neg.g) / tiles.kappa
+    w_max = jnp.max(jnp.abs(w))
+    c = (g_max - g_min) / jnp.where(w_max > 0, w_max, 1.0)
+    hp = jnp.clip(c * w, 0.0, g_max - g_min) + g_min
+    hm = jnp.clip(-c * w, 0.0, g_max - g_min) + g_min
+    pos = dev_mod.CellState(g=hp, nu=tiles.pos.nu, relax=tiles.pos.relax, stuck=None)
+    neg = dev_mod.CellState(g=hm, nu=tiles.neg.nu, relax=tiles.neg.relax, stuck=None)
+    return pos, neg, tiles.kappa / c
 
 
 def tile_grid(g, config: TileConfig):
@@ -424,7 +605,9 @@ def ir_transfer_tiles(g, config: TileConfig):
 
     Tile (a, b) of the result is :func:`nvjax.irdrop.first_order_transfer` of tile (a, b) of
     ``g`` [n_in, n_out] at ``config.r_wire``: its column currents are ``v_rows @ M`` per tile.
-    Accurate only while r·G·N² is small (see :mod:`nvjax.irdrop`).
+    A model of the IR drop only while the coupling is small: the column currents are off by
+    about 1–1.5× :func:`nvjax.irdrop.first_order_error` (1 % at ρ ≈ 0.1; tens of percent at
+    256 × 256 and 1 Ω).
     """
     return _grid_transfer(tile_grid(g, config), config)
 
@@ -447,11 +630,15 @@ def _tile_rows(v, config: TileConfig):
 
 
 def _tile_cell_voltages(g, v_in, config: TileConfig):
-    """Per-cell voltages [R, C] of one tile for word-line drives ``v_in`` [R] (V)."""
+    """(per-cell voltages [R, C], converged, residual, iterations) of one tile for word-line
+    drives ``v_in`` [R] (V); a failed solve has NaN voltages."""
     if config.ir_drop == "first_order":
-        return irdrop.voltages_first_order(g, v_in, config.r_wire)
-    return irdrop.voltages(g, v_in, config.r_wire, omega=config.ir_omega,
-                           max_iter=config.ir_max_iter).v_cell
+        one = jnp.ones((), g.dtype)
+        return (irdrop.voltages_first_order(g, v_in, config.r_wire), one > 0, 0 * one,
+                jnp.zeros((), jnp.int32))
+    res = irdrop.voltages(g, v_in, config.r_wire, omega=config.ir_omega,
+                          max_iter=config.ir_max_iter)
+    return res.v_cell, res.converged, res.residual, res.num_iter
 
 
 def cell_voltages(g: Array, v_rows: Array, *, config: TileConfig = TileConfig()) -> Array:
@@ -464,7 +651,12 @@ def cell_voltages(g: Array, v_rows: Array, *, config: TileConfig = TileConfig())
             otherwise each R × C tile is solved with :mod:`nvjax.irdrop` (zero-G padding).
 
     Returns:
-        Cell voltages, V, [B, n_in, n_out].
+        Cell voltages, V, [B, n_in, n_out]; under ``jit``, NaN in the tiles and inputs whose
+        IR-drop solve did not converge.
+
+    Raises:
+        ValueError: (:class:`nvjax._checks.UserError`, called eagerly) an IR-drop solve did not
+            converge; the message names the tile size, ``r_wire`` and the conductance scale.
     """
     n_in, n_out = g.shape
     if v_rows.ndim != 2 or v_rows.shape[1] != n_in:
@@ -480,7 +672,8 @@ def cell_voltages(g: Array, v_rows: Array, *, config: TileConfig = TileConfig())
     else:
         per_tile = jax.vmap(jax.vmap(lambda gt, v: _tile_cell_voltages(gt, v, config), (0, None)),
                             (0, 0))
-        v = jax.vmap(lambda vb: per_tile(grid, vb))(vt)            # [B, Ti, Tj, R, C]
+        v, conv, res, its = jax.vmap(lambda vb: per_tile(grid, vb))(vt)  # [B, Ti, Tj, R, C],
+        _check_ir_solves("cell_voltages", conv, res, its, (grid,), config)  # [B, Ti, Tj]
     b, ti, tj, r, c = v.shape
     v = v.transpose(0, 1, 3, 2, 4).reshape(b, ti * r, tj * c)
     return v[:, :n_in, :n_out]
@@ -493,7 +686,8 @@ def _ir_partials(gp, gm, kappa, x, config: TileConfig):
     v = _tile_rows(x, config) * config.v_read
 
     def column_currents(g, v_in):  # µA arriving at the sense amplifiers of one tile, [C]
-        return jnp.sum(g * _tile_cell_voltages(g, v_in, config), axis=0)
+        v_cell, conv, res, its = _tile_cell_voltages(g, v_in, config)
+        return jnp.sum(g * v_cell, axis=0), conv, res, its
     tp, tm = tile_grid(gp, config), tile_grid(gm, config)
     if config.ir_drop == "first_order":  # linear in the drives: one transfer matrix per tile
         m = _grid_transfer(tp, config) - _grid_transfer(tm, config)     # [Ti, Tj, R, C]
@@ -501,17 +695,25 @@ def _ir_partials(gp, gm, kappa, x, config: TileConfig):
         cur = jnp.einsum("bti,tij->btj", v, m)
         return cur / (config.v_read * kappa)
     per_tile = jax.vmap(jax.vmap(column_currents, (0, None)), (0, 0))  # over Tj, then Ti
-    per_batch = jax.vmap(lambda v_b: per_tile(tp, v_b) - per_tile(tm, v_b))
+
+    def per_batch_one(v_b):  # the G⁺ and G⁻ solves' flags stacked: [2, Ti, Tj]
+        cp, conv_p, res_p, its_p = per_tile(tp, v_b)
+        cm, conv_m, res_m, its_m = per_tile(tm, v_b)
+        return (cp - cm, jnp.stack([conv_p, conv_m]), jnp.stack([res_p, res_m]),
+                jnp.stack([its_p, its_m]))
+    per_batch = jax.vmap(per_batch_one)
     if v.shape[0] > config.rows:
         # The wire network is linear for fixed conductances, so the column currents are linear in
         # the drives: solve once per unit drive of each row (R solves instead of B) and multiply.
         basis = jnp.broadcast_to(jnp.eye(config.rows, dtype=v.dtype)[:, None, :],
                                  (config.rows, ti, config.rows))
-        m = per_batch(basis)                                # [R (unit row), Ti, Tj, C] per volt
+        m, conv, res, its = per_batch(basis)                # [R (unit row), Ti, Tj, C] per volt
+        _check_ir_solves("mvm", conv, res, its, (tp, tm), config)
         m = m.reshape(config.rows, ti, tj * config.cols)[:, :, :n_out]
         cur = jnp.einsum("bti,itj->btj", v, m)
     else:
-        cur = per_batch(v)                                  # [B, Ti, Tj, C]
+        cur, conv, res, its = per_batch(v)                  # [B, Ti, Tj, C]
+        _check_ir_solves("mvm", conv, res, its, (tp, tm), config)
         cur = cur.reshape(cur.shape[0], ti, tj * config.cols)[:, :, :n_out]
     return cur / (config.v_read * kappa)
 
@@ -524,12 +726,29 @@ def mvm(key: Array, device, tiles: Tiles, x: Array, t, *, config: TileConfig = T
         device: device the tiles were programmed with.
         tiles: :class:`Tiles` from :func:`program_tiles`.
         x: inputs [B, n_in] (or [n_in]).
-        t: time since programming, s.
-        config: the :class:`TileConfig` the tiles were built with.
+        t: time since programming, s (finite, >= 0).
+        config: the :class:`TileConfig` the tiles were built with. It must agree with the one
+            given to :func:`program_tiles` on what shaped the stored arrays (``rows``, ``cols``,
+            ``per_column_scale``, IR pre-distortion: ``ir_predistort`` (applied when ``ir_drop``
+            is not 'none', whatever the mode) and ``r_wire``, and ADC calibration:
+            ``adc_range``, ``adc_percentile``), and ``device`` must be of the kind the tiles
+            were programmed with; both are checked (where concrete). Read-out options (DAC/ADC
+            bits and bounds, output and read noise, drift compensation, ``v_read``, the IR-drop
+            simulation mode 'first_order' or 'solver') may differ.
 
     Returns:
-        (y [B, n_out] (or [n_out]), tiles with the per-row read counters advanced).
+        (y [B, n_out] (or [n_out]), tiles with the per-row read counters advanced). Under
+        ``jit``, outputs that depend on an IR-drop solve (``ir_drop='solver'``) that did not
+        converge are NaN.
+
+    Raises:
+        TypeError: ``device`` is of another kind than the tiles were programmed with.
+        ValueError: (:class:`nvjax._checks.UserError`) ``config`` disagrees with the build
+            config, ``t`` is not finite or negative, ``x`` has the wrong shape, or (called
+            eagerly) an IR-drop solve did not converge (the message names the tile size,
+            ``r_wire`` and the conductance scale).
     """
+    _check_use("mvm", device, tiles, t, config)
     x = jnp.asarray(x)
     squeeze = x.ndim == 1
     if squeeze:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ._checks import check_real, is_concrete
+from ._checks import UserError, check_real, check_time, is_concrete
 from ._ops import round_ste
 
 __all__ = [
@@ -62,10 +62,38 @@ class StuckAt:
 class PCM:
     """D1 — IBM statistical PCM model (programming noise, drift, 1/f read noise).
 
+    Three conventions on which published implementations differ are static fields (structure,
+    not physics numbers: a new value means a new compilation). :func:`pcm` sets all three at
+    once with ``convention='physical'`` (the default) or ``convention='aihwkit'`` (aihwkit 1.2's
+    ``PCMLikeNoiseModel`` + ``GlobalDriftCompensation``, cross-validated against a fixture of
+    aihwkit's own statistics); each can also be overridden alone.
+
+    * ``drift_reference`` — the reference readout of global drift compensation
+      (α = Σ|y_ref(0)|/Σ|y_ref(t)|, one digital scale per layer, :mod:`nvjax.crossbar`):
+      ``'ones'`` drives every row at once (α from the column sums Σ_j|Σ_i W_ij|, one MVM; signs
+      cancel within a column, so α is noisier); ``'onehot'`` drives one row at a time (the
+      identity matrix as inputs), so Σ_ij|W_ij| — aihwkit 1.2's
+      ``GlobalDriftCompensation.get_readout_tensor`` (``eye(in_size)``).
+    * ``noise_time`` — the time t' in the 1/f read-noise factor sqrt(ln((t' + t_r)/(2 t_r))):
+      ``'t'`` (t since the end of programming; the factor is 3.81 at 1 s, 4.76 at 1 h. The
+      1/f band is empty for t ≤ t_r, so a read at t < t_r = 250 ns carries no read noise,
+      exactly: the model describes reads made after programming has ended, t ≫ t_r) or
+      ``'t+t0'`` (the clock of the drift law, whose power law runs in t + t0; 4.18 at t = 0,
+      never 0: aihwkit 1.2's ``PCMLikeNoiseModel.apply_drift_noise_to_conductance``).
+    * ``pair_remap`` — False: both devices of a differential pair drift and carry read noise
+      (a physical two-device cell, the device at g_min included). True: the programmed pair is
+      first re-mapped onto one pair with the net weight on one device and the other at g_min
+      (the layer's largest programmed |G⁺ − G⁻| at g_max), then drift and read noise act on
+      that pair — aihwkit 1.2's ``BaseNoiseModel.apply_drift_noise`` (its conductance
+      converter applied to the programmed, noisy weights). Done by
+      :func:`nvjax.crossbar.read_weights`/``mvm`` (it needs the pair and the layer scale);
+      :func:`read` on one array ignores it.
+
     References:
         Nandakumar et al., "Phase-change memory models for deep learning training and inference",
         ICECS 2019; Joshi et al., Nat. Commun. 11, 2473 (2020). The equations are those of the
-        published statistical model (also used by aihwkit's ``PCMLikeNoiseModel``).
+        published statistical model (also used by aihwkit's ``PCMLikeNoiseModel``); the
+        conventions above follow aihwkit 1.2's code (DESIGN.md §3 D1).
     """
     g_max: Any = 25.0                      # µS, conductance that maps to ĝ = 1
     prog_coeff: Any = (-1.1731, 1.9650, 0.26348)  # σ_p(ĝ) = (c2 ĝ² + c1 ĝ + c0)·g_max/25 µS
@@ -78,8 +106,21 @@ class PCM:
     t_read: Any = 250e-9                   # s, read pulse duration
     g_min: Any = 0.0
     faults: Optional[StuckAt] = None
+    drift_reference: str = struct.field(pytree_node=False, default="ones")  # 'ones' | 'onehot'
+    noise_time: str = struct.field(pytree_node=False, default="t")         # 't' | 't+t0'
+    pair_remap: bool = struct.field(pytree_node=False, default=False)
 
     name = "pcm"
+
+    @property
+    def convention(self) -> str:
+        """'physical' or 'aihwkit' when the three convention fields match one of
+        :data:`PCM_CONVENTIONS`, else 'custom'."""
+        opts = {k: getattr(self, k) for k in _PCM_CONVENTION_FIELDS}
+        for name, conv in PCM_CONVENTIONS.items():
+            if conv == opts:
+                return name
+        return "custom"
 
 
 @struct.dataclass
@@ -90,7 +131,9 @@ class ReRAM:
     after (``coeff_1d``). *Our model* of the time dependence (relaxation): each cell draws one
     normal ξ_r at programming and, read at time t, has moved by
     ``sqrt(σ_1d² − σ_1s²) · sqrt(clip(ln(t/1 s)/ln(86400), 0, ∞)) · ξ_r``, so that the total error
-    variance grows linearly in ln t from σ_1s² at 1 s to σ_1d² at 1 day.
+    variance grows linearly in ln t from σ_1s² at 1 s to σ_1d² at 1 day. Both σ are evaluated at
+    the target ĝ (the fit is per target state), so the error at 1 day is Gaussian with σ_1d(ĝ)
+    exactly (before the clamp at 0).
     """
     g_max: Any = 40.0
     coeff_1s: Any = (0.348, 16.030, -43.853, 45.393, -16.815)
@@ -126,6 +169,12 @@ class Flash:
 
     A threshold-voltage spread σ_Vth makes the conductance log-normal around its target with
     σ_ln = σ_Vth/(n·V_T). Default σ_Vth and n are placeholders to calibrate.
+
+    ``center`` (static) says which statistic of the programmed conductance sits at the target:
+    'mean' (default; g = g_T·exp(σ_ln ξ − σ_ln²/2), so E[g] = g_T — the programming target's
+    V_th is offset by σ_ln²/2·n·V_T, as a calibrated write scheme would do, and the weights are
+    unbiased) or 'median' (g = g_T·exp(σ_ln ξ): the V_th target itself, E[g] = g_T·e^{σ_ln²/2},
+    3.4 % high at the default σ_ln = 0.258).
     """
     g_max: Any = 10.0
     sigma_vth: Any = 0.01                  # V
@@ -134,6 +183,7 @@ class Flash:
     i0: Any = 1.0                          # µA at V_GS = V_th
     g_min: Any = 0.0
     faults: Optional[StuckAt] = None
+    center: str = struct.field(pytree_node=False, default="mean")   # 'mean' | 'median'
 
     name = "flash"
 
@@ -148,6 +198,32 @@ class Ideal:
     name = "ideal"
 
 
+#: The PCM conventions :func:`pcm` accepts (see :class:`PCM`): the values of its three
+#: convention fields. 'physical' (the default) is a two-device cell read as DESIGN.md §3 D1
+#: writes the equations; 'aihwkit' reproduces aihwkit 1.2.
+PCM_CONVENTIONS = {
+    "physical": {"drift_reference": "ones", "noise_time": "t", "pair_remap": False},
+    "aihwkit": {"drift_reference": "onehot", "noise_time": "t+t0", "pair_remap": True},
+}
+_PCM_CONVENTION_FIELDS = ("drift_reference", "noise_time", "pair_remap")
+_PCM_OPTION_VALUES = {"drift_reference": ("ones", "onehot"), "noise_time": ("t", "t+t0"),
+                      "pair_remap": (False, True)}
+
+
+def _pcm_convention(convention, overrides):
+    """``overrides`` completed with the convention fields of ``convention`` (explicit overrides
+    of single fields win); ValueError/TypeError naming the argument for a bad value."""
+    if not isinstance(convention, str) or convention not in PCM_CONVENTIONS:
+        raise ValueError(f"pcm(convention): expected one of {sorted(PCM_CONVENTIONS)}, "
+                         f"got {convention!r}")
+    out = {**PCM_CONVENTIONS[convention], **overrides}
+    for name, allowed in _PCM_OPTION_VALUES.items():
+        v = out[name]
+        if (isinstance(v, bool) != (name == "pair_remap")) or v not in allowed:
+            raise ValueError(f"pcm({name}): expected one of {list(allowed)}, got {v!r}")
+    return out
+
+
 Device = Union[PCM, ReRAM, Levels, Flash, Ideal]
 #: The device pytree classes of this module (what :func:`check_device` accepts).
 DEVICE_TYPES = (PCM, ReRAM, Levels, Flash, Ideal)
@@ -159,7 +235,9 @@ class CellState(NamedTuple):
     Attributes:
         g: programmed conductance, µS (at t = 0, before drift and read noise).
         nu: PCM drift exponent per cell (None for devices that do not drift).
-        relax: ReRAM per-cell relaxation normal ξ_r (None otherwise).
+        relax: ReRAM per-cell relaxation displacement reached at 1 day, µS:
+            ``sqrt(σ_1d² − σ_1s²)·ξ_r`` with σ evaluated at the *target* conductance (None for
+            other devices).
         stuck: int8 fault code per cell, 0 healthy, 1 stuck at g_min, 2 stuck at g_max
             (None when the device has no ``faults``).
     """
@@ -187,21 +265,45 @@ def _check_known(kind, overrides, cls):
                         "and p_stuck_min, p_stuck_max")
 
 
-def pcm(*, p_stuck_min=None, p_stuck_max=None, **overrides) -> PCM:
+def pcm(*, convention: str = "physical", p_stuck_min=None, p_stuck_max=None,
+        **overrides) -> PCM:
     """D1 PCM device (defaults of DESIGN.md §3). Keyword overrides replace any field.
+
+    Args:
+        convention: 'physical' (default) or 'aihwkit' — sets the three convention fields of
+            :class:`PCM` (``drift_reference``, ``noise_time``, ``pair_remap``; see there and
+            :data:`PCM_CONVENTIONS`). ``pcm(convention='aihwkit')`` deployed with
+            :func:`nvjax.chip.deploy` and a default :class:`nvjax.crossbar.TileConfig`
+            reproduces aihwkit 1.2's ``PCMLikeNoiseModel`` + ``GlobalDriftCompensation`` with
+            an ideal periphery (held to a fixture of aihwkit's statistics by
+            ``tests/test_aihwkit_fixture.py``). A field given explicitly overrides the
+            convention's value.
+        p_stuck_min, p_stuck_max: D6 stuck-at fault probabilities.
+        **overrides: any other field of :class:`PCM`.
+
+    Why 'physical' is the default: it models the cells a chip has — both devices of a pair
+    (the one at g_min too) are programmed with noise, drift and are read with noise, and the
+    1/f noise uses the time since programming as the equations of DESIGN.md §3 D1 and the
+    papers write it — and it keeps every earlier nvjax result unchanged. aihwkit's re-mapping
+    of the programmed weight onto one pair is a property of its simulator, not of a device; its
+    t + t0 clock and one-hot reference are choices, offered here by name. The network errors of
+    both conventions measured against aihwkit are in the README (section "Device models").
 
     Example:
         >>> dev = pcm(g_max=25.0)
         >>> st = program(jax.random.key(0), dev, jnp.full((4,), 10.0))
+        >>> pcm(convention="aihwkit").drift_reference
+        'onehot'
     """
     _check_known("pcm", overrides, PCM)
-    return PCM(faults=_faults(p_stuck_min, p_stuck_max), **overrides)
+    overrides = _pcm_convention(convention, overrides)
+    return _checked(PCM(faults=_faults(p_stuck_min, p_stuck_max), **overrides))
 
 
 def reram(*, p_stuck_min=None, p_stuck_max=None, **overrides) -> ReRAM:
     """D2 ReRAM device (Wan et al. 2022 fit, g_max = 40 µS)."""
     _check_known("reram", overrides, ReRAM)
-    return ReRAM(faults=_faults(p_stuck_min, p_stuck_max), **overrides)
+    return _checked(ReRAM(faults=_faults(p_stuck_min, p_stuck_max), **overrides))
 
 
 def levels(*, bits: int = 2, sigma=0.1, nonuniform: float = 1.0, g_min=0.0, g_max=1.0,
@@ -215,31 +317,35 @@ def levels(*, bits: int = 2, sigma=0.1, nonuniform: float = 1.0, g_min=0.0, g_ma
         nonuniform: factor s multiplying σ of the mid-range levels (all but the lowest and the
             highest), e.g. 1, 2, 4, 6 (the "non-uniform" variants of Yan et al.).
     """
-    if not isinstance(bits, int) or bits < 1 or bits > 8:
-        raise ValueError(f"levels(): bits must be an int in 1..8, got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise UserError(f"levels(): bits must be an int in 1..8, got {bits!r}")
+    check_real("levels(sigma)", sigma, minimum=0.0)
+    check_real("levels(nonuniform)", nonuniform, minimum=0.0)
     n = 2 ** bits
     table = np.broadcast_to(np.asarray(sigma, np.float32), (n,)).copy() if np.ndim(sigma) == 0 \
         else np.asarray(sigma, np.float32)
     if table.shape != (n,):
-        raise ValueError(f"levels(): sigma table must have 2**bits = {n} entries, got shape "
+        raise UserError(f"levels(): sigma table must have 2**bits = {n} entries, got shape "
                          f"{table.shape}")
     if np.any(table < 0):
         raise ValueError(f"levels(): sigma must be >= 0, got {table}")
     if nonuniform != 1.0 and n > 2:
         table[1:-1] *= nonuniform
-    return Levels(sigma=jnp.asarray(table), g_min=g_min, g_max=g_max,
-                  faults=_faults(p_stuck_min, p_stuck_max))
+    return _checked(Levels(sigma=jnp.asarray(table), g_min=g_min, g_max=g_max,
+                           faults=_faults(p_stuck_min, p_stuck_max)))
 
 
 def flash(*, p_stuck_min=None, p_stuck_max=None, **overrides) -> Flash:
-    """D5 NOR-flash device (log-normal conductance from V_th variation)."""
+    """D5 NOR-flash device (log-normal conductance from V_th variation; ``center='mean'`` (default)
+    or ``'median'`` at the target, see :class:`Flash`)."""
     _check_known("flash", overrides, Flash)
-    return Flash(faults=_faults(p_stuck_min, p_stuck_max), **overrides)
+    _flash_log_shift(Flash(center=overrides.get("center", "mean")), 0.0)  # checks ``center``
+    return _checked(Flash(faults=_faults(p_stuck_min, p_stuck_max), **overrides))
 
 
 def ideal(*, g_max=25.0, g_min=0.0, p_stuck_min=None, p_stuck_max=None) -> Ideal:
     """An ideal device (optionally with stuck-at faults only)."""
-    return Ideal(g_max=g_max, g_min=g_min, faults=_faults(p_stuck_min, p_stuck_max))
+    return _checked(Ideal(g_max=g_max, g_min=g_min, faults=_faults(p_stuck_min, p_stuck_max)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +387,9 @@ def programming_sigma(device: Device, g_target: Array, *, t: float = 1.0) -> Arr
         return jnp.asarray(device.sigma)[idx] * (device.g_max - device.g_min)
     if isinstance(device, Flash):
         s = _flash_sigma_ln(device)
-        return g_target * jnp.sqrt(jnp.expm1(s ** 2)) * jnp.exp(s ** 2 / 2)
+        # std of g_T·exp(sξ − shift): g_T·sqrt(e^{s²} − 1)·e^{s²/2 − shift}
+        return g_target * jnp.sqrt(jnp.expm1(s ** 2)) * jnp.exp(s ** 2 / 2
+                                                                 - _flash_log_shift(device, s))
     if isinstance(device, Ideal):
         return jnp.zeros_like(g_target)
     check_device(device, "programming_sigma: device")
@@ -314,6 +422,24 @@ def _flash_sigma_ln(device: Flash):
     return device.sigma_vth / (device.n_slope * device.v_thermal)
 
 
+def _flash_log_shift(device: Flash, s_ln):
+    """ln(median/target) of the flash conductance: −σ_ln²/2 for ``center='mean'`` (E[g] = g_T,
+    since E[exp(σξ)] = exp(σ²/2)), 0 for ``center='median'``."""
+    if device.center == "mean":
+        return s_ln ** 2 / 2
+    if device.center == "median":
+        return jnp.zeros_like(s_ln)
+    raise ValueError(f"flash(center): expected 'mean' or 'median', got {device.center!r}")
+
+
+def _reram_relax_amplitude(device: ReRAM, g_target):
+    """sqrt(max(σ_1d² − σ_1s², 0)) at the target conductance, µS (ReRAM relaxation, our model)."""
+    gh = g_target / device.g_max
+    s1 = _poly(device.coeff_1s, gh)
+    s2 = _poly(device.coeff_1d, gh)
+    return _safe_sqrt(jnp.maximum(s2 ** 2 - s1 ** 2, 0.0))
+
+
 def _level_index(device: Levels, g):
     n = device.num_levels
     step = (device.g_max - device.g_min) / (n - 1)
@@ -335,13 +461,16 @@ def drift(device: Device, g_prog: Array, nu: Optional[Array], t) -> Array:
 
 
 def _pcm_read_noise_scale(device: PCM, g_prog, t):
-    """|g|-relative σ of the PCM 1/f read noise: Q_s·sqrt(ln((t + t_r)/(2 t_r)))."""
+    """|g|-relative σ of the PCM 1/f read noise: Q_s·sqrt(ln((t' + t_r)/(2 t_r))), t' = t or
+    t + t0 (``device.noise_time``); 0 where the logarithm is negative (t' < t_r)."""
     # max(ĝ^e, 1e-3) written as max(ĝ, 1e-3^(1/e))^e: the same value, finite gradients at ĝ = 0.
     # ĝ^(−e) as exp(−e·ln ĝ) (ĝ > 0 after the floor): XLA:CPU's elementwise pow is ~10x slower.
     e = device.read_q_exp
     gh = jnp.maximum(g_prog / device.g_max, 1e-3 ** (1.0 / e))
     q = jnp.minimum(device.read_q * jnp.exp(-e * jnp.log(gh)), device.read_q_max)
     t = jnp.asarray(t, g_prog.dtype)
+    if device.noise_time == "t+t0":   # aihwkit 1.2: t' = t_inference + t_0
+        t = t + device.t0
     arg = jnp.maximum(jnp.log((t + device.t_read) / (2.0 * device.t_read)), 0.0)
     return q * jnp.sqrt(arg)
 
@@ -349,17 +478,96 @@ def _pcm_read_noise_scale(device: PCM, g_prog, t):
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-def check_device(device, where: str = "device") -> None:
-    """Raise TypeError unless ``device`` is one of this module's device pytrees (``DEVICE_TYPES``).
+#: Per device kind, the physics numbers that must be finite, with their lower bound (µS, s, V;
+#: ``True``: strictly above it); every conductance range also needs g_min < g_max.
+_BOUNDS = {
+    "pcm": {"g_max": (0.0, True), "g_min": (0.0, False), "t0": (0.0, True),
+            "read_q": (0.0, False), "read_q_exp": (0.0, True), "read_q_max": (0.0, False),
+            "t_read": (0.0, True)},
+    "reram": {"g_max": (0.0, True), "g_min": (0.0, False)},
+    "levels": {"g_max": (0.0, True), "g_min": (0.0, False), "sigma": (0.0, False)},
+    "flash": {"g_max": (0.0, True), "g_min": (0.0, False), "sigma_vth": (0.0, False),
+              "n_slope": (0.0, True), "v_thermal": (0.0, True), "i0": (0.0, True)},
+    "ideal": {"g_max": (0.0, True), "g_min": (0.0, False)},
+}
+#: Per device kind, coefficient tables: finite, with this many entries on the last axis (None:
+#: at least one).
+_TABLES = {"pcm": {"prog_coeff": 3, "nu_mu": 4, "nu_sigma": 4},
+           "reram": {"coeff_1s": None, "coeff_1d": None}}
+
+
+def _checked(device):
+    """``device`` after checking its concrete physics numbers (the policy of ``_checks``: finite,
+    conductances >= 0 with g_min < g_max, time constants and slopes > 0, noise amplitudes >= 0,
+    coefficient tables of the right length, stuck-at probabilities in [0, 1] summing to at most
+    1); traced values pass. Raises UserError (a ValueError) or TypeError naming the argument."""
+    kind = device.name
+    for name, (lo, strict) in _BOUNDS[kind].items():
+        check_real(f"{kind}({name})", getattr(device, name), minimum=lo, strict_min=strict)
+    for name, size in _TABLES.get(kind, {}).items():
+        v = getattr(device, name)
+        if not is_concrete(v):
+            continue
+        check_real(f"{kind}({name})", v)
+        n = np.shape(v)[-1] if np.ndim(v) else 0
+        if (size is None and n < 1) or (size is not None and n != size):
+            want = "at least 1" if size is None else str(size)
+            raise UserError(f"{kind}({name}) must be a table of {want} coefficients, got "
+                            f"{np.asarray(v).tolist()!r}")
+    g_min, g_max = device.g_min, device.g_max
+    if is_concrete(g_min) and is_concrete(g_max) and np.any(np.asarray(g_min) >= np.asarray(g_max)):
+        raise UserError(f"{kind}(g_min) must be < g_max = {np.asarray(g_max).tolist()} µS, got "
+                        f"{np.asarray(g_min).tolist()}")
+    f = device.faults
+    if f is not None:
+        check_real(f"{kind}(p_stuck_min)", f.p_min, minimum=0.0, maximum=1.0)
+        check_real(f"{kind}(p_stuck_max)", f.p_max, minimum=0.0, maximum=1.0)
+        if is_concrete(f.p_min) and is_concrete(f.p_max) and \
+                np.any(np.asarray(f.p_min) + np.asarray(f.p_max) > 1.0 + 1e-9):
+            raise UserError(f"{kind}(p_stuck_min + p_stuck_max) must be <= 1 (a cell is stuck at "
+                            f"g_min, at g_max, or free), got {np.asarray(f.p_min).tolist()} + "
+                            f"{np.asarray(f.p_max).tolist()}")
+    return device
+
+
+def _state_kind(state) -> Optional[str]:
+    """The device kind a :class:`CellState` was programmed with, as far as its fields tell: 'pcm'
+    (drift exponents), 'reram' (relaxation normals), None (levels, flash or ideal)."""
+    if state.nu is not None:
+        return "pcm"
+    if state.relax is not None:
+        return "reram"
+    return None
+
+
+def check_device(device, where: str = "device", *, state=None) -> None:
+    """Raise TypeError unless ``device`` is one of this module's device pytrees (``DEVICE_TYPES``)
+    and, with ``state``, unless that :class:`CellState` was programmed with a device of the
+    same kind (PCM states carry drift exponents, ReRAM states relaxation normals, the others
+    neither).
 
     Args:
         device: the value to check.
         where: the caller and argument, for the message (e.g. ``'deploy: device'``).
+        state: a :class:`CellState` to read with ``device`` (optional).
     """
     if not isinstance(device, DEVICE_TYPES):
         raise TypeError(f"{where}: expected a device from nvjax.devices "
                         f"({', '.join(t.__name__ for t in DEVICE_TYPES)}), "
                         f"got {type(device).__name__}")
+    if state is None:
+        return
+    if not isinstance(state, CellState):
+        raise TypeError(f"{where}: expected a CellState from program(), got {type(state).__name__}")
+    want = device.name if device.name in ("pcm", "reram") else None
+    got = _state_kind(state)
+    if got != want:
+        what = {"pcm": "a pcm device (the state has drift exponents)",
+                "reram": "a reram device (the state has relaxation normals)",
+                None: "a levels, flash or ideal device (the state has neither drift exponents "
+                      "nor relaxation normals)"}[got]
+        raise TypeError(f"{where}: the cell state was programmed with {what}, but the device "
+                        f"passed is {device.name}; read with the device it was programmed with")
 
 
 def check_conductances(name: str, g, device: Optional[Device] = None) -> None:
@@ -413,8 +621,8 @@ def program(key: Array, device: Device, g_target: Array) -> CellState:
 
     Returns:
         :class:`CellState` whose ``g`` holds the programmed conductances (µS, shape of
-        ``g_target``), plus the per-cell drift exponents (PCM), relaxation normals (ReRAM) and
-        stuck-at codes (when the device has ``faults``).
+        ``g_target``), plus the per-cell drift exponents (PCM), relaxation displacements
+        (ReRAM) and stuck-at codes (when the device has ``faults``).
 
     References:
         DESIGN.md §3 (D1, D2, D3, D5, D6).
@@ -435,7 +643,7 @@ def program(key: Array, device: Device, g_target: Array) -> CellState:
     elif isinstance(device, ReRAM):
         sig = programming_sigma(device, g_target, t=1.0)
         g = jnp.maximum(g_target + sig * jax.random.normal(k_prog, shape, dtype), 0.0)
-        relax = jax.random.normal(k_aux, shape, dtype)
+        relax = _reram_relax_amplitude(device, g_target) * jax.random.normal(k_aux, shape, dtype)
     elif isinstance(device, Levels):
         idx = _level_index(device, g_target)
         step = (device.g_max - device.g_min) / (device.num_levels - 1)
@@ -445,7 +653,9 @@ def program(key: Array, device: Device, g_target: Array) -> CellState:
         sig = jnp.asarray(device.sigma, dtype)[idx] * (device.g_max - device.g_min)
         g = g_lvl + sig * jax.random.normal(k_prog, shape, dtype)
     elif isinstance(device, Flash):
-        g = g_target * jnp.exp(_flash_sigma_ln(device) * jax.random.normal(k_prog, shape, dtype))
+        s_ln = _flash_sigma_ln(device)
+        g = g_target * jnp.exp(s_ln * jax.random.normal(k_prog, shape, dtype)
+                               - _flash_log_shift(device, s_ln))
     else:  # Ideal
         g = g_target
     if device.faults is not None:
@@ -460,9 +670,10 @@ def read(key: Array, device: Device, state: CellState, t) -> Array:
     """Conductances read ``t`` seconds after programming.
 
     PCM: drift ``g_prog·((t + t0)/t0)^(−ν)`` then 1/f read noise
-    ``g + |g|·Q_s·sqrt(ln((t + t_r)/(2 t_r)))·ξ`` with Q_s from the programmed conductance, clamped
-    at 0. ReRAM: relaxation (see :class:`ReRAM`). Other devices: no change. Stuck cells read their
-    stuck value. The state is not modified.
+    ``g + |g|·Q_s·sqrt(ln((t' + t_r)/(2 t_r)))·ξ`` with Q_s from the programmed conductance,
+    clamped at 0; t' = t (no read noise for t < t_r) or t + t0 (``device.noise_time``, see
+    :class:`PCM`). ReRAM: relaxation (see :class:`ReRAM`). Other devices: no change. Stuck cells
+    read their stuck value. The state is not modified.
 
     Args:
         key: PRNG key for the read noise.
@@ -473,20 +684,16 @@ def read(key: Array, device: Device, state: CellState, t) -> Array:
     Returns:
         Conductances, µS, shape of ``state.g``.
     """
-    check_device(device, "read: device")
-    if is_concrete(t) and np.any(np.asarray(t) < 0):
-        raise ValueError(f"read(t): time since programming must be >= 0 s, got {t}")
+    check_device(device, "read: device", state=state)
+    check_time("read(t) (time since programming, s)", t)
     g0 = state.g
     if isinstance(device, PCM):
         g = drift(device, g0, state.nu, t)
         scale = _pcm_read_noise_scale(device, g0, t)
         g = jnp.maximum(g + jnp.abs(g) * scale * jax.random.normal(key, g.shape, g.dtype), 0.0)
     elif isinstance(device, ReRAM):
-        gh = jnp.clip(g0, 0.0, None) / device.g_max
-        s1 = _poly(device.coeff_1s, gh)
-        s2 = _poly(device.coeff_1d, gh)
-        amp = _safe_sqrt(jnp.maximum(s2 ** 2 - s1 ** 2, 0.0) * _relax_fraction(t))
-        g = jnp.maximum(g0 + amp * state.relax, 0.0)
+        # state.relax is the 1-day displacement, drawn at the target (see program)
+        g = jnp.maximum(g0 + _safe_sqrt(_relax_fraction(t)) * state.relax, 0.0)
     else:
         g = g0
     return apply_faults(device, g, state.stuck)

@@ -18,7 +18,13 @@ Defaults are placeholders to calibrate: V_ref = 0.2 V, N_ref = 1e8, V_0 = 0.05 V
 β = 0.5, ε_f = 0.1, σ_ln = 0.5. Calibration anchor: Yao et al., Nature 577, 641 (2020), Ext.
 Data Fig. 7 — memristor weights still usable after 10⁶ read pulses at 0.2 V.
 
-Units: conductance µS, voltage V. This module imports only jax and flax.struct.
+The presets (:func:`pcm_disturb`, :func:`reram_disturb`) check their concrete numbers: finite,
+n_ref, v0, g_ref, beta, eps_f > 0 and v_ref, sigma_ln, g_inf >= 0 (NaN never passes).
+:class:`DisturbParams` built directly or changed with ``replace`` is checked the same way by
+:func:`check_params`, which :func:`accumulate`, :func:`accumulate_batch` (called eagerly) and
+:func:`nvjax.lifetime.lifetime` run.
+
+Units: conductance µS, voltage V. This module imports ``_checks``, jax and flax.struct.
 """
 from __future__ import annotations
 
@@ -28,8 +34,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ._checks import check_real
+
 __all__ = ["DisturbParams", "pcm_disturb", "reram_disturb", "draw_spread", "reads_to_failure",
-           "accumulate", "accumulate_batch", "disturbed_conductance"]
+           "accumulate", "accumulate_batch", "disturbed_conductance", "check_params"]
 
 
 @struct.dataclass
@@ -46,14 +54,62 @@ class DisturbParams:
     g_inf: Any = 25.0      # µS, state read stress pushes cells toward
 
 
+#: Lower bound of every D7 number (``True``: strictly above it); all must be finite.
+_BOUNDS = {"n_ref": (0.0, True), "v_ref": (0.0, False), "v0": (0.0, True), "kappa": (None, False),
+           "g_ref": (0.0, True), "beta": (0.0, True), "eps_f": (0.0, True),
+           "sigma_ln": (0.0, False), "g_inf": (0.0, False)}
+
+
+def check_params(params: DisturbParams, where: str = "disturb") -> DisturbParams:
+    """Check the concrete numbers of ``params`` (the bounds of the module docstring).
+
+    Traced fields pass unchecked (inside ``jit``/``vmap``/``grad`` nobody can inspect them).
+
+    Args:
+        params: :class:`DisturbParams` (scalars or stacked arrays).
+        where: the caller's name, for the message (``"{where}: disturb.v_ref must be ..."``).
+
+    Returns:
+        ``params``, unchanged.
+
+    Raises:
+        TypeError: ``params`` is not a :class:`DisturbParams`, or a field is not a real number.
+        ValueError: (:class:`nvjax._checks.UserError`) a field is NaN, infinite or out of range;
+            the message names the field.
+
+    Example:
+        >>> check_params(pcm_disturb()).v_ref
+        0.2
+    """
+    if not isinstance(params, DisturbParams):
+        raise TypeError(f"{where}: disturb parameters must be a DisturbParams, got "
+                        f"{type(params).__name__}")
+    for field, (lo, strict) in _BOUNDS.items():
+        check_real(f"{where}: disturb.{field}", getattr(params, field), minimum=lo,
+                   strict_min=strict)
+    return params
+
+
+def _checked(name: str, overrides) -> DisturbParams:
+    """:class:`DisturbParams` from ``overrides`` after the checks of the module docstring (traced
+    values pass); TypeError for an unknown field, UserError (a ValueError) naming the field."""
+    bad = sorted(set(overrides) - set(_BOUNDS))
+    if bad:
+        raise TypeError(f"{name}(): unknown parameter(s) {bad}; valid: {sorted(_BOUNDS)}")
+    params = DisturbParams(**overrides)
+    for field, (lo, strict) in _BOUNDS.items():
+        check_real(f"{name}({field})", getattr(params, field), minimum=lo, strict_min=strict)
+    return params
+
+
 def pcm_disturb(**overrides) -> DisturbParams:
-    """Placeholder D7 constants for D1 PCM (g_max = 25 µS, G_∞ = g_max)."""
-    return DisturbParams(**{"g_ref": 25.0, "g_inf": 25.0, **overrides})
+    """Placeholder D7 constants for D1 PCM (g_max = 25 µS, G_∞ = g_max); overrides checked."""
+    return _checked("pcm_disturb", {"g_ref": 25.0, "g_inf": 25.0, **overrides})
 
 
 def reram_disturb(**overrides) -> DisturbParams:
-    """Placeholder D7 constants for D2 ReRAM (g_max = 40 µS, G_∞ = g_max)."""
-    return DisturbParams(**{"g_ref": 40.0, "g_inf": 40.0, **overrides})
+    """Placeholder D7 constants for D2 ReRAM (g_max = 40 µS, G_∞ = g_max); overrides checked."""
+    return _checked("reram_disturb", {"g_ref": 40.0, "g_inf": 40.0, **overrides})
 
 
 def draw_spread(key, shape, dtype=jnp.float32) -> jax.Array:
@@ -78,7 +134,11 @@ def accumulate(params: DisturbParams, damage, num_reads, v, g0, spread) -> jax.A
         v: cell voltage of these reads, V (its magnitude stresses the cell).
         g0: programmed conductance, µS.
         spread: per-cell z of :func:`draw_spread`.
+
+    Raises:
+        ValueError: (called eagerly) a number of ``params`` is out of range (:func:`check_params`).
     """
+    check_params(params, "accumulate")
     return damage + jnp.asarray(num_reads, jnp.float32) / reads_to_failure(params, jnp.abs(v), g0, spread)
 
 
@@ -94,7 +154,11 @@ def accumulate_batch(params: DisturbParams, damage, num_reads, v, g0, spread) ->
         num_reads: reads at each voltage, [B, ...] broadcastable to [B, *S] (e.g. [B, n_in, 1]).
         v: cell voltages, V, [B, ...] broadcastable to [B, *S].
         g0, spread: programmed conductance (µS) and spread z, shape S.
+
+    Raises:
+        ValueError: (called eagerly) a number of ``params`` is out of range (:func:`check_params`).
     """
+    check_params(params, "accumulate_batch")
     rate = jnp.sum(jnp.asarray(num_reads, jnp.float32)
                    * jnp.exp((jnp.abs(jnp.asarray(v)) - params.v_ref) / params.v0), axis=0)
     return damage + rate / reads_to_failure(params, params.v_ref, g0, spread)

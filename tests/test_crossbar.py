@@ -237,3 +237,87 @@ def test_cell_voltages_per_tile_match_irdrop():
     np.testing.assert_array_equal(none, np.broadcast_to(np.asarray(v)[:, :, None], (3, 10, 6)))
     with pytest.raises(ValueError, match="v_rows"):
         xb.cell_voltages(g, v[:, :5], config=cfg)
+
+
+def test_cell_voltages_solver_matches_nodal_solve_and_a_failed_solve_raises_or_is_nan():
+    from test_irdrop import _nodal
+    g = jax.random.uniform(jax.random.key(3), (10, 6), minval=0.0, maxval=25.0)
+    v = jax.random.uniform(jax.random.key(4), (2, 10), maxval=0.2)
+    cfg = xb.TileConfig(rows=5, cols=4, ir_drop="solver", r_wire=500.0)
+    vc = np.asarray(xb.cell_voltages(g, v, config=cfg))
+    gn, vn = np.asarray(g, float), np.asarray(v, float)
+    for b in range(2):
+        for r0 in (0, 5):
+            for c0 in (0, 4):
+                t = np.zeros((5, 4))
+                blk = gn[r0:r0 + 5, c0:c0 + 4]
+                t[:, :blk.shape[1]] = blk
+                ref = _nodal(t, vn[b, r0:r0 + 5], 500.0)[:, :blk.shape[1]]
+                np.testing.assert_allclose(vc[b, r0:r0 + 5, c0:c0 + 4], ref, atol=1e-5)
+    bad = cfg.replace(r_wire=1e5, ir_max_iter=2)
+    with pytest.raises(ValueError, match=r"cell_voltages: the IR-drop solver did not converge.*"
+                                         r"5×4 tiles, r_wire = 100000 Ω"):
+        xb.cell_voltages(g, v, config=bad)
+    nan = jax.jit(lambda gg, vv: xb.cell_voltages(gg, vv, config=bad))(g, v)
+    assert np.all(np.isnan(np.asarray(nan)))
+
+
+def test_predistorted_tiles_read_with_either_ir_drop_mode_but_not_another_build():
+    """Pre-distortion uses the first-order form whatever the mode, so tiles built with
+    'first_order' may be read with 'solver' (and back); a config that would have stored other
+    conductances (other iterations, r_wire, no pre-distortion) is still refused."""
+    w = jax.random.normal(jax.random.key(0), (12, 6))
+    x = jax.random.uniform(jax.random.key(1), (2, 12))
+    cfg = xb.TileConfig(rows=8, cols=8, ir_drop="first_order", ir_predistort=2, r_wire=50.0)
+    tiles = xb.program_tiles(jax.random.key(2), D.ideal(), w, config=cfg)
+    y_fo, _ = xb.mvm(jax.random.key(3), D.ideal(), tiles, x, 0.0, config=cfg)
+    y_sv, _ = xb.mvm(jax.random.key(3), D.ideal(), tiles, x, 0.0,
+                     config=cfg.replace(ir_drop="solver"))
+    assert np.all(np.isfinite(np.asarray(y_sv)))
+    np.testing.assert_allclose(y_sv, y_fo, rtol=0.05, atol=0.05 * float(jnp.abs(y_fo).max()))
+    for other, needle in ((cfg.replace(ir_predistort=3), "ir_predistort"),
+                          (cfg.replace(r_wire=20.0), "r_wire"),
+                          (cfg.replace(ir_drop="none"), "ir_predistort")):
+        with pytest.raises(ValueError, match=rf"config differs.*{needle}"):
+            xb.read_weights(jax.random.key(3), D.ideal(), tiles, 0.0, config=other)
+
+
+def test_tile_checks_the_first_order_form_once_on_the_final_conductances(monkeypatch):
+    calls = []
+
+    def spy(g, r_wire, *, where, limit=0.05):
+        calls.append((np.asarray(g), where))
+        return 0.0
+    monkeypatch.setattr(irdrop, "check_first_order", spy)
+    cfg = xb.TileConfig(rows=16, cols=16, ir_drop="first_order", r_wire=70.0, ir_predistort=2)
+    w = jax.random.normal(jax.random.key(0), (20, 24))
+    gp, gm, _ = xb.tile(w, D.pcm(), config=cfg)
+    assert len(calls) == 1 and calls[0][1].startswith("tile")
+    grid = np.concatenate([xb.tile_grid(gp, cfg), xb.tile_grid(gm, cfg)])   # both sides, boosted
+    np.testing.assert_array_equal(calls[0][0], grid)
+    assert float(jnp.max(gp)) <= 25.0 and float(jnp.max(gp)) > 0.5 * 25.0
+    calls.clear()
+    xb.predistort_ir(gp, cfg, g_max=25.0)
+    assert len(calls) == 1 and calls[0][1] == "predistort_ir"
+
+
+def test_failed_solve_message_says_whether_the_cap_or_the_residual_stopped_it():
+    g = jax.random.uniform(jax.random.key(3), (10, 6), minval=0.0, maxval=25.0)
+    v = jax.random.uniform(jax.random.key(4), (2, 10), maxval=0.2)
+    cfg = xb.TileConfig(rows=5, cols=4, ir_drop="solver", r_wire=1e5, ir_max_iter=2)
+    with pytest.raises(ValueError, match=r"ran into the iteration cap ir_max_iter = 2.*"
+                                         r"raise TileConfig.ir_max_iter") as e:
+        xb.cell_voltages(g, v, config=cfg)
+    assert "stopped after" not in str(e.value)
+    # a NaN conductance stops its tile's solve at once: more iterations would not help
+    with pytest.raises(ValueError, match=r"did not converge in 2 of 8 tile solves.*stopped after "
+                                         r"\d+ of at most 200 iterations because the residual "
+                                         r"was not finite: raising ir_max_iter does not help; "
+                                         r"1 conductance\(s\) are NaN") as e:
+        xb.cell_voltages(g.at[1, 1].set(jnp.nan), v, config=cfg.replace(r_wire=1.0,
+                                                                         ir_max_iter=200))
+    assert "ran into the iteration cap" not in str(e.value)
+    # a negative conductance is not a reason to fail by itself: this solve converges
+    vc = xb.cell_voltages(jnp.full((10, 6), -5.0), v, config=cfg.replace(r_wire=5.0,
+                                                                        ir_max_iter=200))
+    assert np.all(np.isfinite(np.asarray(vc)))

@@ -4,7 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nvjax import crossbar as xb
+from nvjax import devices as D
 from nvjax import disturb as R
+from nvjax import lifetime as L
 
 
 def test_reads_to_failure_closed_form():
@@ -85,3 +88,28 @@ def test_accumulate_batch_equals_reads_one_voltage_at_a_time():
     for b in range(3):
         seq = R.accumulate(p, seq, n[b], v[b], g0, z)
     np.testing.assert_allclose(R.accumulate_batch(p, d, n, v, g0, z), seq, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: R.pcm_disturb().replace(v_ref=float("nan")),
+                                  lambda: R.DisturbParams(v_ref=float("nan"))],
+                         ids=["replace", "constructor"])
+def test_bad_params_built_without_the_presets_are_refused(make):
+    """A NaN V_ref would make every damage NaN, which reads as no disturb at all: refused by
+    check_params, by accumulate(_batch) called eagerly and by lifetime(), naming the field."""
+    bad = make()
+    for call in (lambda: R.check_params(bad),
+                 lambda: R.accumulate(bad, 0.0, 10, 0.2, 5.0, 0.0),
+                 lambda: R.accumulate_batch(bad, jnp.zeros(2), jnp.ones((1, 2)),
+                                            jnp.full((1, 2), 0.2), jnp.full(2, 5.0), jnp.zeros(2)),
+                 lambda: L.lifetime(None, None, D.pcm(), xb.TileConfig(), bad,
+                                    jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32))):
+        with pytest.raises(ValueError, match=r"disturb\.v_ref must be finite") as e:
+            call()
+        assert type(e.value).__name__ == "UserError"
+    with pytest.raises(ValueError, match=r"disturb\.v0 must be > 0"):
+        R.check_params(R.DisturbParams(v0=0.0))
+    with pytest.raises(TypeError, match="DisturbParams"):
+        R.check_params({"v_ref": 0.2})
+    # traced values cannot be inspected and pass (the jitted lifetime loop)
+    acc = jax.jit(lambda p: R.accumulate(p, 0.0, 10, 0.2, 5.0, 0.0))(R.pcm_disturb())
+    assert np.isfinite(float(acc))
