@@ -110,11 +110,14 @@ class DeviceConfig:
         params: keyword overrides of the device factory (e.g. ``g_max: 25.0``; for 'levels':
             ``bits``, ``sigma``, ``nonuniform``, ``g_min``, ``g_max``).
         p_stuck_min, p_stuck_max: D6 stuck-at-fault probabilities.
+        convention: 'pcm' only: 'physical' (default of ``devices.pcm``) or 'aihwkit' (aihwkit
+            1.2's conventions, DESIGN.md §3 D1); null = the factory's default.
     """
     kind: Literal["pcm", "reram", "levels", "flash", "ideal"] = "pcm"
     params: Dict[str, ParamValue] = field(default_factory=dict)
     p_stuck_min: float = 0.0
     p_stuck_max: float = 0.0
+    convention: Optional[Literal["physical", "aihwkit"]] = None
 
     def validate(self):
         for p in ("p_stuck_min", "p_stuck_max"):
@@ -123,6 +126,8 @@ class DeviceConfig:
         if not self.p_stuck_min + self.p_stuck_max <= 1.0 + 1e-9:
             raise ValueError(f"p_stuck_min + p_stuck_max must be <= 1 (a cell is stuck at g_min, "
                              f"at g_max, or free), got {self.p_stuck_min} + {self.p_stuck_max}")
+        if self.convention is not None and self.kind != "pcm":
+            raise ValueError(f"convention applies to kind 'pcm' only, got kind {self.kind!r}")
         for k, v in self.params.items():
             _check_param_shape(self.kind, f"params.{k}", k, v)
         try:
@@ -277,6 +282,8 @@ def make_device(cfg: DeviceConfig, **point):
     kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in kw.items()}
     if cfg.kind == "levels" and isinstance(kw.get("bits"), float) and kw["bits"].is_integer():
         kw["bits"] = int(kw["bits"])  # a device_grid list holds floats
+    if cfg.convention is not None:
+        kw["convention"] = cfg.convention
     return _FACTORIES[cfg.kind](**kw, **stuck)
 
 

@@ -111,3 +111,18 @@ def test_missing_keys_take_their_defaults():
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     assert "unknown or missing key" not in text.lower()  # the other rule is claimed nowhere
     assert "every key below may be left out, a whole section included" in text
+
+
+def test_device_convention_key_selects_the_aihwkit_pcm_and_is_pcm_only():
+    from nvjax import devices as D
+    base = cfg_mod.to_dict(cfg_mod.RunConfig())
+    d = {**base, "device": {**base["device"], "convention": "aihwkit"}}
+    cfg = cfg_mod.from_dict(d, cfg_mod.RunConfig)
+    assert cfg_mod.make_device(cfg.device) == D.pcm(convention="aihwkit")
+    assert cfg_mod.make_device(cfg_mod.RunConfig().device) == D.pcm()
+    bad = {**base, "device": {**base["device"], "kind": "reram", "convention": "aihwkit"}}
+    with pytest.raises(cfg_mod.ConfigError, match="convention"):
+        cfg_mod.from_dict(bad, cfg_mod.RunConfig)
+    bad = {**base, "device": {**base["device"], "convention": "ibm"}}
+    with pytest.raises(cfg_mod.ConfigError, match="convention"):
+        cfg_mod.from_dict(bad, cfg_mod.RunConfig)
