@@ -12,6 +12,7 @@ import yaml
 
 from nvjax import cli
 from nvjax import config as cfg_mod
+from nvjax import devices as D
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +115,6 @@ def test_missing_keys_take_their_defaults():
 
 
 def test_device_convention_key_selects_the_aihwkit_pcm_and_is_pcm_only():
-    from nvjax import devices as D
     base = cfg_mod.to_dict(cfg_mod.RunConfig())
     d = {**base, "device": {**base["device"], "convention": "aihwkit"}}
     cfg = cfg_mod.from_dict(d, cfg_mod.RunConfig)

@@ -559,8 +559,57 @@ def test_first_order_ir_drop_is_checked_before_the_sweep(ref, tmp_path, monkeypa
     v1 = irdrop.voltages_first_order(g, v_in, 50.0)
     v = exact.v_cell
     assert float(jnp.max(jnp.abs(v1 - v)) / jnp.max(jnp.abs(v))) > 0.05
-    for tile in ({"ir_drop": "first_order", "r_wire": 0.01}, {"ir_drop": "none", "r_wire": 20.0},
-                 {"ir_drop": "solver", "r_wire": 20.0}):
+    for tile in ({"ir_drop": "first_order", "r_wire": 0.01}, {"ir_drop": "none", "r_wire": 50.0},
+                 {"ir_drop": "solver", "r_wire": 50.0}):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             run(**tile)
+
+
+@pytest.mark.slow  # compiles a lifetime loop with the solver (about a minute on 2 cores)
+def test_lifetime_with_failed_ir_solves_is_refused(ref, tmp_path):
+    """``nvjax lifetime`` with IR-drop solves that cannot converge (one iteration): the summary
+    counts the failed evaluation points, the files and figure are written, and the job stops
+    with an error saying what to change."""
+    base = {"seed": 0, "progress": False,
+            "model": {**BASE["model"], "params_path": os.path.join(ref[0], "params.msgpack")},
+            "device": {"kind": "pcm", "params": {"g_max": 25.0}},
+            "tile": {"rows": 64, "cols": 64, "ir_drop": "solver", "r_wire": 2.0,
+                     "ir_max_iter": 1},
+            "lifetime": {"num_steps": 2, "batch_size": 4}, "num_chips": 2, "chunk_size": 2,
+            "eval_samples": 30}
+    out = str(tmp_path / "life")
+    with pytest.raises(UserError) as e:
+        jobs.run_lifetime(_config(base, cfg_mod.LifetimeRunConfig), out, log=_quiet)
+    msg = str(e.value)
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    bad = summary["ir_unconverged_points"]
+    assert bad > 0
+    assert f"did not converge at {bad} of " in msg and "raise tile.ir_max_iter" in msg, msg
+    with open(os.path.join(out, "results.csv")) as f:
+        assert sum(",nan," in row for row in f) >= bad
+    assert os.path.getsize(os.path.join(out, "lifetime.png")) > 0
+
+
+@pytest.mark.slow  # two subprocesses
+def test_a_bad_out_folder_stops_every_process(tmp_path):
+    """Only process 0 creates the output folder; when it cannot, every process of the run stops
+    with the same one-line error (the others used to wait for it forever)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("seed: 0\nprogress: false\nmodel: {hidden: [8], epochs: 1}\n"
+                   "sweep: {num_instances: 2, chunk_size: 2, t_read_s: [1.0]}\n")
+    out = str(blocker / "out")
+    port = _free_port()
+    procs = [_start(["-m", "nvjax.cli", "run", str(cfg), "--out", out],
+                    NVJAX_COORDINATOR=f"127.0.0.1:{port}", NVJAX_NUM_PROCESSES="2",
+                    NVJAX_PROCESS_ID=str(i), NVJAX_STARTUP_TIMEOUT_S="60") for i in range(2)]
+    lines = []
+    for p in procs:
+        code, out_text, err = _wait(p, timeout=90)
+        assert code == 2 and "Traceback" not in err, err
+        (line,) = [ln for ln in err.splitlines() if "error:" in ln]
+        lines.append(line)
+    assert lines[0] == lines[1] and f"--out {out}: cannot create or write" in lines[0]
