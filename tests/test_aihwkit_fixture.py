@@ -105,6 +105,7 @@ def test_fixture_is_small_and_complete(fixture):
         assert all(s["n"] >= 200 for s in stats)
 
 
+@pytest.mark.slow  # 600 instances per network, about 20 s of compilation
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_matches_aihwkit(fixture, nvjax_errors, name):
     err = nvjax_errors[name]

@@ -262,6 +262,7 @@ def test_cell_voltages_solver_matches_nodal_solve_and_a_failed_solve_raises_or_i
     assert np.all(np.isnan(np.asarray(nan)))
 
 
+@pytest.mark.slow  # pre-distortion and solver on programmed tiles
 def test_predistorted_tiles_read_with_either_ir_drop_mode_but_not_another_build():
     """Pre-distortion uses the first-order form whatever the mode, so tiles built with
     'first_order' may be read with 'solver' (and back); a config that would have stored other

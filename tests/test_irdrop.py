@@ -180,6 +180,7 @@ def test_coupling_bounds_the_spectrum():
             assert lam.real.max() == pytest.approx(bound, rel=1e-5)
 
 
+@pytest.mark.slow  # programs tiles and runs mvm
 def test_a_solve_built_to_fail_says_so_and_mvm_raises():
     g = jnp.full((64, 64), 25.0)
     v = jnp.full((64,), 0.2)

@@ -86,6 +86,7 @@ def _chunks(out):
 # Resume with another chunk size
 
 
+@pytest.mark.slow  # compiles and runs sweeps
 def test_resume_with_a_smaller_and_a_larger_chunk_size_is_bit_identical(ref, tmp_path):
     ref_out, ref_csv, ref_summary = ref
     assert _chunks(ref_out) == ["p0-0-8.npz", "p0-8-12.npz"]
@@ -300,6 +301,7 @@ def _size(n_bytes, unit):
     return float(n_bytes) * {"MB": 1e6, "GB": 1e9}[unit]
 
 
+@pytest.mark.slow  # compiles and runs sweeps
 def test_memory_estimate_refuses_an_absurd_chunk_size(ref):
     ref_out, _, ref_summary = ref
     n = 10 ** 7
@@ -476,6 +478,7 @@ def test_processes_agree_or_stop_together_and_a_lone_one_times_out(tmp_path):
 # IR drop: failed solves are refused, the first-order form is checked
 
 
+@pytest.mark.slow  # compiles and runs sweeps
 def test_a_failed_ir_solve_is_counted_never_resumed_and_refused(ref, tmp_path):
     """With one solver iteration (tolerance 1e-4) no IR-drop solve converges: every instance's
     accuracy is NaN, summary.json counts them (valid JSON, no NaN statistics), no chunk file is
