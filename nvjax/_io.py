@@ -15,7 +15,7 @@ import numpy as np
 
 from ._version import __version__
 
-__all__ = ["atomic_write", "atomic_write_with", "write_json", "write_csv", "versions", "RESUME_VERSIONS"]
+__all__ = ["flatten_dotted", "atomic_write", "atomic_write_with", "write_json", "write_csv", "versions", "RESUME_VERSIONS"]
 
 
 def atomic_write_with(path: str, write, *, binary: bool = False) -> None:
@@ -66,3 +66,14 @@ def versions() -> Dict[str, str]:
 #: Keys of :func:`versions` that must match for a run to resume (results are bit-identical only
 #: on the same software and backend; device and process counts may differ).
 RESUME_VERSIONS = ("nvjax", "jax", "jaxlib", "backend")
+
+
+def flatten_dotted(d, prefix=""):
+    """{'a': {'b': 1}, 'c': 2} -> {'a.b': 1, 'c': 2} (dotted keys; an empty dict stays a value)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

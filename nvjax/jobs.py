@@ -53,7 +53,7 @@ from . import models as models_mod
 from . import prng as prng_mod
 from . import sweep
 from ._checks import UserError
-from ._io import RESUME_VERSIONS, versions, write_csv, write_json
+from ._io import RESUME_VERSIONS, flatten_dotted, versions, write_csv, write_json
 from ._runtime import first_error, gather_text, init_distributed
 
 __all__ = ["accuracy_instance", "reliability", "make_model", "get_model", "write_results",
@@ -120,19 +120,9 @@ def params_sha256(params) -> str:
 _TRAINING = {"optimizer": "adam", "batch_size": 64, "learning_rate": 1e-3, "weight_decay": 0.0}
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _differences(old: Dict[str, Any], new: Dict[str, Any], limit: int = 8) -> str:
     """``'key: old -> new; ...'`` over the flattened keys of two dicts that differ."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_dotted(old), flatten_dotted(new)
     diff = [f"{k}: {a.get(k, '<missing>')!r} -> {b.get(k, '<missing>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
     return "; ".join(diff[:limit]) + (f"; ... ({len(diff)} keys)" if len(diff) > limit else "")

@@ -60,7 +60,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from ._checks import UserError
-from ._io import atomic_write, atomic_write_with
+from ._io import atomic_write, atomic_write_with, flatten_dotted
 from ._xla import FAST_COMPILE_OPTIONS
 from ._runtime import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID,
                        available_device_memory, available_host_memory, first_error,
@@ -685,16 +685,6 @@ def summarize(acc: np.ndarray) -> Dict[str, float]:
             "p95": float(q[3]), "p99": float(q[4]), "max": float(a.max()), "n": int(a.size)}
 
 
-def _flatten_dict(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def open_checkpoint(directory: str, manifest: Dict[str, Any], *, ignore: Sequence[str] = (),
                     create: bool = True) -> bool:
     """Claim ``directory`` for a resumable run described by ``manifest`` (call on process 0).
@@ -743,7 +733,7 @@ def open_checkpoint(directory: str, manifest: Dict[str, Any], *, ignore: Sequenc
                         "run's chunk files to start afresh") from None
 
     def kept(d):
-        return {k: v for k, v in _flatten_dict(d).items()
+        return {k: v for k, v in flatten_dotted(d).items()
                 if not any(k == i or k.startswith(i + ".") for i in ignore)}
     a, b = kept(old), kept(manifest)
     if a == b:
