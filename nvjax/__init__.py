@@ -3,7 +3,8 @@
 Layers (every module imports only modules of the layers below it; no circles):
 
 1. ``_checks``, ``_io``, ``_ops``, ``_version``, ``_strict``, ``_runtime``, ``_train_loop``,
-   ``prng`` — validators, files, straight-through ops, process set-up, the Philox generator;
+   ``prng``, ``stats`` — validators, files, straight-through ops, process set-up, the Philox
+   generator, paired statistics (NumPy/SciPy only);
 2. ``devices`` (D1–D6 cell physics), ``disturb`` (D7), ``encoding``, ``irdrop``, ``layers``
    (Flax introspection), ``data``, ``mapping`` (assignment solvers);
 3. ``crossbar`` (tiles and the analog MVM), ``programming``, ``models``, ``sweep`` (the Monte
@@ -22,7 +23,7 @@ from ._version import __version__
 
 __all__ = ["bench", "chip", "config", "correction", "crossbar", "data", "devices", "disturb",
            "encoding", "irdrop", "jobs", "layers", "lifetime", "mapping", "models", "placement",
-           "prng", "programming", "sensitivity", "sweep", "training", "__version__"]
+           "prng", "programming", "sensitivity", "stats", "sweep", "training", "__version__"]
 
 _SUBMODULES = frozenset(__all__) - {"__version__"}
 
