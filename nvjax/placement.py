@@ -46,7 +46,9 @@ from ._checks import check_key
 
 __all__ = ["layer_reads", "position_factor", "linear_costs", "exact_placement",
            "random_placement", "identity_placement", "placement_cost", "relaxed_objective",
-           "relaxed_placement"]
+           "relaxed_placement", "physical_shape", "complete_permutation", "disturb_error_factor",
+           "drive_position_factors", "fisher_costs", "alternating_placement",
+           "self_consistent_cost"]
 
 Placement = Dict[str, Tuple[np.ndarray, np.ndarray]]
 
@@ -125,27 +127,40 @@ def linear_costs(key, model, params, x, y, device, tile_config: xb.TileConfig,
     return out
 
 
-def identity_placement(params) -> Placement:
-    return {n: (np.arange(k.shape[0]), np.arange(k.shape[1])) for n, k in layers.kernels(params).items()}
+def _shapes(params, tile_config):
+    out = {}
+    for n, k in layers.kernels(params).items():
+        n_in, n_out = layers.kernel_matrix(k).shape
+        out[n] = (n_in, n_out) if tile_config is None else physical_shape(n_in, n_out, tile_config)
+    return out
 
 
-def random_placement(key, params) -> Placement:
-    """Uniformly random row and column permutations of every layer's crossbar matrix.
+def identity_placement(params, tile_config: Optional[xb.TileConfig] = None) -> Placement:
+    """Logical row i on physical row i, column j on column j, for every layer. With a
+    ``tile_config`` the permutations cover the layer's whole tile grid (:func:`physical_shape`:
+    the logical block sits in the top-left corner, the rest is empty)."""
+    return {n: (np.arange(p), np.arange(q)) for n, (p, q) in _shapes(params, tile_config).items()}
+
+
+def random_placement(key, params, tile_config: Optional[xb.TileConfig] = None) -> Placement:
+    """Uniformly random row and column permutations of every layer's crossbar matrix (with a
+    ``tile_config``: of its whole tile grid, so logical rows land anywhere, spares included).
 
     Args:
         key: PRNG key; layer k (in :func:`nvjax.layers.kernels` order) draws its row and column
             permutations from ``split(fold_in(key, k))``.
         params: the model parameters.
+        tile_config: optional; see :func:`identity_placement`.
 
     Returns:
-        dict layer name → (row_perm [n_in], col_perm [n_out]), NumPy int arrays.
+        dict layer name → (row_perm, col_perm), NumPy int arrays.
     """
     check_key("key", key)
     out = {}
-    for k, (n, kern) in enumerate(layers.kernels(params).items()):
+    for k, (n, (p, q)) in enumerate(_shapes(params, tile_config).items()):
         k_row, k_col = jax.random.split(jax.random.fold_in(key, k))
-        out[n] = (np.asarray(jax.random.permutation(k_row, kern.shape[0])),
-                  np.asarray(jax.random.permutation(k_col, kern.shape[1])))
+        out[n] = (np.asarray(jax.random.permutation(k_row, p)),
+                  np.asarray(jax.random.permutation(k_col, q)))
     return out
 
 
@@ -270,3 +285,198 @@ def relaxed_placement(key, model, params, x, y, device, tile_config: xb.TileConf
     perms, info = mapping.relaxed_permutations(key, objective, sizes, init_logits=init, **opts)
     return {n: (np.asarray(perms[2 * k]), np.asarray(perms[2 * k + 1]))
             for k, n in enumerate(names)}, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement with spare rows and columns, costs from real drives (DESIGN.md §7.3, issue 15)
+# ---------------------------------------------------------------------------------------------
+
+def physical_shape(n_in: int, n_out: int, tile_config: xb.TileConfig, *, spare_tiles=(0, 0)):
+    """(P, Q): physical rows and columns a layer [n_in, n_out] may use -- its whole tile grid
+    (so a layer of 200 rows on 256-row tiles has 56 spare rows), plus ``spare_tiles`` = (extra
+    row tiles, extra column tiles)."""
+    ti = xb.num_row_tiles(n_in, tile_config) + int(spare_tiles[0])
+    tj = -(-n_out // tile_config.cols) + int(spare_tiles[1])
+    return ti * tile_config.rows, tj * tile_config.cols
+
+
+def complete_permutation(injection, size: int) -> np.ndarray:
+    """A permutation of 0..size-1 whose first n entries are ``injection`` (distinct physical
+    indices of the n logical items) followed by the unused indices in increasing order: the form
+    :func:`nvjax.chip.deploy` takes (entries past n are the empty positions)."""
+    inj = np.asarray(injection, np.int64)
+    if inj.ndim != 1 or len(np.unique(inj)) != inj.size or (inj.size and (inj.min() < 0 or
+                                                                          inj.max() >= size)):
+        raise ValueError(f"complete_permutation: expected distinct indices in [0, {size}), got "
+                         f"{inj.tolist() if inj.size < 20 else inj.shape}")
+    rest = np.setdiff1d(np.arange(size), inj)
+    return np.concatenate([inj, rest])
+
+
+def disturb_error_factor(g_pos, g_neg, kappa, disturb: dist_mod.DisturbParams):
+    """Expected squared weight error of read disturb per unit of (median damage)^(2β), [n_in, n_out].
+
+    A pair (G⁺, G⁻) with median damage s̄ (both cells read alike) moves by
+    ΔG± = (G_∞ − G±)·ε_f·(s̄·e^(−σ_ln·z±))^β (small-damage branch of D7, z± independent normals),
+    so E[(ΔG⁺ − ΔG⁻)²]/κ² = ε_f²·s̄^(2β)/κ²·[(d⁺² + d⁻²)·e^(2β²σ²) − 2·d⁺·d⁻·e^(β²σ²)] with
+    d± = G_∞ − G±. It does not vanish for a zero weight (d⁺ = d⁻): the spread of the two cells'
+    damage, not the weight, makes the error (what |w·∂L/∂w| misses). Weight units² per s̄^(2β).
+    """
+    b, sig = disturb.beta, disturb.sigma_ln
+    dp, dm = disturb.g_inf - g_pos, disturb.g_inf - g_neg
+    e2, e1 = jnp.exp(2.0 * b * b * sig * sig), jnp.exp(b * b * sig * sig)
+    return disturb.eps_f ** 2 / kappa ** 2 * ((dp * dp + dm * dm) * e2 - 2.0 * dp * dm * e1)
+
+
+def _scatter(g, rp, cp, shape):
+    return jnp.zeros(shape, g.dtype).at[rp[:g.shape[0], None], cp[None, :g.shape[1]]].set(g)
+
+
+def _node_losses(g_phys, v_rows, cfg: xb.TileConfig):
+    """Word-line drop v_in − V_row and bit-line voltage V_col at every cell, V, [B, P, Q] each
+    (from the cell voltages of :func:`nvjax.crossbar.cell_voltages`: the currents I = G·V_cell
+    fix every node voltage of each tile)."""
+    v_cell = xb.cell_voltages(g_phys, v_rows, config=cfg)           # [B, P, Q]
+    i_cell = g_phys[None] * v_cell
+    grid = jax.vmap(lambda i: xb.tile_grid(i, cfg))(i_cell)          # [B, Ti, Tj, R, C]
+    vt = jnp.pad(v_rows, ((0, 0), (0, grid.shape[1] * cfg.rows - v_rows.shape[1])))
+    vt = vt.reshape(v_rows.shape[0], grid.shape[1], cfg.rows)        # [B, Ti, R]
+
+    def one(i_t, v_t):
+        v_row, v_col = irdrop.wire_voltages(i_t, v_t, cfg.r_wire)
+        return v_t[:, None] - v_row, v_col
+    f = jax.vmap(jax.vmap(jax.vmap(one, (0, None)), (0, 0)), (0, 0))
+    wl, bl = f(grid, vt)                                             # [B, Ti, Tj, R, C]
+    back = jax.vmap(lambda t: xb.untile_grid(t, *g_phys.shape))
+    return back(wl), back(bl)
+
+
+def drive_position_factors(model, params, x, device, tile_config: xb.TileConfig,
+                           disturb: dist_mod.DisturbParams, placement: Placement, *,
+                           max_rows: int = 256):
+    """Position factors of read disturb for a candidate layout, from real drives.
+
+    For each layer, with the target conductances placed as ``placement`` says (full permutations
+    of the physical rows and columns, :func:`complete_permutation`; empty cells at zero
+    conductance), the IR drop of every input row vector of ``x`` (at most ``max_rows`` of them,
+    evenly spaced) is solved (the converged solver, whatever ``tile_config.ir_drop`` says, unless
+    it is 'none'). A read at physical cell (p, q) then sees the drive minus two losses: the
+    word-line drop, which moves with the logical row (it depends on the row's own current), and
+    the bit-line voltage, which belongs to the position. Averaging each over reads weighted by
+    their disturb intensity exp(v/V_0):
+
+        WL(q) = Σ_b,p w_bp·(v_bp − V_row,bpq)/Σ w_bp,    BL(p, q) = Σ_b w_b·V_col,bpq/Σ w_b,
+        D[p, q] = exp(−(WL(q) + BL(p, q))/V_0),
+
+    so a logical row with reads a_i placed at (p, q) is disturbed at about a_i·D[p, q] (1 without
+    IR drop). Both sides (G⁺, G⁻) are averaged. The factors depend on the layout itself; see
+    :func:`alternating_placement`.
+
+    Returns:
+        dict layer → D [P, Q] (NumPy float64), P, Q the lengths of the layer's permutations.
+    """
+    kernels = layers.kernels(params)
+    inputs = layers.layer_inputs(model, params, x)
+    out = {}
+    if tile_config.ir_drop == "none":
+        return {n: np.ones((len(placement[n][0]), len(placement[n][1]))) for n in kernels}
+    cfg = xb.TileConfig(rows=tile_config.rows, cols=tile_config.cols, ir_drop="solver",
+                        r_wire=tile_config.r_wire, ir_max_iter=max(tile_config.ir_max_iter, 1000))
+    for name, kern in kernels.items():
+        rp, cp = (jnp.asarray(a, jnp.int32) for a in placement[name])
+        shape = (rp.shape[0], cp.shape[0])
+        gp, gm, _ = xb.tile(kern, device, config=tile_config)
+        rows = inputs[name]
+        if rows.shape[0] > max_rows:
+            rows = rows[np.linspace(0, rows.shape[0] - 1, max_rows).astype(int)]
+        u = jnp.abs(rows) / xb.input_scale(rows, config=tile_config)
+        v = jnp.zeros((rows.shape[0], shape[0]), u.dtype).at[:, rp[:rows.shape[1]]].set(
+            tile_config.v_read * u)
+        w_bp = (v > 0) * jnp.exp(v / disturb.v0)                      # [B, P]
+        w_b = jnp.sum(w_bp, axis=1)
+        d_sum = 0.0
+        for g in (gp, gm):
+            wl, bl = _node_losses(_scatter(g, rp, cp, shape), v, cfg)
+            wl_q = jnp.einsum("bp,bpq->q", w_bp, wl) / jnp.maximum(jnp.sum(w_bp), 1e-30)
+            bl_pq = jnp.einsum("b,bpq->pq", w_b, bl) / jnp.maximum(jnp.sum(w_b), 1e-30)
+            d_sum = d_sum + jnp.exp(-(wl_q[None, :] + bl_pq) / disturb.v0)
+        out[name] = np.asarray(0.5 * d_sum, np.float64)
+    return out
+
+
+def fisher_costs(model, params, x, device, tile_config: xb.TileConfig,
+                 disturb: dist_mod.DisturbParams) -> Dict[str, np.ndarray]:
+    """Weight factors C [n_in, n_out] of the read-disturb placement cost Σ C·D^(2β).
+
+    ``C_ij = ½·F_ij·e_ij·a_i^(2β)``: the Fisher (Gauss-Newton) diagonal F of
+    :func:`nvjax.sensitivity.fisher_diag` in the crossbar layout (loss per weight²), the
+    expected squared disturb error of the pair per unit damage e of :func:`disturb_error_factor`,
+    and the voltage-weighted reads per inference a of :func:`layer_reads` (real drives). With D
+    the position factors of :func:`drive_position_factors`, the damage of cell (i, j) at (p, q)
+    is ∝ a_i·D[p, q] and the expected loss increase ∝ Σ C_ij·D[p, q]^(2β) (small-damage branch).
+    """
+    fisher = layers.kernels(sensitivity.fisher_diag(model, layers.strip_params(params), x))
+    reads = layer_reads(model, params, x, tile_config, disturb)
+    kernels = layers.kernels(params)
+    out = {}
+    for name, f in fisher.items():
+        gp, gm, kappa = xb.tile(kernels[name], device, config=tile_config)
+        e = disturb_error_factor(gp, gm, kappa, disturb)
+        c = 0.5 * f * e * reads[name][:, None] ** (2.0 * disturb.beta)
+        out[name] = np.asarray(c, np.float64)
+    return out
+
+
+def self_consistent_cost(costs, factors, placement: Placement, beta: float) -> float:
+    """Σ over layers of Σ_ij C_ij·D[row_perm[i], col_perm[j]]^(2β), with D computed for this very
+    placement (:func:`drive_position_factors`)."""
+    total = 0.0
+    for name, c in costs.items():
+        rp, cp = placement[name]
+        total += mapping.crossbar_cost(c, factors[name] ** (2.0 * beta),
+                                       np.asarray(rp)[:c.shape[0]], np.asarray(cp)[:c.shape[1]])
+    return float(total)
+
+
+def alternating_placement(model, params, x, device, tile_config: xb.TileConfig,
+                          disturb: dist_mod.DisturbParams, costs: Dict[str, np.ndarray], *,
+                          start: Placement, rounds: int = 4, max_rows: int = 256, log=None):
+    """Exact placement with position factors recomputed for the candidate layout.
+
+    From ``start`` (full permutations, e.g. :func:`identity_placement` with a ``tile_config``):
+    compute D for the current layout (:func:`drive_position_factors`), solve the crossbar
+    assignment of Σ C·D^(2β) exactly in rows and columns
+    (:func:`nvjax.mapping.crossbar_assign`, started from the current layout, sorted and
+    identity), recompute D for the new layout, and repeat until the layout repeats or
+    ``rounds`` rounds. Every candidate is scored by :func:`self_consistent_cost` (its own D);
+    the best is returned.
+
+    Returns:
+        (placement, info) with info = {'history': self-consistent costs of the layouts visited}.
+    """
+    current = {n: (np.asarray(r), np.asarray(c)) for n, (r, c) in start.items()}
+    beta = float(disturb.beta)
+    best, best_cost, history = None, np.inf, []
+    for k in range(rounds + 1):
+        d = drive_position_factors(model, params, x, device, tile_config, disturb, current,
+                                   max_rows=max_rows)
+        cost = self_consistent_cost(costs, d, current, beta)
+        history.append(cost)
+        if log is not None:
+            log(f"alternating placement, round {k}: self-consistent cost {cost:.6g}")
+        if cost < best_cost:
+            best, best_cost = current, cost
+        if k == rounds:
+            break
+        new = {}
+        for name, c in costs.items():
+            rp, cp = current[name]
+            r, q, _ = mapping.crossbar_assign(
+                c, d[name] ** (2.0 * beta),
+                starts=((rp[:c.shape[0]], cp[:c.shape[1]]), "sorted", "identity"))
+            new[name] = (complete_permutation(r, len(rp)), complete_permutation(q, len(cp)))
+        if all(np.array_equal(new[n][0], current[n][0]) and np.array_equal(new[n][1], current[n][1])
+               for n in costs):
+            break
+        current = new
+    return best, {"history": history}

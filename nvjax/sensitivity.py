@@ -7,12 +7,15 @@ decisions are built on (DESIGN.md §6 selective write-verify, §7.3 read-disturb
 * :func:`hessian_diag` -- the diagonal of the Hessian of the loss by Hutchinson's estimator
   ``E[v ⊙ H v]`` with Rademacher probes ``v``; ``H v`` is a forward-over-reverse product
   (``jax.jvp`` of ``jax.grad``), probes are vmapped in chunks of ``batch`` (memory stays bounded).
+* :func:`fisher_diag` -- the diagonal of the Fisher information (= the Gauss-Newton matrix of the
+  softmax cross-entropy), ``E_x Σ_k p_k (∂ log p_k/∂w)²``: the loss increase of a small additive
+  weight error δ is ``½·F_ii·δ²`` on average, whatever the weight's value.
 * :func:`criticality_mc` -- Monte Carlo criticality: the saliency averaged over device-noise draws
   of the weights.
 * :func:`swim_sensitivity` -- the SWIM sensitivity ``½·H_ii·σ_i²`` (Yan et al. 2022), the
   ranking of selective write-verify (:func:`nvjax.programming.selective_write_verify`).
 * :func:`importance` -- per-kernel weight importance of a Flax classifier by one of three
-  formulas (saliency ``|w·∂L/∂w|``, magnitude ``|w|``, Hessian ``½·|H_ii|·w²``), used by biased
+  formulas (saliency ``|w·∂L/∂w|``, magnitude ``|w|``, Hessian ``½·|H_ii|·w²``, Fisher ``F_ii``), used by biased
   training (:func:`nvjax.training.top_mask`) and read-disturb-aware placement
   (:func:`nvjax.placement.linear_costs`).
 * :func:`activation_stats` -- per Dense/Conv layer and per crossbar row: reads per inference and
@@ -48,14 +51,14 @@ from jax.flatten_util import ravel_pytree
 from . import layers
 from ._checks import check_int, check_key, is_concrete
 
-__all__ = ["loss_fn", "saliency", "hessian_diag", "activation_stats", "criticality_mc",
+__all__ = ["loss_fn", "saliency", "hessian_diag", "fisher_diag", "activation_stats", "criticality_mc",
            "swim_sensitivity", "importance", "kernel_criticality"]
 
 Params = Any
 Loss = Callable[[Params], jax.Array]
 
 _NOISE_MODES = ("multiplicative", "additive")
-_IMPORTANCE_METHODS = ("saliency", "magnitude", "hessian")
+_IMPORTANCE_METHODS = ("saliency", "magnitude", "hessian", "fisher")
 
 
 # ----------------------------------------------------------------------------- validation helpers
@@ -354,6 +357,63 @@ def swim_sensitivity(hdiag: Params, sigma) -> Params:
                         hdiag, sig)
 
 
+def fisher_diag(model: nn.Module, params: Params, x, *, batch: int = 64) -> Params:
+    """Diagonal of the Fisher information of a softmax classifier (its Gauss-Newton diagonal).
+
+    ``F_ii = (1/N)·Σ_n Σ_k p_nk·(∂ log p_nk/∂w_i)²`` with ``p_n = softmax(model(x_n))``: the exact
+    expectation over the model's own predictive distribution (no label sampling), equal to the
+    diagonal of the Gauss-Newton matrix ``Jᵀ·(diag p − p·pᵀ)·J`` of the cross-entropy. It is
+    positive semi-definite, and ``½·F_ii·δ²`` is the expected loss increase of an additive error
+    δ on weight i that does not depend on the weight's value -- the criticality of a conductance
+    error such as read disturb's, which moves both devices of a pair toward G_∞ whatever the
+    weight (DESIGN.md §7.3).
+
+    Args:
+        model: a Flax classifier mapping ``x`` to logits ``[N, K]``.
+        params: its parameters (``{'params': ...}`` or the inner dict, float leaves).
+        x: inputs ``[N, ...]`` (labels are not needed).
+        batch: samples per vmapped chunk (memory: ``batch·K`` gradients at a time).
+
+    Returns:
+        A tree like ``params`` (loss units per weight unit squared).
+
+    References:
+        S. Amari, "Natural gradient works efficiently in learning", Neural Comput. 10 (1998);
+        N. Schraudolph, "Fast curvature matrix-vector products for second-order gradient
+        descent", Neural Comput. 14 (2002) (Gauss-Newton = Fisher for softmax cross-entropy).
+
+    Example:
+        >>> import flax.linen as nn
+        >>> m = nn.Dense(2); p = m.init(jax.random.key(0), jnp.ones((1, 3)))
+        >>> f = fisher_diag(m, p, jnp.ones((4, 3)))
+        >>> bool(jnp.all(f["params"]["kernel"] >= 0))
+        True
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"fisher_diag: x must be a non-empty batch [N, ...], got shape "
+                         f"{tuple(x.shape)}")
+    batch = check_int("batch", batch, 1)
+    _check_float_tree("params", layers.strip_params(params))
+    return _fisher(model, min(batch, x.shape[0]), params, x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fisher(model, batch, params, x):
+    n = x.shape[0]
+
+    def one(i):
+        xi = jax.lax.dynamic_index_in_dim(x, jnp.minimum(i, n - 1).astype(jnp.int32), 0, True)
+
+        def logp(p):
+            return jax.nn.log_softmax(model.apply(_variables(p), xi)[0])
+        jac = jax.jacrev(logp)(params)                       # leaves [K, *shape]
+        prob = jnp.exp(logp(params))
+        return jax.tree.map(lambda j: jnp.tensordot(prob, jnp.square(j), axes=1), jac)
+    total = _sum_over_indices(one, n, batch)
+    return jax.tree.map(lambda t: t / n, total)
+
+
 def importance(key, model: nn.Module, params: Params, x, y, *, method: str = "saliency",
                num_probes: int = 64) -> Dict[str, jax.Array]:
     """Importance of every crossbar weight (each ``kernel`` entry of the Dense/Conv layers).
@@ -362,6 +422,9 @@ def importance(key, model: nn.Module, params: Params, x, y, *, method: str = "sa
 
     * ``'saliency'``: ``|w·∂L/∂w|`` (:func:`saliency`), the first-order loss change of removing w;
     * ``'magnitude'``: ``|w|``;
+    * ``'fisher'``: ``F_ii`` (:func:`fisher_diag`, no weight factor): the loss increase per
+      squared additive weight error, ``½·F_ii·δ²``; the criticality of errors that do not scale
+      with the weight (read disturb after drift compensation);
     * ``'hessian'``: ``½·|H_ii|·w_i²`` with ``H_ii`` the Hutchinson estimate of the Hessian
       diagonal (:func:`hessian_diag`, ``num_probes`` Rademacher probes drawn from ``key``). At a
       trained minimum (∂L/∂w ≈ 0) setting ``w_i`` to 0 raises the loss by ``½·H_ii·w_i²`` to second
@@ -374,14 +437,15 @@ def importance(key, model: nn.Module, params: Params, x, y, *, method: str = "sa
         params: its parameters (``{'params': ...}`` or the inner dict, float leaves).
         x: inputs ``[N, ...]``.
         y: integer labels ``[N]``.
-        method: ``'saliency'``, ``'magnitude'`` or ``'hessian'``.
+        method: ``'saliency'``, ``'magnitude'``, ``'hessian'`` or ``'fisher'``.
         num_probes: Hutchinson probes of ``'hessian'``, ``>= 1``.
 
     Returns:
         dict layer name (``'/'``-joined module path, in :func:`nvjax.layers.layer_names` order) →
         array of the kernel's own shape (Dense ``[n_in, n_out]``, Conv ``[*window, C_in, C_out]``;
         :func:`kernel_criticality` or :func:`nvjax.layers.kernel_matrix` give the crossbar layout).
-        Units: the loss's for 'saliency' and 'hessian', the weights' for 'magnitude'.
+        Units: the loss's for 'saliency' and 'hessian', the weights' for 'magnitude', loss per
+        weight² for 'fisher'.
 
     References:
         Y. LeCun, J. S. Denker, S. A. Solla, "Optimal brain damage", NIPS 1989 (the ½·H_ii·w²
@@ -402,6 +466,8 @@ def importance(key, model: nn.Module, params: Params, x, y, *, method: str = "sa
         tree = jax.tree.map(jnp.abs, inner)
     elif method == "saliency":
         tree = saliency(loss_fn(model, x, y), inner)
+    elif method == "fisher":
+        tree = fisher_diag(model, inner, x)
     else:
         h = hessian_diag(key, loss_fn(model, x, y), inner, num_probes=num_probes)
         tree = jax.tree.map(lambda hh, w: 0.5 * jnp.abs(hh) * jnp.square(w), h, inner)

@@ -210,3 +210,83 @@ def test_position_factor_uses_the_converged_solver_and_first_order_validity_is_c
         pl.relaxed_objective(model, params, x, y, D.pcm(),
                              xb.TileConfig(rows=8, cols=8, v_read=0.5, ir_drop="first_order",
                                            r_wire=3000.0), p, 1e7)
+
+
+# --------------------------------------------------------------------------- issue 15: costs v2
+
+def test_complete_permutation_appends_the_empty_positions():
+    assert pl.complete_permutation([3, 0], 5).tolist() == [3, 0, 1, 2, 4]
+    with pytest.raises(ValueError, match="distinct"):
+        pl.complete_permutation([1, 1], 4)
+    with pytest.raises(ValueError, match="distinct"):
+        pl.complete_permutation([0, 4], 4)
+    cfg = xb.TileConfig(rows=16, cols=16)
+    assert pl.physical_shape(20, 3, cfg) == (32, 16)
+    assert pl.physical_shape(20, 3, cfg, spare_tiles=(1, 0)) == (48, 16)
+    model, params, _, _ = _setup()
+    ident = pl.identity_placement(params, cfg)
+    assert {n: (len(r), len(c)) for n, (r, c) in ident.items()} == {"hidden": (16, 16),
+                                                                      "out": (16, 16)}
+    rnd = pl.random_placement(jax.random.key(0), params, cfg)
+    assert sorted(rnd["hidden"][0].tolist()) == list(range(16))
+
+
+def test_disturb_error_factor_matches_monte_carlo_of_d7():
+    """E[(ΔG⁺ − ΔG⁻)²]/κ² per s̄^(2β), against D7's own conductance update on 4·10⁵ pairs of
+    cells with independent ln N_D spreads (small damage: the min(1, ·) does not bind)."""
+    dp = R.pcm_disturb(beta=0.5, sigma_ln=0.5, eps_f=0.1)
+    g_pos = jnp.array([0.0, 20.0, 5.0])
+    g_neg = jnp.array([0.0, 0.0, 12.0])
+    kappa, s_bar = 2.0, 1e-3
+    z = jax.random.normal(jax.random.key(3), (2, 400_000, 3))
+    dgp = R.disturbed_conductance(dp, g_pos, s_bar * jnp.exp(-dp.sigma_ln * z[0])) - g_pos
+    dgm = R.disturbed_conductance(dp, g_neg, s_bar * jnp.exp(-dp.sigma_ln * z[1])) - g_neg
+    mc = jnp.mean(jnp.square(dgp - dgm), axis=0) / kappa ** 2 / s_bar ** (2 * dp.beta)
+    factor = pl.disturb_error_factor(g_pos, g_neg, kappa, dp)
+    np.testing.assert_allclose(np.asarray(factor), np.asarray(mc), rtol=0.02)
+    assert float(factor[0]) > 0          # a zero weight is still disturbed (the pair's spread)
+
+
+class _Uniform(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(6, use_bias=False, kernel_init=nn.initializers.constant(0.5),
+                        name="d")(x)
+
+
+def test_drive_position_factors_bit_line_favours_rows_far_from_the_sense_amplifier():
+    """Uniform positive kernel, all inputs driven: the bit-line voltage is highest at the row
+    farthest from the sense amplifier (row 0), so D grows toward the last row; the word-line
+    drop grows away from the driver, so D falls along the columns; no IR drop: all ones."""
+    model = _Uniform()
+    x = jnp.ones((4, 8))
+    params = model.init(jax.random.key(0), x)
+    dev, dp = D.pcm(g_max=25.0), R.pcm_disturb()
+    cfg = xb.TileConfig(rows=8, cols=8, v_read=0.45, ir_drop="first_order", r_wire=20.0)
+    ident = pl.identity_placement(params, cfg)
+    d = pl.drive_position_factors(model, params, x, dev, cfg, dp, ident)["d"]
+    assert d.shape == (8, 8) and np.all(d > 0) and np.all(d <= 1 + 1e-6)
+    assert np.all(np.diff(d[:, :6], axis=0) > 0)          # toward the sense amplifier
+    assert np.all(np.diff(d[0, :6]) < 0)                  # away from the driver
+    none = pl.drive_position_factors(model, params, x, dev, cfg.replace(ir_drop="none"), dp,
+                                     ident)["d"]
+    np.testing.assert_array_equal(none, np.ones((8, 8)))
+
+
+def test_fisher_costs_and_alternating_placement_never_worse_than_its_start():
+    model, params, x, _ = _setup()
+    x = x.at[:, 0].set(0.0)                                # row 0 of 'hidden' is never read
+    dev, dp = D.pcm(g_max=25.0), R.pcm_disturb()
+    cfg = xb.TileConfig(rows=16, cols=16, v_read=0.45, ir_drop="first_order", r_wire=20.0)
+    costs = pl.fisher_costs(model, params, x, dev, cfg, dp)
+    assert costs["hidden"].shape == (8, 6) and costs["out"].shape == (6, 4)
+    assert np.all(costs["hidden"] >= 0) and np.all(costs["hidden"][0] == 0)
+    start = pl.identity_placement(params, cfg)
+    best, info = pl.alternating_placement(model, params, x, dev, cfg, dp, costs, start=start,
+                                          rounds=2)
+    d0 = pl.drive_position_factors(model, params, x, dev, cfg, dp, start)
+    assert info["history"][0] == pytest.approx(pl.self_consistent_cost(costs, d0, start, 0.5))
+    d1 = pl.drive_position_factors(model, params, x, dev, cfg, dp, best)
+    assert pl.self_consistent_cost(costs, d1, best, 0.5) <= info["history"][0] + 1e-12
+    for n, (r, c) in best.items():
+        assert sorted(r.tolist()) == list(range(16)) and sorted(c.tolist()) == list(range(16))

@@ -444,3 +444,23 @@ def test_bad_inputs_raise_naming_the_argument():
     wrong = jax.tree.map(lambda a: a[..., :1], mparams)
     with pytest.raises(ValueError, match="shape"):
         S.kernel_criticality(wrong, mparams)
+
+
+def test_fisher_diag_equals_the_gauss_newton_diagonal():
+    """Against the full Gauss-Newton matrix Jᵀ(diag p − ppᵀ)J of a small MLP, built from the
+    forward-mode Jacobian of the logits (a different route from fisher_diag's reverse mode)."""
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(jnp.tanh(nn.Dense(4)(x)))
+    m = M()
+    p = m.init(jax.random.key(0), jnp.ones((1, 5)))
+    x = jax.random.normal(jax.random.key(1), (7, 5))
+    f = S.fisher_diag(m, p, x, batch=3)       # 7 samples in chunks of 3 (padding)
+    flat, unravel = ravel_pytree(p)
+    gn = 0.0
+    for i in range(7):
+        jac = jax.jacfwd(lambda fl: m.apply(unravel(fl), x[i][None])[0])(flat)
+        pr = jax.nn.softmax(m.apply(p, x[i][None])[0])
+        gn = gn + jnp.diag(jac.T @ (jnp.diag(pr) - jnp.outer(pr, pr)) @ jac)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(f)[0]), np.asarray(gn / 7), atol=1e-6)
