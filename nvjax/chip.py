@@ -10,22 +10,31 @@ Conv layers: inputs are turned into patches with ``lax.conv_general_dilated_patc
 through the tiles as one batch of vectors. Supported: any strides and padding, no input/kernel
 dilation, feature_group_count 1.
 
+Placement (``deploy(..., placement=...)``): a layer's logical rows and columns can be sent to any
+physical rows and columns of its tile grid, which may have more of them than the layer needs
+(spare rows, columns or whole tiles left empty, e.g. to keep inputs off the rows of a tile that
+suffer most from IR drop or read disturb). An empty cell is modelled as zero conductance: both
+devices of its pair are at G = 0 µS, so it carries no current (no contribution to the outputs or
+to the IR drop of its tile).
+
 This module imports ``devices``, ``crossbar``, ``layers``, ``_checks`` and flax.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import crossbar as xb
 from . import devices as dev_mod
 from .layers import (as_rows, inverse_permutation, kernel_matrix, layer_inputs, layer_names,
-                     matrix_to_kernel, module_name, strip_params)
+                     matrix_to_kernel, module_name, strip_params, to_physical)
 from ._checks import is_concrete
 
 __all__ = ["Chip", "Trace", "deploy", "with_tiles", "apply", "apply_traced", "effective_params"]
@@ -42,13 +51,19 @@ class Chip:
         device: the device model (pytree of physics parameters).
         model: the Flax module (static).
         config: the :class:`nvjax.crossbar.TileConfig` (its physics numbers are leaves).
-        placement: None, or layer name → (row_perm [n_in], col_perm [n_out]) int32: logical row i
-            of the layer's weight sits on physical row ``row_perm[i]`` of its tile grid (any row
-            tile), logical column j on physical column ``col_perm[j]``. The tiles (and read
-            counters, disturb state) are stored in the physical layout.
+        placement: None, or layer name → (row_perm [P], col_perm [Q]) int32, permutations of
+            0..P−1 and 0..Q−1 with P ≥ n_in and Q ≥ n_out (physical rows and columns of the
+            layer's tile grid, row tiles of ``config.rows`` rows stacked): logical row i < n_in
+            of the layer's weight matrix [n_in, n_out] sits on physical row ``row_perm[i]`` (any
+            row tile), logical column j < n_out on physical column ``col_perm[j]``; the entries
+            ``row_perm[n_in:]`` and ``col_perm[n_out:]`` are the physical rows and columns left
+            EMPTY. An empty cell (on an empty row or column) is modelled as zero conductance
+            (G⁺ = G⁻ = 0 µS, not stuck: it carries no current). The tiles (conductances
+            [P, Q], read counters [P], disturb state) are stored in the physical layout;
+            P == n_in and Q == n_out is a plain permutation.
         gain, offset: None, or layer name → [n_out] per-column digital correction (logical
             column order) applied to the layer's crossbar output before its bias:
-            y ← gain·y + offset (fitted by :func:`nvjax.training.calibrate`); layers not named
+            y ← gain·y + offset (fitted by :func:`nvjax.correction.calibrate`); layers not named
             are uncorrected.
     """
     tiles: Dict[str, Any]
@@ -62,13 +77,61 @@ class Chip:
 
 
 def _check_perm(name, what, perm, n):
+    """A placement permutation as int32, checked: 1-D int of length P >= n, and (where concrete)
+    a permutation of 0..P-1."""
     perm = jnp.asarray(perm)
-    if perm.shape != (n,) or not jnp.issubdtype(perm.dtype, jnp.integer):
-        raise ValueError(f"deploy: placement[{name!r}] {what} must be an int array [{n}], got "
-                         f"{perm.dtype} {tuple(perm.shape)}")
-    if is_concrete(perm) and not (jnp.sort(perm) == jnp.arange(n)).all():
-        raise ValueError(f"deploy: placement[{name!r}] {what} is not a permutation of 0..{n - 1}")
+    if perm.ndim != 1 or perm.shape[0] < n or not jnp.issubdtype(perm.dtype, jnp.integer):
+        raise ValueError(f"deploy: placement[{name!r}] {what} must be a 1-D int array of length "
+                         f"P >= {n} (a permutation of 0..P-1; entries from {n} on are the empty "
+                         f"physical positions), got {perm.dtype} {tuple(perm.shape)}")
+    m = perm.shape[0]
+    if is_concrete(perm) and not np.array_equal(np.sort(np.asarray(perm)), np.arange(m)):
+        raise ValueError(f"deploy: placement[{name!r}] {what} is not a permutation of 0..{m - 1}")
     return perm.astype(jnp.int32)
+
+
+def _layer_perms(placement, name):
+    """The (row_perm, col_perm) of layer ``name``, or None (identity placement)."""
+    return placement[name] if placement is not None and name in placement else None
+
+
+@jax.jit
+def _rows_to_physical(rows, row_perm):
+    """Input rows [N, n_in] → physical rows [N, P] (zero drive on the empty rows)."""
+    rows = jnp.pad(rows, ((0, 0), (0, row_perm.shape[0] - rows.shape[1])))
+    return rows[:, inverse_permutation(row_perm)]
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _from_physical(w, perms, n_in, n_out):
+    """Physical matrix [P, Q] → logical [n_in, n_out] (the inverse of
+    :func:`nvjax.layers.to_physical`)."""
+    rp, cp = perms
+    return w[rp[:n_in]][:, cp[:n_out]]
+
+
+def _has_spares(perms, n_in, n_out) -> bool:
+    """Whether the placement leaves physical rows or columns empty (static: from the shapes)."""
+    return perms[0].shape[0] > n_in or perms[1].shape[0] > n_out
+
+
+def _clear_cells(state: dev_mod.CellState, keep) -> dev_mod.CellState:
+    """``state`` with the cells outside ``keep`` at zero conductance: g = 0, no drift, no
+    relaxation, not stuck (a stuck code would make the read return g_min or g_max)."""
+    zero = lambda a: None if a is None else jnp.where(keep, a, jnp.zeros((), a.dtype))  # noqa: E731
+    return dev_mod.CellState(g=zero(state.g), nu=zero(state.nu), relax=zero(state.relax),
+                             stuck=zero(state.stuck))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _clear_empty(device, tiles: xb.Tiles, perms, n_in: int, n_out: int) -> xb.Tiles:
+    """Tiles with every empty cell of the placement ``perms`` (no logical row or column, see
+    :class:`Chip`) at zero conductance on both sides, and the drift-compensation reference
+    recomputed from the remaining cells."""
+    keep = to_physical(jnp.ones((n_in, n_out), bool), *perms)    # [P, Q], True: holds a weight
+    pos, neg = _clear_cells(tiles.pos, keep), _clear_cells(tiles.neg, keep)
+    return tiles.replace(pos=pos, neg=neg,
+                         ref0=xb.reference_sum(pos.g - neg.g, tiles.kappa, device=device))
 
 
 def deploy(key, model: nn.Module, params, device, *,
@@ -83,11 +146,24 @@ def deploy(key, model: nn.Module, params, device, *,
         device: device model from :mod:`nvjax.devices`.
         config: tile options.
         calibration: optional model inputs used to calibrate per-column ADC ranges.
-        placement: optional layer name → (row_perm, col_perm) (see :class:`Chip`); layers not
+        placement: optional layer name → (row_perm [P], col_perm [Q]), int arrays, permutations
+            of 0..P−1 and 0..Q−1 with P ≥ n_in and Q ≥ n_out (see :class:`Chip`): logical row
+            i < n_in goes to physical row ``row_perm[i]``, logical column j < n_out to physical
+            column ``col_perm[j]``, and the remaining physical rows/columns stay empty. The
+            layer's weights are zero-padded to [P, Q] and scattered to the physical layout before
+            programming; afterwards every empty cell is set to zero conductance on both sides
+            (an empty cell is modelled as zero conductance; its stuck-at code is cleared) and the
+            drift-compensation reference is recomputed. The calibration rows are scattered to
+            [N, P] likewise (zero drive on empty rows). The values may be traced (only their
+            lengths are static); they are checked to be permutations where concrete. Layers not
             named keep the identity placement.
 
     Returns:
         :class:`Chip`.
+
+    Raises:
+        ValueError: a placement names an unknown layer, or a permutation is not a 1-D int array,
+            is shorter than the layer's rows (columns), or (concrete) is not a permutation.
     """
     dev_mod.check_device(device, "deploy: device")
     params = strip_params(params)
@@ -111,12 +187,16 @@ def deploy(key, model: nn.Module, params, device, *,
     for i, (name, kernel) in enumerate(kernels.items()):
         w = kernel_matrix(kernel)
         calib = calib_rows.get(name)
-        if placement is not None and name in placement:
-            inv_r, inv_c = (inverse_permutation(p) for p in placement[name])
-            w = w[inv_r][:, inv_c]                      # W_phys[row_perm[i], col_perm[j]] = W[i, j]
-            calib = None if calib is None else calib[:, inv_r]
-        tiles[name] = xb.program_tiles(jax.random.fold_in(key, i), device, w, config=config,
-                                       calibration=calib)
+        perms = _layer_perms(placement, name)
+        if perms is not None:
+            n_in, n_out = w.shape
+            w = to_physical(w, *perms)          # W_phys[row_perm[i], col_perm[j]] = W[i, j], [P, Q]
+            calib = None if calib is None else _rows_to_physical(calib, perms[0])
+        tl = xb.program_tiles(jax.random.fold_in(key, i), device, w, config=config,
+                              calibration=calib)
+        if perms is not None and _has_spares(perms, n_in, n_out):
+            tl = _clear_empty(device, tl, perms, n_in, n_out)
+        tiles[name] = tl
     return Chip(tiles=tiles, params=params, device=device, model=model, config=config,
                 placement=placement)
 
@@ -141,7 +221,7 @@ class Trace(NamedTuple):
     """What :func:`apply_traced` returns."""
     outputs: Any                 # the model's outputs
     chip: "Chip"                 # the chip with its per-row read counters advanced
-    inputs: Dict[str, jax.Array]  # layer name → crossbar input rows [N, n_in] (physical order)
+    inputs: Dict[str, jax.Array]  # layer name → crossbar input rows [N, P] (physical order)
 
 
 def apply(key, chip: Chip, x, t):
@@ -166,10 +246,11 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
 
     Returns:
         :class:`Trace` ``(outputs, chip, inputs)``: the outputs; the chip with its per-row read
-        counters advanced; and per layer the row vectors its tiles were driven with, ``[N,
-        n_in]`` in physical row order (conv layers: one per patch; a layer called several times,
-        e.g. a recurrent projection, gets the rows of all its calls concatenated). Unused parts
-        cost nothing under ``jit``.
+        counters advanced; and per layer the row vectors its tiles were driven with, ``[N, P]``
+        in physical row order (P = n_in without a placement; with one, the logical inputs sit
+        on the physical rows ``row_perm[:n_in]`` and the empty rows get zero drive; conv
+        layers: one per patch; a layer called several times, e.g. a recurrent projection, gets
+        the rows of all its calls concatenated). Unused parts cost nothing under ``jit``.
     """
     names = list(chip.tiles)
     new_tiles = dict(chip.tiles)
@@ -184,9 +265,9 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
         if name not in new_tiles:
             raise KeyError(f"chip.apply: layer {name!r} was not deployed (deployed: {names})")
         rows, back = as_rows(mod, jnp.asarray(args[0]))
-        placed = chip.placement is not None and name in chip.placement
-        if placed:
-            rows = rows[:, inverse_permutation(chip.placement[name][0])]   # physical row order
+        perms = _layer_perms(chip.placement, name)
+        if perms is not None:
+            rows = _rows_to_physical(rows, perms[0])              # [N, P], physical row order
         c = calls.get(name, 0)
         calls[name] = c + 1
         inputs[name] = rows if c == 0 else jnp.concatenate([inputs[name], rows])
@@ -194,8 +275,9 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
         if c:  # a layer called again in the same forward pass (e.g. recurrent): fresh read noise
             k = jax.random.fold_in(k, c)
         y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, config=chip.config)
-        if placed:
-            y = y[:, chip.placement[name][1]]                   # back to logical columns
+        if perms is not None:
+            n_out = mod.variables["params"]["kernel"].shape[-1]
+            y = y[:, perms[1][:n_out]]                            # [N, Q] → logical columns
         if chip.gain is not None and name in chip.gain:
             y = y * chip.gain[name]
         if chip.offset is not None and name in chip.offset:
@@ -226,10 +308,10 @@ def effective_params(key, chip: Chip, t):
                                        chip.device, tiles, t, config=chip.config)
         path = tuple(name.split("/")) + ("kernel",)
         kern = flat[path]
-        w = w_eff * alpha
-        if chip.placement is not None and name in chip.placement:
-            rp, cp = chip.placement[name]
-            w = w[rp][:, cp]
+        w = w_eff * alpha                                          # physical, [P, Q]
+        perms = _layer_perms(chip.placement, name)
+        if perms is not None:
+            w = _from_physical(w, perms, *kernel_matrix(kern).shape)
         if chip.gain is not None and name in chip.gain:
             w = w * chip.gain[name]
         if chip.offset is not None and name in chip.offset:

@@ -30,15 +30,41 @@ __all__ = ["reprogram", "fit_gain_offset", "calibrate", "correct", "recovered_fr
 Array = jax.Array
 
 
+def _layer_matrix(params, name: str):
+    """A layer's kernel as its crossbar matrix [n_in, n_out] (logical order)."""
+    return layers.kernel_matrix(flatten_dict(params)[tuple(name.split("/")) + ("kernel",)])
+
+
+def _perms(chip: chip_mod.Chip, name: str):
+    """The layer's (row_perm, col_perm), or None (identity placement)."""
+    return chip.placement.get(name) if chip.placement is not None else None
+
+
+def _to_physical(chip: chip_mod.Chip, name: str, w):
+    """A logical matrix [n_in, n_out] of layer ``name`` in the chip's physical layout [P, Q]
+    (zeros on empty rows/columns); unchanged without a placement."""
+    perms = _perms(chip, name)
+    return w if perms is None else layers.to_physical(w, *perms)
+
+
+def _occupied(chip: chip_mod.Chip, name: str):
+    """Boolean [P, Q], True on the cells holding a weight; None when every cell does."""
+    perms = _perms(chip, name)
+    n_in, n_out = _layer_matrix(chip.params, name).shape
+    if perms is None or (perms[0].shape[0], perms[1].shape[0]) == (n_in, n_out):
+        return None
+    return layers.to_physical(jnp.ones((n_in, n_out), bool), *perms)
+
+
 def _layer_targets(chip: chip_mod.Chip, name: str):
-    """Target conductances (G⁺, G⁻) of a deployed layer in its physical layout."""
-    kern = flatten_dict(chip.params)[tuple(name.split("/")) + ("kernel",)]
-    w = layers.kernel_matrix(kern)
-    if chip.placement is not None and name in chip.placement:
-        inv_r, inv_c = (layers.inverse_permutation(p) for p in chip.placement[name])
-        w = w[inv_r][:, inv_c]
-    gp, gm, _ = xb.tile(w, chip.device, config=chip.config)
-    return gp, gm
+    """Target conductances (G⁺, G⁻) of a deployed layer in its physical layout [P, Q] (empty
+    cells of a placement with spares: 0 µS, as :func:`nvjax.chip.deploy` leaves them), and κ."""
+    w = _to_physical(chip, name, _layer_matrix(chip.params, name))
+    gp, gm, kappa = xb.tile(w, chip.device, config=chip.config)
+    keep = _occupied(chip, name)
+    if keep is not None:
+        gp, gm = jnp.where(keep, gp, 0.0), jnp.where(keep, gm, 0.0)
+    return gp, gm, kappa
 
 
 def _target_weights(chip: chip_mod.Chip, name: str):
@@ -46,28 +72,28 @@ def _target_weights(chip: chip_mod.Chip, name: str):
     pre-distortion: W itself, or for per-level cells the level-quantized (G⁺_T − G⁻_T)/κ."""
     dev = chip.device
     plain = chip.replace(config=dataclasses.replace(chip.config, ir_predistort=0))
-    tp, tm = _layer_targets(plain, name)          # not pre-distorted: the intended weights
+    tp, tm, kappa = _layer_targets(plain, name)   # not pre-distorted: the intended weights
     if not isinstance(dev, dev_mod.Levels):
-        return (tp - tm) / _layer_kappa(plain, name)
+        return (tp - tm) / kappa
     g_min, g_max = dev_mod.g_range(dev)
     tp, tm = (encoding.quantize_levels(t, g_min, g_max, dev.num_levels) for t in (tp, tm))
-    return (tp - tm) / _layer_kappa(plain, name)
-
-
-def _layer_kappa(chip: chip_mod.Chip, name: str):
-    kern = flatten_dict(chip.params)[tuple(name.split("/")) + ("kernel",)]
-    return xb.tile(layers.kernel_matrix(kern), chip.device, config=chip.config)[2]
+    w = (tp - tm) / kappa
+    keep = _occupied(plain, name)
+    return w if keep is None else jnp.where(keep, w, 0.0)
 
 
 def _reprogram_side(key, device, state: dev_mod.CellState, g_target, *, tol, max_rounds,
-                    t_verify, read_noise):
-    """Rounds of read-verify: re-program (new draw) every non-stuck cell read outside tol."""
+                    t_verify, read_noise, keep=None):
+    """Rounds of read-verify: re-program (new draw) every non-stuck cell read outside tol (only
+    cells where ``keep`` is True when given: empty cells of a placement are left alone)."""
     free = device.replace(faults=None) if device.faults is not None else device
     g_min, g_max = dev_mod.g_range(device)
     band = tol * (g_max - g_min)
     if isinstance(device, dev_mod.Levels):   # the cell is written to the nearest level
         g_target = encoding.quantize_levels(g_target, g_min, g_max, device.num_levels)
     movable = jnp.ones(g_target.shape, bool) if state.stuck is None else state.stuck == 0
+    if keep is not None:
+        movable = movable & keep
 
     def body(r, carry):
         st, pulses = carry
@@ -91,7 +117,8 @@ def reprogram(key, chip: chip_mod.Chip, *, tol: float, max_rounds: int = 10,
     whose read-back differs from its target (for per-level cells: the target's level) by more
     than ``tol·(g_max − g_min)`` gets a fresh
     programming draw (its drift exponent / relaxation too). Stuck cells are left alone. The
-    drift-compensation reference is recomputed.
+    drift-compensation reference is recomputed. Empty cells of a placement with spare rows or
+    columns (zero conductance, see :func:`nvjax.chip.deploy`) are not re-programmed.
 
     Args:
         key: PRNG key; layer k uses ``fold_in(key, k)``, its G⁻ side ``fold_in(·, 1)``.
@@ -110,10 +137,10 @@ def reprogram(key, chip: chip_mod.Chip, *, tol: float, max_rounds: int = 10,
     tiles, pulses = dict(chip.tiles), {}
     for i, name in enumerate(chip.tiles):
         tl = tiles[name]
-        tp, tm = _layer_targets(chip, name)
+        tp, tm, _ = _layer_targets(chip, name)
         k = jax.random.fold_in(key, i)
         kw = dict(tol=tol, max_rounds=max_rounds, t_verify=t_verify,
-                  read_noise=chip.config.read_noise)
+                  read_noise=chip.config.read_noise, keep=_occupied(chip, name))
         pos, n_p = _reprogram_side(jax.random.fold_in(k, 0), chip.device, tl.pos, tp, **kw)
         neg, n_m = _reprogram_side(jax.random.fold_in(k, 1), chip.device, tl.neg, tm, **kw)
         tiles[name] = tl.replace(pos=pos, neg=neg, ref0=xb.reference_sum(pos.g - neg.g, tl.kappa,
@@ -170,25 +197,23 @@ def calibrate(key, chip: chip_mod.Chip, x, t, *, reference_params=None) -> chip_
     Returns:
         The chip with ``gain`` and ``offset`` set for every layer.
     """
-    ref = None if reference_params is None else flatten_dict(layers.strip_params(reference_params))
+    ref = None if reference_params is None else layers.strip_params(reference_params)
     names = list(chip.tiles)
     gain, offset = {}, {}
     cur = chip.replace(gain=None, offset=None)
     for i, name in enumerate(names):
         inputs = chip_mod.apply_traced(key, cur, x, t).inputs
-        rows = inputs[name]                                        # physical row order
+        rows = inputs[name]                                  # [N, P], physical row order
         y_hw, _ = xb.mvm(jax.random.fold_in(key, i), chip.device, chip.tiles[name], rows, t,
                          config=chip.config)
         if ref is None:   # the weights the targets encode, physical layout
             y_ref = rows @ _target_weights(chip, name)
         else:
-            w = layers.kernel_matrix(ref[tuple(name.split("/")) + ("kernel",)])
-            if chip.placement is not None and name in chip.placement:
-                inv_r, inv_c = (layers.inverse_permutation(p) for p in chip.placement[name])
-                w = w[inv_r][:, inv_c]
-            y_ref = rows @ w
-        if chip.placement is not None and name in chip.placement:
-            y_hw, y_ref = y_hw[:, chip.placement[name][1]], y_ref[:, chip.placement[name][1]]
+            y_ref = rows @ _to_physical(chip, name, _layer_matrix(ref, name))
+        perms = _perms(chip, name)
+        if perms is not None:                                # [N, Q] → logical columns
+            cols = perms[1][:_layer_matrix(chip.params, name).shape[1]]
+            y_hw, y_ref = y_hw[:, cols], y_ref[:, cols]
         a, b = fit_gain_offset(y_hw, y_ref)
         gain[name], offset[name] = a, b
         cur = cur.replace(gain=dict(gain), offset=dict(offset))

@@ -2,7 +2,8 @@
 
 Which parameters are crossbar weights (every ``kernel`` leaf of a ``nn.Dense``/``nn.Conv``), how
 a kernel becomes a 2-D crossbar matrix and back, the layer names ('/'-joined module paths), and
-the row vectors a layer's crossbar is driven with (conv inputs as im2col patches).
+the row vectors a layer's crossbar is driven with (conv inputs as im2col patches), and a logical
+matrix in the physical layout of a placement (:func:`to_physical`).
 
 This module imports only jax, numpy and flax.
 """
@@ -128,3 +129,27 @@ def layer_inputs(model: nn.Module, params, x) -> Dict[str, jax.Array]:
 def inverse_permutation(perm):
     """``inv`` with ``inv[perm[i]] = i`` (int array)."""
     return jnp.argsort(perm)
+
+
+def to_physical(w, row_perm, col_perm):
+    """A layer's logical matrix in the physical layout of a placement (:func:`nvjax.chip.deploy`).
+
+    Args:
+        w: logical matrix [n_in, n_out] (weights, or a per-cell quantity).
+        row_perm, col_perm: int permutations of 0..P−1 and 0..Q−1, P ≥ n_in, Q ≥ n_out (may be
+            traced); logical row i sits on physical row ``row_perm[i]``, logical column j on
+            physical column ``col_perm[j]``, the positions ``row_perm[n_in:]`` and
+            ``col_perm[n_out:]`` are empty.
+
+    Returns:
+        [P, Q] with ``out[row_perm[i], col_perm[j]] = w[i, j]`` and zeros on the empty rows and
+        columns (``to_physical(ones, ...) > 0`` marks the occupied cells).
+    """
+    return _to_physical(jnp.asarray(w), jnp.asarray(row_perm), jnp.asarray(col_perm))
+
+
+@jax.jit   # one compilation per shape (eager use would compile every small op separately)
+def _to_physical(w, row_perm, col_perm):
+    n_in, n_out = w.shape
+    w = jnp.pad(w, ((0, row_perm.shape[0] - n_in), (0, col_perm.shape[0] - n_out)))
+    return w[inverse_permutation(row_perm)][:, inverse_permutation(col_perm)]

@@ -32,7 +32,7 @@ resolved to ``eval_every·inferences_per_step`` inferences.
 Everything runs as one jitted function of the chip key: ``lax.scan`` over evaluation points with
 an inner ``lax.scan`` over steps, ``vmap`` over chips (:func:`run`).
 
-This module imports ``chip``, ``crossbar``, ``devices``, ``disturb``, ``sweep``, ``_checks`` and
+This module imports ``chip``, ``crossbar``, ``devices``, ``disturb``, ``layers``, ``sweep``, ``_checks`` and
 ``_struct``.
 The ``nvjax lifetime`` job (config, files, figures) is :func:`nvjax.jobs.run_lifetime`.
 """
@@ -51,6 +51,7 @@ from . import chip as chip_mod
 from . import crossbar as xb
 from . import devices as dev_mod
 from . import disturb as dist_mod
+from . import layers
 from . import sweep
 from ._checks import UserError, check_real, is_concrete
 from ._struct import register_physics
@@ -273,10 +274,24 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
                                     neg=_keep_faults(device, t.neg, old.neg))
         return chip.replace(tiles=tiles)
 
+    def occupied(chip, name):
+        """Cells holding a weight ([P, Q] bool), or None when the placement leaves none empty:
+        empty cells (spare rows/columns) are not programmed and are not disturbed."""
+        perms = None if chip.placement is None else chip.placement.get(name)
+        if perms is None:
+            return None
+        n_in, n_out = layers.kernels(chip.params)[name].shape
+        if perms[0].shape[0] == n_in and perms[1].shape[0] == n_out:
+            return None
+        return layers.to_physical(jnp.ones((n_in, n_out), bool), *perms)
+
     def disturbed_chip(state):
         tiles = {}
         for name, t in state.chip.tiles.items():
             dp, dm = state.damage[name]
+            keep = occupied(state.chip, name)
+            if keep is not None:
+                dp, dm = jnp.where(keep, dp, 0.0), jnp.where(keep, dm, 0.0)
             tiles[name] = t.replace(pos=_disturbed_cells(disturb, t.pos, dp),
                                     neg=_disturbed_cells(disturb, t.neg, dm))
         return state.chip.replace(tiles=tiles)
@@ -356,7 +371,10 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
     def g_error(state):
         errs = []
         for name, t in state.chip.tiles.items():
+            keep = occupied(state.chip, name)
             for cells, dmg in zip((t.pos, t.neg), state.damage[name]):
+                if keep is not None:
+                    dmg = jnp.where(keep, dmg, 0.0)
                 errs.append(jnp.max(jnp.abs(_disturbed_cells(disturb, cells, dmg).g - cells.g)))
         return jnp.max(jnp.stack(errs)) / g_span
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nvjax import chip as C
+from nvjax import correction
 from nvjax import layers
 from nvjax import crossbar as xb
 from nvjax import devices as D
@@ -142,3 +143,191 @@ def test_deploy_calibrates_each_layers_adc_on_its_own_inputs():
                                np.abs(np.asarray(x) @ np.asarray(w0)).max(0), rtol=1e-5)
     np.testing.assert_allclose(chip.tiles["layers_2"].adc_scale[0],
                                np.abs(h @ np.asarray(w2)).max(0), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Placements with spare physical rows / columns / tiles (empty cells at zero conductance)
+# ------------------------------------------------------------------------------------------------
+SPARE_CFG = xb.TileConfig(rows=16, cols=16)
+#: Nested's enc layer (11 x 7) on P = 20 physical rows (spare rows in the first 16-row tile and a
+#: second row tile) and Q = 18 columns (spare columns and a second column tile); head unplaced.
+SPARE_SHAPES = {"enc": (11, 7, 20, 18)}
+
+
+def _spare_placement(seed):
+    """Random permutations of 0..P-1 / 0..Q-1 for the layers of SPARE_SHAPES."""
+    out = {}
+    for i, (name, (_, _, P, Q)) in enumerate(SPARE_SHAPES.items()):
+        k = jax.random.fold_in(jax.random.key(seed), i)
+        out[name] = tuple(jax.random.permutation(kk, n).astype(jnp.int32)
+                          for kk, n in zip(jax.random.split(k), (P, Q)))
+    return out
+
+
+def _block_perms(r0, c0, n_in, n_out, rows, cols):
+    """Logical rows on physical rows r0.., columns on physical columns c0.., the rest empty."""
+    used_r, used_c = np.arange(r0, r0 + n_in), np.arange(c0, c0 + n_out)
+    rp = np.r_[used_r, np.setdiff1d(np.arange(rows), used_r)]
+    cp = np.r_[used_c, np.setdiff1d(np.arange(cols), used_c)]
+    return jnp.asarray(rp, jnp.int32), jnp.asarray(cp, jnp.int32)
+
+
+def _scatter(w, rp, cp):
+    """Independent reference of the physical layout: out[rp[i], cp[j]] = w[i, j], else zeros."""
+    w, rp, cp = np.asarray(w), np.asarray(rp), np.asarray(cp)
+    out = np.zeros((len(rp), len(cp)), w.dtype)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            out[rp[i], cp[j]] = w[i, j]
+    return out
+
+
+def test_spare_placement_ideal_chip_equals_software():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+    pl = _spare_placement(4)
+    chip = C.deploy(jax.random.key(2), model, params, D.ideal(), config=SPARE_CFG, placement=pl)
+    for name, (_, _, P, Q) in SPARE_SHAPES.items():
+        assert chip.tiles[name].pos.g.shape == (P, Q) and chip.tiles[name].reads.shape == (P,)
+    tr = C.apply_traced(jax.random.key(3), chip, x, 0.0)
+    np.testing.assert_allclose(tr.outputs, model.apply(params, x), rtol=1e-4, atol=1e-5)
+    # enc's crossbar inputs: x on the physical rows row_perm[:11], zero drive on the empty rows
+    rp, cp = (np.asarray(p) for p in pl["enc"])
+    for perm, n in ((rp, 11), (cp, 7)):     # the weights use both tiles, each has spares
+        assert (perm[:n] < 16).any() and (perm[:n] >= 16).any() and (perm[n:] < 16).any()
+    ins = np.asarray(tr.inputs["enc"])
+    np.testing.assert_array_equal(ins, _scatter(np.asarray(x).T, rp, np.arange(6)).T)
+    reads = np.asarray(tr.chip.tiles["enc"].reads)
+    np.testing.assert_array_equal(reads[rp[11:]], 0)             # empty rows are never read
+    np.testing.assert_array_equal(reads[rp[:11]], (np.asarray(x) != 0).sum(0))
+    eff = C.effective_params(jax.random.key(3), chip, 0.0)
+    for name in SPARE_SHAPES:
+        np.testing.assert_allclose(eff[name]["kernel"], params["params"][name]["kernel"],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_spare_placement_empty_cells_carry_no_conductance():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+    pl = _spare_placement(7)
+    occupied = {n: _scatter(np.ones(s[:2], bool), *pl[n]) for n, s in SPARE_SHAPES.items()}
+    # ideal cells whose weight-0 level is g_min = 2 µS: an unprogrammed cell must still be at 0
+    dev = D.ideal(g_min=2.0)
+    chip = C.deploy(jax.random.key(2), model, params, dev, config=SPARE_CFG, placement=pl)
+    plain = C.deploy(jax.random.key(2), model, params, dev, config=SPARE_CFG)
+    for name, occ in occupied.items():
+        tl, rp, cp = chip.tiles[name], *pl[name]
+        n_in, n_out = SPARE_SHAPES[name][:2]
+        for side in (tl.pos, tl.neg):
+            assert (np.asarray(side.g)[~occ] == 0).all() and (np.asarray(side.g)[occ] >= 2.0).all()
+        np.testing.assert_allclose((np.asarray(tl.pos.g) - np.asarray(tl.neg.g)) / tl.kappa,
+                                   _scatter(params["params"][name]["kernel"], rp, cp),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(tl.pos.g)[np.ix_(rp[:n_in], cp[:n_out])],
+                                      plain.tiles[name].pos.g)
+    # noisy, relaxing cells with stuck-at faults: empty cells are 0, not stuck, and read 0 later
+    rr = D.reram(p_stuck_min=0.2, p_stuck_max=0.2)
+    chip = C.deploy(jax.random.key(2), model, params, rr, config=SPARE_CFG, placement=pl)
+    tl, occ = chip.tiles["enc"], occupied["enc"]
+    for i, side in enumerate((tl.pos, tl.neg)):
+        assert (np.asarray(side.g)[~occ] == 0).all()
+        assert (np.asarray(side.stuck)[~occ] == 0).all()
+        assert (np.asarray(side.stuck)[occ] > 0).any()            # faults elsewhere survive
+        assert (np.asarray(side.relax)[~occ] == 0).all()
+        g_t = np.asarray(D.read(jax.random.key(9 + i), rr, side, 86400.0))
+        assert (g_t[~occ] == 0).all()
+    # the drift-compensation reference counts the occupied cells only
+    np.testing.assert_allclose(tl.ref0, xb.reference_sum(tl.pos.g - tl.neg.g, tl.kappa,
+                                                         device=rr), rtol=1e-6)
+
+
+def test_spare_placement_position_matters_only_with_ir_drop():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+
+    @jax.jit                                    # one compilation per config, placements traced
+    def run(pl, dev, cfg):
+        chip = C.deploy(jax.random.key(2), model, params, dev, config=cfg, placement=pl)
+        return C.apply(jax.random.key(3), chip, x, 0.0)
+
+    def block(r0, c0):                          # the block in the first tile, the others empty
+        return {"enc": _block_perms(r0, c0, 11, 7, 20, 18)}
+    ir = SPARE_CFG.replace(ir_drop="first_order", r_wire=100.0)
+    near, far = run(block(0, 0), D.ideal(), ir), run(block(5, 9), D.ideal(), ir)
+    assert np.abs(np.asarray(near) - np.asarray(far)).max() > 1e-3   # position matters
+    np.testing.assert_allclose(run(block(0, 0), D.ideal(), SPARE_CFG),
+                               run(block(5, 9), D.ideal(), SPARE_CFG), rtol=1e-5, atol=1e-6)
+    # the empty cells add no current: the block at the tile's origin with spares (unprogrammed
+    # cells at g_min = 2 µS would drop voltage) equals the unplaced layer, whose tile padding is
+    # zero conductance
+    dev = D.ideal(g_min=2.0)
+    np.testing.assert_allclose(run(block(0, 0), dev, ir), run(None, dev, ir), rtol=1e-5, atol=1e-6)
+
+
+def test_spare_placement_traced_under_jit():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+
+    def f(pl):     # unprogrammed cells would sit at g_min = 2 µS: the masking must act on traces
+        chip = C.deploy(jax.random.key(2), model, params, D.ideal(g_min=2.0), config=SPARE_CFG,
+                        placement=pl)
+        return (C.apply(jax.random.key(3), chip, x, 3600.0), chip.tiles["enc"].pos.g,
+                C.effective_params(jax.random.key(3), chip, 3600.0)["enc"]["kernel"])
+    g = jax.jit(f)
+    for seed in (4, 6):                      # two placements of the same shapes: one trace
+        eager, jitted = f(_spare_placement(seed)), g(_spare_placement(seed))
+        np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(jitted[1], eager[1])
+        np.testing.assert_allclose(jitted[2], eager[2], rtol=1e-5, atol=1e-6)
+    assert g._cache_size() == 1
+
+
+def test_spare_placement_errors():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+    cp = jnp.arange(9, dtype=jnp.int32)
+
+    def dep(rp, cp=cp):
+        C.deploy(jax.random.key(2), model, params, D.ideal(), placement={"enc": (rp, cp)})
+    short = r"'enc'.*row_perm must be a 1-D int array of length P >= 11"
+    with pytest.raises(ValueError, match=short):
+        dep(jnp.arange(10, dtype=jnp.int32))                     # shorter than n_in
+    with pytest.raises(ValueError, match=r"'enc'.*col_perm must be .* P >= 7"):
+        dep(jnp.arange(12, dtype=jnp.int32), jnp.arange(6, dtype=jnp.int32))
+    with pytest.raises(ValueError, match=r"'enc'.*row_perm is not a permutation of 0..15"):
+        dep(jnp.arange(16, dtype=jnp.int32).at[15].set(3))      # a duplicate
+    with pytest.raises(ValueError, match=r"'enc'.*row_perm is not a permutation of 0..12"):
+        dep(jnp.asarray([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13], jnp.int32))  # out of range
+    with pytest.raises(ValueError, match=r"'enc'.*row_perm must be a 1-D int array.*float32"):
+        dep(jnp.arange(12, dtype=jnp.float32))
+    with pytest.raises(ValueError, match=r"'enc'.*col_perm must be a 1-D int array"):
+        dep(jnp.arange(12, dtype=jnp.int32), jnp.arange(9, dtype=jnp.int32).reshape(3, 3))
+
+
+@pytest.mark.slow
+def test_spare_placement_correction_leaves_empty_cells_alone():
+    model = Nested()
+    x, params = _init(model, (6, 11))
+    pl = _spare_placement(4)
+    occ = _scatter(np.ones((11, 7), bool), *pl["enc"])
+    # per-level cells whose lowest level is g_min = 1 µS: re-programming an empty cell (read 0,
+    # nearest level 1 µS) would give it a conductance
+    dev = D.levels(bits=2, sigma=0.05, g_min=1.0, g_max=25.0)
+
+    @jax.jit                                    # (one compilation; the placement is traced)
+    def deploy_and_reprogram(pl):
+        chip = C.deploy(jax.random.key(2), model, params, dev, config=SPARE_CFG, placement=pl)
+        fixed, pulses = correction.reprogram(jax.random.key(5), chip, tol=0.01, max_rounds=2)
+        return fixed.tiles["enc"], pulses["enc"]
+    tl, pulses = deploy_and_reprogram(pl)
+    assert int(pulses) > 0
+    for side in (tl.pos, tl.neg):
+        assert (np.asarray(side.g)[~occ] == 0).all()
+    # an ideal chip needs no correction: gain 1 and offset 0 in logical column order
+    ideal = C.deploy(jax.random.key(2), model, params, D.ideal(g_min=2.0),
+                     config=SPARE_CFG.replace(per_column_scale=True), placement=pl)
+    for ref in (None, params):
+        cal = correction.calibrate(jax.random.key(3), ideal, x, 0.0, reference_params=ref)
+        assert cal.gain["enc"].shape == (7,)
+        np.testing.assert_allclose(cal.gain["enc"], 1.0, atol=1e-4)
+        np.testing.assert_allclose(cal.offset["enc"], 0.0, atol=1e-4)
