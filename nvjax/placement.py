@@ -24,11 +24,12 @@ IR drop (voltage at each physical cell) and D7 (:mod:`nvjax.disturb`) to the sol
 Every stochastic function takes a PRNG ``key`` first (:func:`linear_costs` for the Hessian
 probes, :func:`random_placement`, :func:`relaxed_placement`).
 
-This module imports ``crossbar``, ``disturb``, ``irdrop``, ``layers``, ``mapping``,
+This module imports ``crossbar``, ``devices``, ``disturb``, ``irdrop``, ``layers``, ``mapping``,
 ``sensitivity``, ``_checks`` and flax.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -37,6 +38,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import crossbar as xb
+from . import devices as dev_mod
 from . import disturb as dist_mod
 from . import irdrop
 from . import layers
@@ -48,7 +50,8 @@ __all__ = ["layer_reads", "position_factor", "linear_costs", "exact_placement",
            "random_placement", "identity_placement", "placement_cost", "relaxed_objective",
            "relaxed_placement", "physical_shape", "complete_permutation", "disturb_error_factor",
            "drive_position_factors", "fisher_costs", "alternating_placement",
-           "self_consistent_cost"]
+           "self_consistent_cost", "horizon_objective", "hard_matrices", "horizon_placement",
+           "swap_local_search"]
 
 Placement = Dict[str, Tuple[np.ndarray, np.ndarray]]
 
@@ -353,7 +356,7 @@ def _node_losses(g_phys, v_rows, cfg: xb.TileConfig):
 
 def drive_position_factors(model, params, x, device, tile_config: xb.TileConfig,
                            disturb: dist_mod.DisturbParams, placement: Placement, *,
-                           max_rows: int = 256):
+                           max_rows: int = 256, with_attenuation: bool = False):
     """Position factors of read disturb for a candidate layout, from real drives.
 
     For each layer, with the target conductances placed as ``placement`` says (full permutations
@@ -372,14 +375,21 @@ def drive_position_factors(model, params, x, device, tile_config: xb.TileConfig,
     IR drop). Both sides (G⁺, G⁻) are averaged. The factors depend on the layout itself; see
     :func:`alternating_placement`.
 
+    With ``with_attenuation`` also the MVM attenuation of a weight at (p, q), the least-squares
+    ratio of its cell current to the ideal one over the inputs,
+    A[p, q] = 1 − WL_rel(q) − BL_rel(p, q), WL_rel(q) = Σ_b,p v_bp·(v_bp − V_row,bpq)/Σ v_bp²,
+    BL_rel(p, q) = Σ_b v̄_b·V_col,bpq/Σ_b v̄_b² (v̄_b the mean drive of the driven rows of input b).
+
     Returns:
-        dict layer → D [P, Q] (NumPy float64), P, Q the lengths of the layer's permutations.
+        dict layer → D [P, Q] (NumPy float64), P, Q the lengths of the layer's permutations;
+        with ``with_attenuation``, layer → (D, A).
     """
     kernels = layers.kernels(params)
     inputs = layers.layer_inputs(model, params, x)
     out = {}
     if tile_config.ir_drop == "none":
-        return {n: np.ones((len(placement[n][0]), len(placement[n][1]))) for n in kernels}
+        ones = {n: np.ones((len(placement[n][0]), len(placement[n][1]))) for n in kernels}
+        return {n: (o, o) for n, o in ones.items()} if with_attenuation else ones
     cfg = xb.TileConfig(rows=tile_config.rows, cols=tile_config.cols, ir_drop="solver",
                         r_wire=tile_config.r_wire, ir_max_iter=max(tile_config.ir_max_iter, 1000))
     for name, kern in kernels.items():
@@ -394,13 +404,20 @@ def drive_position_factors(model, params, x, device, tile_config: xb.TileConfig,
             tile_config.v_read * u)
         w_bp = (v > 0) * jnp.exp(v / disturb.v0)                      # [B, P]
         w_b = jnp.sum(w_bp, axis=1)
-        d_sum = 0.0
+        v_bar = jnp.sum(v, axis=1) / jnp.maximum(jnp.sum(v > 0, axis=1), 1)
+        d_sum, a_sum = 0.0, 0.0
         for g in (gp, gm):
             wl, bl = _node_losses(_scatter(g, rp, cp, shape), v, cfg)
             wl_q = jnp.einsum("bp,bpq->q", w_bp, wl) / jnp.maximum(jnp.sum(w_bp), 1e-30)
             bl_pq = jnp.einsum("b,bpq->pq", w_b, bl) / jnp.maximum(jnp.sum(w_b), 1e-30)
             d_sum = d_sum + jnp.exp(-(wl_q[None, :] + bl_pq) / disturb.v0)
-        out[name] = np.asarray(0.5 * d_sum, np.float64)
+            if with_attenuation:
+                wl_rel = jnp.einsum("bp,bpq->q", v, wl) / jnp.maximum(jnp.sum(v * v), 1e-30)
+                bl_rel = jnp.einsum("b,bpq->pq", v_bar, bl) / jnp.maximum(jnp.sum(v_bar ** 2),
+                                                                         1e-30)
+                a_sum = a_sum + 1.0 - wl_rel[None, :] - bl_rel
+        d = np.asarray(0.5 * d_sum, np.float64)
+        out[name] = (d, np.asarray(0.5 * a_sum, np.float64)) if with_attenuation else d
     return out
 
 
@@ -480,3 +497,171 @@ def alternating_placement(model, params, x, device, tile_config: xb.TileConfig,
             break
         current = new
     return best, {"history": history}
+
+
+def _factor_maps(factors, name):
+    f = factors[name]
+    if isinstance(f, tuple):
+        return jnp.asarray(f[0], jnp.float32), jnp.asarray(f[1], jnp.float32)
+    return jnp.asarray(f, jnp.float32), None
+
+
+def horizon_objective(model, params, x, y, device, tile_config: xb.TileConfig,
+                      disturb: dist_mod.DisturbParams, factors, *, horizon: float,
+                      num_points: int = 4, num_chips: int = 4,
+                      inference_rate_hz: float = 1e3):
+    """The simulator's own Monte Carlo expected loss over the horizon, as a function of soft
+    placements that never blur the weights.
+
+    The weights stay where they are (logical layout); what a placement changes is the *position
+    factors* of each weight: its read-disturb rate a_i·D[p, q] and (optionally) its IR-drop MVM
+    attenuation A[p, q] (``factors[name] = D`` or ``(D, A)``, [P, Q], e.g. from
+    :func:`drive_position_factors` of the current layout). For soft assignments P_r [n_in, P]
+    (rows sum to 1) and P_c [n_out, Q], cell (i, j) gets D_soft = P_r·D·P_cᵀ and A_soft =
+    P_r·A·P_cᵀ: for one-hot P every step evaluates a real placement's weights, and in between
+    the factors, not the weights, are mixed.
+
+    One Monte Carlo chip: programming noise (:func:`nvjax.devices.program` of the targets), a
+    ln N_D spread z per cell, and at each of ``num_points`` horizon points n = horizon·k/num_points
+    the D7 damage s = n·a_i·D_soft/N_D(V_ref, G0, z), the disturbed conductance, drift and read
+    noise at t = n/inference_rate_hz (:func:`nvjax.devices.read`), global drift compensation
+    (:func:`nvjax.crossbar.reference_sum`), the IR attenuation, and the cross-entropy on (x, y).
+    The objective is the mean over points and ``num_chips`` chips (keys from its ``key``).
+
+    Returns:
+        (objective, names): ``objective(key, mats)`` with mats = (P_row, P_col) per layer of
+        ``names``; pass ``stochastic_objective=True`` to :func:`nvjax.mapping.relaxed_permutations`.
+    """
+    params = layers.strip_params(params)
+    kernels = layers.kernels(params)
+    names = list(kernels)
+    targets = {n: xb.tile(kernels[n], device, config=tile_config) for n in names}
+    reads = {n: jnp.asarray(r) for n, r in layer_reads(model, params, x, tile_config,
+                                                        disturb).items()}
+    maps = {n: _factor_maps(factors, n) for n in names}
+    flat = flatten_dict(params)
+    points = float(horizon) * jnp.arange(1, num_points + 1, dtype=jnp.float32) / num_points
+    x = jnp.asarray(x)
+    y = jnp.asarray(y)
+
+    def chip_loss(key, mats):
+        states, spreads = {}, {}
+        for k, name in enumerate(names):
+            gp, gm, _ = targets[name]
+            kl = jax.random.fold_in(key, k)
+            states[name] = tuple(dev_mod.program(jax.random.fold_in(kl, s), device, g)
+                                 for s, g in enumerate((gp, gm)))
+            spreads[name] = tuple(dist_mod.draw_spread(jax.random.fold_in(kl, 2 + s), gp.shape)
+                                  for s in range(2))
+
+        def at(n_inf, k_point):
+            new = dict(flat)
+            for k, name in enumerate(names):
+                gp, gm, kappa = targets[name]
+                pr, pc = mats[2 * k], mats[2 * k + 1]
+                d_map, a_map = maps[name]
+                rate = reads[name][:, None] * (pr @ d_map @ pc.T)
+                g_read = []
+                for s, st in enumerate(states[name]):
+                    dmg = n_inf * rate / dist_mod.reads_to_failure(disturb, disturb.v_ref, st.g,
+                                                                   spreads[name][s])
+                    g_d = dist_mod.disturbed_conductance(disturb, st.g, dmg)
+                    g_read.append(dev_mod.read(jax.random.fold_in(jax.random.fold_in(k_point, k), s),
+                                               device, st._replace(g=g_d),
+                                               n_inf / inference_rate_hz))
+                diff = g_read[0] - g_read[1]
+                ref0 = xb.reference_sum(gp - gm, kappa, device=device)
+                alpha = ref0 / jnp.maximum(xb.reference_sum(diff, kappa, device=device), 1e-30)
+                w = diff / kappa * alpha
+                if a_map is not None:
+                    w = w * (pr @ a_map @ pc.T)
+                path = tuple(name.split("/")) + ("kernel",)
+                new[path] = layers.matrix_to_kernel(w, flat[path].shape)
+            logits = model.apply({"params": unflatten_dict(new)}, x)
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+        keys = jax.random.split(jax.random.fold_in(key, len(names)), num_points)
+        return jnp.mean(jax.vmap(at)(points, keys))
+
+    def objective(key, mats):
+        return jnp.mean(jax.vmap(lambda c: chip_loss(jax.random.fold_in(key, c), mats))(
+            jnp.arange(num_chips)))
+    return objective, names
+
+
+def hard_matrices(placement: Placement, names, shapes):
+    """One-hot (P_row [n_in, P], P_col [n_out, Q]) per layer of ``names`` for a placement of full
+    permutations (``shapes``: layer → (n_in, n_out))."""
+    mats = []
+    for n in names:
+        for perm, size in zip(placement[n], shapes[n]):
+            perm = np.asarray(perm)
+            mats.append(jax.nn.one_hot(perm[:size], len(perm), dtype=jnp.float32))
+    return tuple(mats)
+
+
+def horizon_placement(key, objective, names, shapes, start: Placement, *, steps: int = 200,
+                      learning_rate: float = 0.1, tau_start: float = 0.3, tau_end: float = 0.03,
+                      start_sharpness: float = 3.0, sinkhorn_iters: int = 30):
+    """Relaxed search on :func:`horizon_objective` started from ``start`` (logits
+    ``start_sharpness`` on its one-hot matrices), by :func:`nvjax.mapping.relaxed_permutations`
+    with a fresh Monte Carlo key every step; the result is projected to the nearest injective
+    maps and completed to full permutations (:func:`complete_permutation`).
+
+    Returns:
+        (placement, info of the search).
+    """
+    init = tuple(start_sharpness * m for m in hard_matrices(start, names, shapes))
+    sizes = [tuple(m.shape) for m in init]
+    perms, info = mapping.relaxed_permutations(
+        key, objective, sizes, init_logits=init, stochastic_objective=True, steps=steps,
+        learning_rate=learning_rate, tau_start=tau_start, tau_end=tau_end,
+        sinkhorn_iters=sinkhorn_iters)
+    out = {}
+    for k, n in enumerate(names):
+        out[n] = (complete_permutation(perms[2 * k], sizes[2 * k][1]),
+                  complete_permutation(perms[2 * k + 1], sizes[2 * k + 1][1]))
+    return out, info
+
+
+def swap_local_search(key, objective, names, shapes, start: Placement, *, eval_key,
+                      time_budget_s: float, batch: int = 16, max_evals: Optional[int] = None):
+    """Swap local search on the hard objective ``objective(eval_key, one-hot mats)``.
+
+    Each round proposes ``batch`` random swaps (a layer, rows or columns, a logical position and
+    any physical position of that layer: another logical one or an empty one), evaluates them at
+    once (``vmap``) and keeps the best if it lowers the objective; it stops after
+    ``time_budget_s`` seconds (wall clock, compilation excluded) or ``max_evals`` evaluations.
+
+    Returns:
+        (placement, info) with info = {'history': objective after each round, 'evals': int,
+        'seconds': float}.
+    """
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel()[-1].item())
+    current = {n: (np.asarray(r).copy(), np.asarray(c).copy()) for n, (r, c) in start.items()}
+    f = jax.jit(jax.vmap(lambda mats: objective(eval_key, mats)))
+
+    def stack(cands):
+        mats = [hard_matrices(c, names, shapes) for c in cands]
+        return tuple(jnp.stack([m[i] for m in mats]) for i in range(len(mats[0])))
+    best = float(f(stack([current]))[0])
+    history, evals = [best], 1
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < time_budget_s and (max_evals is None or evals < max_evals):
+        cands = []
+        for _ in range(batch):
+            cand = {n: (r.copy(), c.copy()) for n, (r, c) in current.items()}
+            n = names[rng.integers(len(names))]
+            axis = int(rng.integers(2))
+            perm = cand[n][axis]
+            a = int(rng.integers(shapes[n][axis]))
+            b = int(rng.integers(len(perm)))
+            perm[a], perm[b] = perm[b], perm[a]
+            cands.append(cand)
+        vals = np.asarray(f(stack(cands)))
+        evals += batch
+        k = int(np.argmin(vals))
+        if vals[k] < best:
+            best, current = float(vals[k]), cands[k]
+        history.append(best)
+    return current, {"history": history, "evals": evals, "seconds": time.perf_counter() - t0}
