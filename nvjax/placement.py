@@ -3,26 +3,34 @@
 Cost models that connect :mod:`nvjax.sensitivity` (criticality), the data (reads), the crossbar's
 IR drop (voltage at each physical cell) and D7 (:mod:`nvjax.disturb`) to the solvers of
 :mod:`nvjax.mapping`, and produce ``placement`` dicts for :func:`nvjax.chip.deploy` /
-:func:`nvjax.lifetime.lifetime` (layer → (row_perm, col_perm), logical → physical).
+:func:`nvjax.lifetime.lifetime` (layer → (row_perm, col_perm), logical → physical; permutations
+longer than the layer place it among spare rows and columns of its tile grid).
 
-* **Linear cost** (Paul et al., arXiv 2201.11527: Σ c·a/N_D(V)): synapse factor
-  ``C[i, j] = c_ij · a_i`` with c the criticality and a_i = E_x[[x_i ≠ 0]·exp((|u_i|·v_read −
-  V_ref)/V_0)] the voltage-weighted reads per inference of row i (u = x/s_x, the DAC-normalized
-  input), and a position factor ``D[p, q] = exp(v_read·(η_pq − 1)/V_0)`` with η_pq the IR-drop
-  attenuation of cell (p, q) for a full-scale drive of every row (the converged solver of
-  :mod:`nvjax.irdrop`, identity placement). Σ C·D over a placement is then the
-  criticality-weighted disturb rate.
-* **Non-linear objective** (:func:`relaxed_objective`): for soft row/column permutations of every
-  layer, the network's cross-entropy after ``n`` inferences of disturb computed by the simulator's
-  own differentiable pieces — soft-placed conductances, per-input first-order cell voltages of the
-  physical array, D7 damage and conductance shift, global drift compensation — which no exact
-  solver can optimize (:func:`relaxed_placement`). The first-order form is a model of the IR
-  drop only for a small coupling (:func:`nvjax.irdrop.first_order_error`); building the
-  objective checks it on the layers' target conductances and warns with the numbers when its
-  error exceeds 5 %.
+**The pipeline to use** (issue 15):
+
+* :func:`identity_placement` / :func:`random_placement` with a ``tile_config``: placements over
+  the layer's whole tile grid (:func:`physical_shape`), spare rows and columns included.
+* :func:`fisher_costs`: weight factors C = ½·F·e·a^(2β) — the Fisher (Gauss-Newton) diagonal F
+  (the criticality of an additive, weight-independent conductance error, which is what disturb
+  leaves after drift compensation), the pair's expected squared disturb error e
+  (:func:`disturb_error_factor`) and the voltage-weighted reads a of the real drives.
+* :func:`drive_position_factors`: position factors D (and MVM attenuation A) of a *given layout*
+  from the converged IR-drop solver on real drives; :func:`alternating_placement` solves the
+  crossbar assignment of Σ C·D^(2β) exactly and recomputes D for each candidate layout.
+* :func:`horizon_objective`: the simulator's own Monte Carlo expected loss over the horizon,
+  with soft position factors (the weights stay in place, so every one-hot point is a real
+  placement); :func:`horizon_placement` (Sinkhorn search from a start) and
+  :func:`swap_local_search` (swaps on the same hard objective) minimize it.
+
+**Earlier cost models** (kept for comparison; issue 15 found both wanting): :func:`linear_costs`
+(criticality saliency/magnitude/Hessian × reads, position factor for a full-scale drive of every
+row in the identity layout) and :func:`relaxed_objective` / :func:`relaxed_placement`, which
+evaluate soft-placed conductances Pᵀ·G·P: between permutations the weights themselves are
+blurred, so its gradient mostly rewards becoming a permutation.
 
 Every stochastic function takes a PRNG ``key`` first (:func:`linear_costs` for the Hessian
-probes, :func:`random_placement`, :func:`relaxed_placement`).
+probes, :func:`random_placement`, :func:`relaxed_placement`, :func:`horizon_placement`,
+:func:`swap_local_search`; :func:`horizon_objective`'s objective).
 
 This module imports ``crossbar``, ``devices``, ``disturb``, ``irdrop``, ``layers``, ``mapping``,
 ``sensitivity``, ``_checks`` and flax.
@@ -402,23 +410,32 @@ def drive_position_factors(model, params, x, device, tile_config: xb.TileConfig,
         u = jnp.abs(rows) / xb.input_scale(rows, config=tile_config)
         v = jnp.zeros((rows.shape[0], shape[0]), u.dtype).at[:, rp[:rows.shape[1]]].set(
             tile_config.v_read * u)
-        w_bp = (v > 0) * jnp.exp(v / disturb.v0)                      # [B, P]
-        w_b = jnp.sum(w_bp, axis=1)
-        v_bar = jnp.sum(v, axis=1) / jnp.maximum(jnp.sum(v > 0, axis=1), 1)
-        d_sum, a_sum = 0.0, 0.0
-        for g in (gp, gm):
-            wl, bl = _node_losses(_scatter(g, rp, cp, shape), v, cfg)
-            wl_q = jnp.einsum("bp,bpq->q", w_bp, wl) / jnp.maximum(jnp.sum(w_bp), 1e-30)
-            bl_pq = jnp.einsum("b,bpq->pq", w_b, bl) / jnp.maximum(jnp.sum(w_b), 1e-30)
-            d_sum = d_sum + jnp.exp(-(wl_q[None, :] + bl_pq) / disturb.v0)
-            if with_attenuation:
-                wl_rel = jnp.einsum("bp,bpq->q", v, wl) / jnp.maximum(jnp.sum(v * v), 1e-30)
-                bl_rel = jnp.einsum("b,bpq->pq", v_bar, bl) / jnp.maximum(jnp.sum(v_bar ** 2),
-                                                                         1e-30)
-                a_sum = a_sum + 1.0 - wl_rel[None, :] - bl_rel
-        d = np.asarray(0.5 * d_sum, np.float64)
-        out[name] = (d, np.asarray(0.5 * a_sum, np.float64)) if with_attenuation else d
+        d, a = _layer_factors(gp, gm, v, rp, cp, cfg, disturb.v0)
+        d = np.asarray(d, np.float64)
+        if not np.all(np.isfinite(d)):   # a solve that did not converge gives NaN under jit
+            raise ValueError(f"drive_position_factors: the IR-drop solve of layer {name!r} did "
+                             f"not converge (tile {cfg.rows}×{cfg.cols}, r_wire {cfg.r_wire} Ω)")
+        out[name] = (d, np.asarray(a, np.float64)) if with_attenuation else d
     return out
+
+
+@jax.jit   # one compilation per layer shape: layouts (rp, cp) and drives are arguments
+def _layer_factors(gp, gm, v, rp, cp, cfg, v0):
+    """(D, A) [P, Q] of :func:`drive_position_factors` for one layer."""
+    shape = (rp.shape[0], cp.shape[0])
+    w_bp = (v > 0) * jnp.exp(v / v0)                                  # [B, P]
+    w_b = jnp.sum(w_bp, axis=1)
+    v_bar = jnp.sum(v, axis=1) / jnp.maximum(jnp.sum(v > 0, axis=1), 1)
+    d_sum, a_sum = 0.0, 0.0
+    for g in (gp, gm):
+        wl, bl = _node_losses(_scatter(g, rp, cp, shape), v, cfg)
+        wl_q = jnp.einsum("bp,bpq->q", w_bp, wl) / jnp.maximum(jnp.sum(w_bp), 1e-30)
+        bl_pq = jnp.einsum("b,bpq->pq", w_b, bl) / jnp.maximum(jnp.sum(w_b), 1e-30)
+        d_sum = d_sum + jnp.exp(-(wl_q[None, :] + bl_pq) / v0)
+        wl_rel = jnp.einsum("bp,bpq->q", v, wl) / jnp.maximum(jnp.sum(v * v), 1e-30)
+        bl_rel = jnp.einsum("b,bpq->pq", v_bar, bl) / jnp.maximum(jnp.sum(v_bar ** 2), 1e-30)
+        a_sum = a_sum + 1.0 - wl_rel[None, :] - bl_rel
+    return 0.5 * d_sum, 0.5 * a_sum
 
 
 def fisher_costs(model, params, x, device, tile_config: xb.TileConfig,
@@ -529,8 +546,11 @@ def horizon_objective(model, params, x, y, device, tile_config: xb.TileConfig,
     The objective is the mean over points and ``num_chips`` chips (keys from its ``key``).
 
     Returns:
-        (objective, names): ``objective(key, mats)`` with mats = (P_row, P_col) per layer of
-        ``names``; pass ``stochastic_objective=True`` to :func:`nvjax.mapping.relaxed_permutations`.
+        (objective, names): ``objective(key, mats, factors=None)`` with mats = (P_row, P_col) per
+        layer of ``names``; pass ``stochastic_objective=True`` to
+        :func:`nvjax.mapping.relaxed_permutations`. ``factors`` (same form as the argument
+        here) replaces the factors given here, so one compiled objective serves several
+        layouts' factors (pass them as an argument of ``jit``).
     """
     params = layers.strip_params(params)
     kernels = layers.kernels(params)
@@ -544,7 +564,7 @@ def horizon_objective(model, params, x, y, device, tile_config: xb.TileConfig,
     x = jnp.asarray(x)
     y = jnp.asarray(y)
 
-    def chip_loss(key, mats):
+    def chip_loss(key, mats, maps):
         states, spreads = {}, {}
         for k, name in enumerate(names):
             gp, gm, _ = targets[name]
@@ -583,8 +603,9 @@ def horizon_objective(model, params, x, y, device, tile_config: xb.TileConfig,
         keys = jax.random.split(jax.random.fold_in(key, len(names)), num_points)
         return jnp.mean(jax.vmap(at)(points, keys))
 
-    def objective(key, mats):
-        return jnp.mean(jax.vmap(lambda c: chip_loss(jax.random.fold_in(key, c), mats))(
+    def objective(key, mats, factors=None):
+        m = maps if factors is None else {n: _factor_maps(factors, n) for n in names}
+        return jnp.mean(jax.vmap(lambda c: chip_loss(jax.random.fold_in(key, c), mats, m))(
             jnp.arange(num_chips)))
     return objective, names
 
