@@ -325,18 +325,21 @@ def complete_permutation(injection, size: int) -> np.ndarray:
 
 
 def disturb_error_factor(g_pos, g_neg, kappa, disturb: dist_mod.DisturbParams):
-    """Expected squared weight error of read disturb per unit of (median damage)^(2β), [n_in, n_out].
+    """Variance of the weight error of read disturb per unit of (median damage)^(2β), [n_in, n_out].
 
     A pair (G⁺, G⁻) with median damage s̄ (both cells read alike) moves by
-    ΔG± = (G_∞ − G±)·ε_f·(s̄·e^(−σ_ln·z±))^β (small-damage branch of D7, z± independent normals),
-    so E[(ΔG⁺ − ΔG⁻)²]/κ² = ε_f²·s̄^(2β)/κ²·[(d⁺² + d⁻²)·e^(2β²σ²) − 2·d⁺·d⁻·e^(β²σ²)] with
-    d± = G_∞ − G±. It does not vanish for a zero weight (d⁺ = d⁻): the spread of the two cells'
+    ΔG± = (G_∞ − G±)·ε_f·(s̄·e^(−σ_ln·z±))^β (small-damage branch of D7, z± independent normals).
+    Its mean, ε_f·s̄^β·e^(β²σ²/2)·(d⁺ − d⁻) with d± = G_∞ − G±, is −(G⁺ − G⁻)·const: a shrink
+    of the weight that global drift compensation cancels (exactly where the damage is uniform);
+    what remains is the variance
+    Var[ΔG⁺ − ΔG⁻]/κ² = ε_f²·s̄^(2β)/κ²·(d⁺² + d⁻²)·(e^(2β²σ²) − e^(β²σ²)).
+    It does not vanish for a zero weight (d⁺ = d⁻ = G_∞ − g_min): the spread of the two cells'
     damage, not the weight, makes the error (what |w·∂L/∂w| misses). Weight units² per s̄^(2β).
     """
     b, sig = disturb.beta, disturb.sigma_ln
     dp, dm = disturb.g_inf - g_pos, disturb.g_inf - g_neg
     e2, e1 = jnp.exp(2.0 * b * b * sig * sig), jnp.exp(b * b * sig * sig)
-    return disturb.eps_f ** 2 / kappa ** 2 * ((dp * dp + dm * dm) * e2 - 2.0 * dp * dm * e1)
+    return disturb.eps_f ** 2 / kappa ** 2 * (dp * dp + dm * dm) * (e2 - e1)
 
 
 def _scatter(g, rp, cp, shape):
@@ -407,12 +410,13 @@ def drive_position_factors(model, params, x, device, tile_config: xb.TileConfig,
         rows = inputs[name]
         if rows.shape[0] > max_rows:
             rows = rows[np.linspace(0, rows.shape[0] - 1, max_rows).astype(int)]
-        u = jnp.abs(rows) / xb.input_scale(rows, config=tile_config)
+        u = rows / xb.input_scale(rows, config=tile_config)           # signed drives
         v = jnp.zeros((rows.shape[0], shape[0]), u.dtype).at[:, rp[:rows.shape[1]]].set(
             tile_config.v_read * u)
         d, a = _layer_factors(gp, gm, v, rp, cp, cfg, disturb.v0)
         d = np.asarray(d, np.float64)
-        if not np.all(np.isfinite(d)):   # a solve that did not converge gives NaN under jit
+        if not (np.all(np.isfinite(d)) and np.all(np.isfinite(np.asarray(a)))):
+            # a solve that did not converge gives NaN under jit
             raise ValueError(f"drive_position_factors: the IR-drop solve of layer {name!r} did "
                              f"not converge (tile {cfg.rows}×{cfg.cols}, r_wire {cfg.r_wire} Ω)")
         out[name] = (d, np.asarray(a, np.float64)) if with_attenuation else d
@@ -423,13 +427,19 @@ def drive_position_factors(model, params, x, device, tile_config: xb.TileConfig,
 def _layer_factors(gp, gm, v, rp, cp, cfg, v0):
     """(D, A) [P, Q] of :func:`drive_position_factors` for one layer."""
     shape = (rp.shape[0], cp.shape[0])
-    w_bp = (v > 0) * jnp.exp(v / v0)                                  # [B, P]
+    av = jnp.abs(v)
+    # read weights exp(|v|/V_0), relative to the largest (only ratios enter the means)
+    w_bp = (v != 0) * jnp.exp((av - jnp.max(av)) / v0)               # [B, P]
     w_b = jnp.sum(w_bp, axis=1)
-    v_bar = jnp.sum(v, axis=1) / jnp.maximum(jnp.sum(v > 0, axis=1), 1)
+    v_bar = jnp.sum(av, axis=1) / jnp.maximum(jnp.sum(v != 0, axis=1), 1)
     d_sum, a_sum = 0.0, 0.0
     for g in (gp, gm):
         wl, bl = _node_losses(_scatter(g, rp, cp, shape), v, cfg)
-        wl_q = jnp.einsum("bp,bpq->q", w_bp, wl) / jnp.maximum(jnp.sum(w_bp), 1e-30)
+        # the word-line loss has the sign of the row's own drive and lowers |V|; the bit-line
+        # term is that of non-negative drives (images, ReLU outputs), an approximation for
+        # signed ones
+        wl_q = jnp.einsum("bp,bpq->q", w_bp, jnp.sign(v)[:, :, None] * wl) / jnp.maximum(
+            jnp.sum(w_bp), 1e-30)
         bl_pq = jnp.einsum("b,bpq->pq", w_b, bl) / jnp.maximum(jnp.sum(w_b), 1e-30)
         d_sum = d_sum + jnp.exp(-(wl_q[None, :] + bl_pq) / v0)
         wl_rel = jnp.einsum("bp,bpq->q", v, wl) / jnp.maximum(jnp.sum(v * v), 1e-30)
@@ -444,7 +454,7 @@ def fisher_costs(model, params, x, device, tile_config: xb.TileConfig,
 
     ``C_ij = ½·F_ij·e_ij·a_i^(2β)``: the Fisher (Gauss-Newton) diagonal F of
     :func:`nvjax.sensitivity.fisher_diag` in the crossbar layout (loss per weight²), the
-    expected squared disturb error of the pair per unit damage e of :func:`disturb_error_factor`,
+    variance of the pair's disturb error per unit damage e of :func:`disturb_error_factor`,
     and the voltage-weighted reads per inference a of :func:`layer_reads` (real drives). With D
     the position factors of :func:`drive_position_factors`, the damage of cell (i, j) at (p, q)
     is ∝ a_i·D[p, q] and the expected loss increase ∝ Σ C_ij·D[p, q]^(2β) (small-damage branch).
@@ -590,7 +600,9 @@ def horizon_objective(model, params, x, y, device, tile_config: xb.TileConfig,
                                                device, st._replace(g=g_d),
                                                n_inf / inference_rate_hz))
                 diff = g_read[0] - g_read[1]
-                ref0 = xb.reference_sum(gp - gm, kappa, device=device)
+                # the chip's reference: its programmed conductances (crossbar.program_tiles)
+                ref0 = xb.reference_sum(states[name][0].g - states[name][1].g, kappa,
+                                        device=device)
                 alpha = ref0 / jnp.maximum(xb.reference_sum(diff, kappa, device=device), 1e-30)
                 w = diff / kappa * alpha
                 if a_map is not None:
@@ -623,14 +635,19 @@ def hard_matrices(placement: Placement, names, shapes):
 
 def horizon_placement(key, objective, names, shapes, start: Placement, *, steps: int = 200,
                       learning_rate: float = 0.1, tau_start: float = 0.3, tau_end: float = 0.03,
-                      start_sharpness: float = 3.0, sinkhorn_iters: int = 30):
+                      start_sharpness: float = 3.0, sinkhorn_iters: int = 30, eval_key=None):
     """Relaxed search on :func:`horizon_objective` started from ``start`` (logits
     ``start_sharpness`` on its one-hot matrices), by :func:`nvjax.mapping.relaxed_permutations`
     with a fresh Monte Carlo key every step; the result is projected to the nearest injective
     maps and completed to full permutations (:func:`complete_permutation`).
 
+    With ``eval_key`` the projected result and the start are scored on the hard objective
+    ``objective(eval_key, one-hot mats)`` and the better one is returned (a search never ends
+    worse than its start on that objective).
+
     Returns:
-        (placement, info of the search).
+        (placement, info) with info = {'search': the search's :class:`nvjax.mapping.RelaxedInfo`,
+        'hard_start', 'hard_result' (None without ``eval_key``), 'kept': 'result' or 'start'}.
     """
     init = tuple(start_sharpness * m for m in hard_matrices(start, names, shapes))
     sizes = [tuple(m.shape) for m in init]
@@ -642,7 +659,14 @@ def horizon_placement(key, objective, names, shapes, start: Placement, *, steps:
     for k, n in enumerate(names):
         out[n] = (complete_permutation(perms[2 * k], sizes[2 * k][1]),
                   complete_permutation(perms[2 * k + 1], sizes[2 * k + 1][1]))
-    return out, info
+    result = {"search": info, "hard_start": None, "hard_result": None, "kept": "result"}
+    if eval_key is not None:
+        hard = jax.jit(lambda mats: objective(eval_key, mats))
+        result["hard_start"] = float(hard(hard_matrices(start, names, shapes)))
+        result["hard_result"] = float(hard(hard_matrices(out, names, shapes)))
+        if result["hard_start"] <= result["hard_result"]:
+            out, result["kept"] = start, "start"
+    return out, result
 
 
 def swap_local_search(key, objective, names, shapes, start: Placement, *, eval_key,
@@ -652,7 +676,8 @@ def swap_local_search(key, objective, names, shapes, start: Placement, *, eval_k
     Each round proposes ``batch`` random swaps (a layer, rows or columns, a logical position and
     any physical position of that layer: another logical one or an empty one), evaluates them at
     once (``vmap``) and keeps the best if it lowers the objective; it stops after
-    ``time_budget_s`` seconds (wall clock, compilation excluded) or ``max_evals`` evaluations.
+    ``time_budget_s`` seconds (wall clock; both compilations happen before the clock starts) or
+    ``max_evals`` evaluations.
 
     Returns:
         (placement, info) with info = {'history': objective after each round, 'evals': int,
@@ -666,6 +691,7 @@ def swap_local_search(key, objective, names, shapes, start: Placement, *, eval_k
         mats = [hard_matrices(c, names, shapes) for c in cands]
         return tuple(jnp.stack([m[i] for m in mats]) for i in range(len(mats[0])))
     best = float(f(stack([current]))[0])
+    f(stack([current] * batch)).block_until_ready()     # compile the batch before timing
     history, evals = [best], 1
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < time_budget_s and (max_evals is None or evals < max_evals):

@@ -232,8 +232,9 @@ def test_complete_permutation_appends_the_empty_positions():
 
 
 def test_disturb_error_factor_matches_monte_carlo_of_d7():
-    """E[(ΔG⁺ − ΔG⁻)²]/κ² per s̄^(2β), against D7's own conductance update on 4·10⁵ pairs of
-    cells with independent ln N_D spreads (small damage: the min(1, ·) does not bind)."""
+    """Var[ΔG⁺ − ΔG⁻]/κ² per s̄^(2β) (the part drift compensation leaves), against D7's own
+    conductance update on 4·10⁵ pairs of cells with independent ln N_D spreads (small damage:
+    the min(1, ·) does not bind)."""
     dp = R.pcm_disturb(beta=0.5, sigma_ln=0.5, eps_f=0.1)
     g_pos = jnp.array([0.0, 20.0, 5.0])
     g_neg = jnp.array([0.0, 0.0, 12.0])
@@ -241,7 +242,7 @@ def test_disturb_error_factor_matches_monte_carlo_of_d7():
     z = jax.random.normal(jax.random.key(3), (2, 400_000, 3))
     dgp = R.disturbed_conductance(dp, g_pos, s_bar * jnp.exp(-dp.sigma_ln * z[0])) - g_pos
     dgm = R.disturbed_conductance(dp, g_neg, s_bar * jnp.exp(-dp.sigma_ln * z[1])) - g_neg
-    mc = jnp.mean(jnp.square(dgp - dgm), axis=0) / kappa ** 2 / s_bar ** (2 * dp.beta)
+    mc = jnp.var(dgp - dgm, axis=0) / kappa ** 2 / s_bar ** (2 * dp.beta)
     factor = pl.disturb_error_factor(g_pos, g_neg, kappa, dp)
     np.testing.assert_allclose(np.asarray(factor), np.asarray(mc), rtol=0.02)
     assert float(factor[0]) > 0          # a zero weight is still disturbed (the pair's spread)

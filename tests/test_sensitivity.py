@@ -431,7 +431,7 @@ def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(TypeError, match="key"):
         S.importance(0, model, mparams, x, y)                     # an int seed is not a key
     with pytest.raises(ValueError, match="method"):
-        S.importance(key, model, mparams, x, y, method="fisher")
+        S.importance(key, model, mparams, x, y, method="curvature")
     with pytest.raises(TypeError, match="num_probes"):
         S.importance(key, model, mparams, x, y, method="hessian", num_probes=8.0)
     with pytest.raises(ValueError, match="x"):
