@@ -56,15 +56,28 @@ _INTERRUPTED = {
 _SWALLOWING = ("_xla_gc_callback", "__del__")
 
 
+#: Re-delivery timers of :func:`_on_sigint` not yet fired, and whether the command has already
+#: been interrupted (a late re-delivery must not interrupt the exit: status 130, not −SIGINT).
+_PENDING = []
+_STATE = {"interrupted": False}
+
+
 def _on_sigint(signum, frame):
     """Ctrl-C: KeyboardInterrupt, unless the interpreter is inside a callback that would swallow
-    it; then the signal is sent again a moment later, so one Ctrl-C always ends the command."""
+    it; then the signal is sent again a moment later, so one Ctrl-C always ends the command.
+    Once the command has been interrupted, further (re-delivered) signals are ignored."""
+    if _STATE["interrupted"]:
+        return
     f, depth = frame, 0
     while f is not None and depth < 8:
         if f.f_code.co_name in _SWALLOWING:
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            t = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+            t.daemon = True
+            _PENDING.append(t)
+            t.start()
             return
         f, depth = f.f_back, depth + 1
+    _STATE["interrupted"] = True
     raise KeyboardInterrupt
 
 
@@ -310,9 +323,13 @@ def main(argv=None) -> int:
         previous = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
+    _STATE["interrupted"] = False
     try:
         return _main(args, prog)
     finally:
+        for t in _PENDING:   # no re-delivery after the command has ended
+            t.cancel()
+        _PENDING.clear()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 

@@ -291,3 +291,29 @@ def test_fisher_costs_and_alternating_placement_never_worse_than_its_start():
     assert pl.self_consistent_cost(costs, d1, best, 0.5) <= info["history"][0] + 1e-12
     for n, (r, c) in best.items():
         assert sorted(r.tolist()) == list(range(16)) and sorted(c.tolist()) == list(range(16))
+
+
+def test_horizon_objective_without_noise_or_reads_is_the_software_loss():
+    """Ideal device, no reads (horizon → 0): every chip's weights are the software weights, so
+    the objective is the software cross-entropy, for any placement; with position factors D = 0
+    (no disturb anywhere) and a long horizon too."""
+    model, params, x, y = _setup()
+    dev, dp = D.ideal(g_max=25.0), R.pcm_disturb()
+    cfg = xb.TileConfig(rows=16, cols=16, v_read=0.45)
+    shapes = {"hidden": (8, 6), "out": (6, 4)}
+    logits = model.apply(params, x)
+    ce = float(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)))
+    zeros = {n: np.zeros((16, 16)) for n in shapes}
+    ones = {n: np.ones((16, 16)) for n in shapes}
+    for factors, horizon in ((ones, 1e-9), (zeros, 1e9)):
+        obj, names = pl.horizon_objective(model, params, x, y, dev, cfg, dp, factors,
+                                          horizon=horizon, num_points=2, num_chips=2)
+        for p in (pl.identity_placement(params, cfg),
+                  pl.random_placement(jax.random.key(4), params, cfg)):
+            val = float(obj(jax.random.key(0), pl.hard_matrices(p, names, shapes)))
+            assert val == pytest.approx(ce, rel=1e-4)
+    # with disturb on, the loss grows with the horizon
+    obj, names = pl.horizon_objective(model, params, x, y, dev, cfg, dp, ones, horizon=1e9,
+                                      num_points=2, num_chips=2)
+    mats = pl.hard_matrices(pl.identity_placement(params, cfg), names, shapes)
+    assert float(obj(jax.random.key(0), mats)) > ce + 1e-3
