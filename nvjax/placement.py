@@ -342,10 +342,6 @@ def disturb_error_factor(g_pos, g_neg, kappa, disturb: dist_mod.DisturbParams):
     return disturb.eps_f ** 2 / kappa ** 2 * (dp * dp + dm * dm) * (e2 - e1)
 
 
-def _scatter(g, rp, cp, shape):
-    return jnp.zeros(shape, g.dtype).at[rp[:g.shape[0], None], cp[None, :g.shape[1]]].set(g)
-
-
 def _node_losses(g_phys, v_rows, cfg: xb.TileConfig):
     """Word-line drop v_in − V_row and bit-line voltage V_col at every cell, V, [B, P, Q] each
     (from the cell voltages of :func:`nvjax.crossbar.cell_voltages`: the currents I = G·V_cell
@@ -426,7 +422,6 @@ def drive_position_factors(model, params, x, device, tile_config: xb.TileConfig,
 @jax.jit   # one compilation per layer shape: layouts (rp, cp) and drives are arguments
 def _layer_factors(gp, gm, v, rp, cp, cfg, v0):
     """(D, A) [P, Q] of :func:`drive_position_factors` for one layer."""
-    shape = (rp.shape[0], cp.shape[0])
     av = jnp.abs(v)
     # read weights exp(|v|/V_0), relative to the largest (only ratios enter the means)
     w_bp = (v != 0) * jnp.exp((av - jnp.max(av)) / v0)               # [B, P]
@@ -434,7 +429,7 @@ def _layer_factors(gp, gm, v, rp, cp, cfg, v0):
     v_bar = jnp.sum(av, axis=1) / jnp.maximum(jnp.sum(v != 0, axis=1), 1)
     d_sum, a_sum = 0.0, 0.0
     for g in (gp, gm):
-        wl, bl = _node_losses(_scatter(g, rp, cp, shape), v, cfg)
+        wl, bl = _node_losses(layers.to_physical(g, rp, cp), v, cfg)
         # the word-line loss has the sign of the row's own drive and lowers |V|; the bit-line
         # term is that of non-negative drives (images, ReLU outputs), an approximation for
         # signed ones
