@@ -4,13 +4,14 @@
 backward pass — the straight-through estimator (Bengio, Léonard, Courville, arXiv 1308.3432) used
 for DAC/ADC and level quantization in hardware-aware training. ``straight_through(w, wq)`` returns
 ``wq`` exactly with the tangent of ``w`` (for projections that are not a plain rounding).
+``fold_in_range(key, n)`` is ``[fold_in(key, i) for i in range(n)]`` as one batched call.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["round_ste", "straight_through"]
+__all__ = ["round_ste", "straight_through", "fold_in_range"]
 
 
 @jax.custom_jvp
@@ -35,3 +36,12 @@ def straight_through(w, wq):
 def _straight_through_jvp(primals, tangents):
     (w, wq), (dw, _) = primals, tangents
     return wq, jnp.broadcast_to(dw, jnp.shape(wq)).astype(jnp.result_type(wq))
+
+
+def fold_in_range(key, n: int):
+    """Keys ``fold_in(key, i)`` for ``i`` in ``range(n)``, stacked [n], made by one vmapped call.
+
+    The same keys as ``n`` separate calls, but one random call site in the compiled program
+    instead of ``n``: each costs XLA:CPU about 0.1 s of compilation (a rolled threefry loop).
+    """
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n, dtype=jnp.uint32))

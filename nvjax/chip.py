@@ -36,6 +36,7 @@ from . import devices as dev_mod
 from .layers import (as_rows, inverse_permutation, kernel_matrix, layer_inputs, layer_names,
                      matrix_to_kernel, module_name, strip_params, to_physical)
 from ._checks import is_concrete
+from ._ops import fold_in_range
 
 __all__ = ["Chip", "Trace", "deploy", "with_tiles", "apply", "apply_traced", "effective_params"]
 
@@ -184,6 +185,7 @@ def deploy(key, model: nn.Module, params, device, *,
                              _check_perm(name, "col_perm", cp, n_out))
         placement = checked
     tiles = {}
+    layer_keys = fold_in_range(key, len(kernels))          # layer i: fold_in(key, i)
     for i, (name, kernel) in enumerate(kernels.items()):
         w = kernel_matrix(kernel)
         calib = calib_rows.get(name)
@@ -192,7 +194,7 @@ def deploy(key, model: nn.Module, params, device, *,
             n_in, n_out = w.shape
             w = to_physical(w, *perms)          # W_phys[row_perm[i], col_perm[j]] = W[i, j], [P, Q]
             calib = None if calib is None else _rows_to_physical(calib, perms[0])
-        tl = xb.program_tiles(jax.random.fold_in(key, i), device, w, config=config,
+        tl = xb.program_tiles(layer_keys[i], device, w, config=config,
                               calibration=calib)
         if perms is not None and _has_spares(perms, n_in, n_out):
             tl = _clear_empty(device, tl, perms, n_in, n_out)
@@ -256,6 +258,7 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
     new_tiles = dict(chip.tiles)
     inputs = {}
     calls = {}
+    layer_keys = []                                  # fold_in(key, k) for layer k, made once
 
     def intercept(next_fun, args, kwargs, context):
         mod = context.module
@@ -271,7 +274,9 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
         c = calls.get(name, 0)
         calls[name] = c + 1
         inputs[name] = rows if c == 0 else jnp.concatenate([inputs[name], rows])
-        k = jax.random.fold_in(key, names.index(name))
+        if not layer_keys:
+            layer_keys.append(fold_in_range(key, len(names)))
+        k = layer_keys[0][names.index(name)]
         if c:  # a layer called again in the same forward pass (e.g. recurrent): fresh read noise
             k = jax.random.fold_in(k, c)
         y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, config=chip.config)
@@ -301,9 +306,10 @@ def effective_params(key, chip: Chip, t):
     """
     flat = flatten_dict(chip.params)
     names = list(chip.tiles)
+    layer_keys = fold_in_range(key, len(names))
     for i, name in enumerate(names):
         tiles = chip.tiles[name]
-        k_read, _ = jax.random.split(jax.random.fold_in(key, i))  # as in crossbar.mvm
+        k_read, _ = jax.random.split(layer_keys[i])  # as in crossbar.mvm
         w_eff, alpha = xb.read_weights(k_read,
                                        chip.device, tiles, t, config=chip.config)
         path = tuple(name.split("/")) + ("kernel",)

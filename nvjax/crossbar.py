@@ -399,9 +399,7 @@ def program_tiles(key: Array, device, w: Array, *, config: TileConfig = TileConf
     """
     w = _check_weight("program_tiles", w)
     tp, tm, kappa = tile(w, device, config=config)
-    k_pos, k_neg = jax.random.split(key)
-    pos = dev_mod.program(k_pos, device, tp)
-    neg = dev_mod.program(k_neg, device, tm)
+    pos, neg = _pair_map(lambda k, g: dev_mod.program(k, device, g), key, tp, tm)
     ref0 = reference_sum(pos.g - neg.g, kappa, device=device)
     adc_scale = None
     if calibration is not None and config.adc_range in ("max", "percentile"):
@@ -533,15 +531,31 @@ def read_weights(key: Array, device, tiles: Tiles, t, *, config: TileConfig = Ti
     return (gp - gm) / tiles.kappa, alpha
 
 
+def _pair_map(fn, key, pos, neg):
+    """``(fn(k_pos, pos), fn(k_neg, neg))`` with ``(k_pos, k_neg) = split(key)``, as one call of
+    ``fn`` vmapped over the two sides of the pair.
+
+    The values are those of the two separate calls (threefry and Philox draws under ``vmap`` over
+    keys equal the per-key draws), but the program holds one copy of ``fn`` and of its random
+    draws instead of two: every random call site costs XLA:CPU about 0.1 s of compilation (a
+    rolled threefry loop and its fusions), which dominated the compile time of chips and of
+    the lifetime loop. Checks that need concrete values (the device model's input checks) see
+    traced values inside ``vmap`` for what is mapped (the targets, which the callers derive
+    and so need no check); what ``fn`` closes over (``t``, the device) is checked as usual.
+    """
+    both = jax.vmap(fn)(jax.random.split(key), jax.tree_util.tree_map(
+        lambda a, b: jnp.stack([a, b]), pos, neg))
+    return (jax.tree_util.tree_map(lambda a: a[0], both),
+            jax.tree_util.tree_map(lambda a: a[1], both))
+
+
 def _read_pair(key, device, tiles: Tiles, t, config: TileConfig):
     """(G⁺(t), G⁻(t), α): read conductances (µS) and the drift-compensation factor."""
     if config.read_noise:
-        k_p, k_m = jax.random.split(key)
         pos, neg, back = tiles.pos, tiles.neg, None
         if getattr(device, "pair_remap", False):
             pos, neg, back = _remap_pair(device, tiles)
-        gp = dev_mod.read(k_p, device, pos, t)
-        gm = dev_mod.read(k_m, device, neg, t)
+        gp, gm = _pair_map(lambda k, st: dev_mod.read(k, device, st, t), key, pos, neg)
         if back is not None:
             gp, gm = gp * back, gm * back
     else:

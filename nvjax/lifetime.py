@@ -54,6 +54,7 @@ from . import disturb as dist_mod
 from . import layers
 from . import sweep
 from ._checks import UserError, check_real, is_concrete
+from ._ops import fold_in_range
 from ._struct import register_physics
 
 __all__ = ["LifetimeConfig", "LifetimeState", "LifetimeRecord", "Lifetime", "lifetime", "run",
@@ -316,9 +317,12 @@ def lifetime(model, params, device, tile_config: xb.TileConfig, disturb: dist_mo
         chip = program(key, 0, placement)
         k_spread = jax.random.fold_in(key, _K_SPREAD)
         spread = {}
+        # side s of tile i draws with fold_in(k_spread, 2 i + s); both sides in one vmapped call
+        side_keys = fold_in_range(k_spread, 2 * len(chip.tiles))
         for i, (n, t) in enumerate(chip.tiles.items()):
-            spread[n] = (dist_mod.draw_spread(jax.random.fold_in(k_spread, 2 * i), t.pos.g.shape),
-                         dist_mod.draw_spread(jax.random.fold_in(k_spread, 2 * i + 1), t.neg.g.shape))
+            z = jax.vmap(lambda k, shape=t.pos.g.shape: dist_mod.draw_spread(k, shape))(
+                side_keys[2 * i:2 * i + 2])
+            spread[n] = (z[0], z[1])
         state = LifetimeState(key=key, chip=chip, damage=zeros_like_cells(chip), spread=spread,
                               reads=zero_reads(chip), t=jnp.zeros((), jnp.float32),
                               inferences=jnp.zeros((), jnp.float32),

@@ -26,6 +26,20 @@ def test_digits_shapes_ranges_dtypes():
     np.testing.assert_array_equal(ds.x_train * 16, np.round(ds.x_train * 16))
 
 
+@pytest.mark.parametrize("fraction,seed", [(0.25, 0), (0.25, 5), (0.1, 1), (0.5, 2**31 + 3),
+                                           (0.333, 7), (0.9, 11)])
+def test_digits_equal_scikit_learns_data_and_split(fraction, seed):
+    """data.digits reads scikit-learn's file and splits it itself (no sklearn import): the same
+    images, labels and split as load_digits + train_test_split(stratify=y)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x, y = np.asarray(d.data, np.float32) / np.float32(16.0), np.asarray(d.target, np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=fraction, random_state=seed,
+                                              shuffle=True, stratify=y)
+    assert _equal(data.digits(test_fraction=fraction, seed=seed), (x_tr, y_tr, x_te, y_te))
+
+
 def test_digits_unflattened_is_nhwc_and_same_split():
     flat = data.digits(seed=3)
     img = data.digits(seed=3, flatten=False)

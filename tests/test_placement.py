@@ -133,9 +133,10 @@ def test_objective_gradients_match_finite_differences():
     logits = tuple(jax.random.normal(jax.random.fold_in(jax.random.key(5), k), (n, n))
                    for k, n in enumerate(sizes))
 
+    @jax.jit
     def f(lg):
         return obj(tuple(mapping.sinkhorn(l, 30) for l in lg))
-    g = jax.grad(f)(logits)
+    g = jax.jit(jax.grad(f))(logits)
     assert all(np.isfinite(np.asarray(gi)).all() for gi in g)
     direction = tuple(jax.random.normal(jax.random.fold_in(jax.random.key(6), k), l.shape)
                       for k, l in enumerate(logits))
