@@ -127,11 +127,11 @@ def _peak_rss_mb() -> float:
 
 def draw_shapes(config: xb.TileConfig) -> list:
     """The shapes of one instance's normal draws in the library (their sizes sum to
-    :func:`normals_per_instance`): per layer 2 devices × (programming, drift exponent, read)
-    arrays [n_in, n_out], and output noise [B, Ti, n_out]."""
+    :func:`normals_per_instance`): per layer (programming, drift exponent, read) arrays
+    [2, n_in, n_out] (both devices of the pair in one draw), and output noise [B, Ti, n_out]."""
     shapes = []
     for a, b in zip(LAYERS[:-1], LAYERS[1:]):
-        shapes += [(a, b)] * 6
+        shapes += [(2, a, b)] * 3
         if config.out_noise > 0:
             shapes.append((BATCH, xb.num_row_tiles(a, config), b))
     return shapes

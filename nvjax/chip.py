@@ -17,7 +17,7 @@ suffer most from IR drop or read disturb). An empty cell is modelled as zero con
 devices of its pair are at G = 0 µS, so it carries no current (no contribution to the outputs or
 to the IR drop of its tile).
 
-This module imports ``devices``, ``crossbar``, ``layers``, ``_checks`` and flax.
+This module imports ``devices``, ``crossbar``, ``layers``, ``_checks``, ``_ops`` and flax.
 """
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ resolved to ``eval_every·inferences_per_step`` inferences.
 Everything runs as one jitted function of the chip key: ``lax.scan`` over evaluation points with
 an inner ``lax.scan`` over steps, ``vmap`` over chips (:func:`run`).
 
-This module imports ``chip``, ``crossbar``, ``devices``, ``disturb``, ``layers``, ``sweep``, ``_checks`` and
-``_struct``.
+This module imports ``chip``, ``crossbar``, ``devices``, ``disturb``, ``layers``, ``sweep``, ``_checks``,
+``_ops`` and ``_struct``.
 The ``nvjax lifetime`` job (config, files, figures) is :func:`nvjax.jobs.run_lifetime`.
 """
 from __future__ import annotations

@@ -275,6 +275,7 @@ def test_drive_position_factors_bit_line_favours_rows_far_from_the_sense_amplifi
     np.testing.assert_array_equal(none, np.ones((8, 8)))
 
 
+@pytest.mark.slow
 def test_fisher_costs_and_alternating_placement_never_worse_than_its_start():
     model, params, x, _ = _setup()
     x = x.at[:, 0].set(0.0)                                # row 0 of 'hidden' is never read
@@ -294,6 +295,7 @@ def test_fisher_costs_and_alternating_placement_never_worse_than_its_start():
         assert sorted(r.tolist()) == list(range(16)) and sorted(c.tolist()) == list(range(16))
 
 
+@pytest.mark.slow
 def test_horizon_objective_without_noise_or_reads_is_the_software_loss():
     """Ideal device, no reads (horizon → 0): every chip's weights are the software weights, so
     the objective is the software cross-entropy, for any placement; with position factors D = 0
