@@ -148,6 +148,7 @@ def test_reference_sum_ones_and_onehot_by_hand():
         pytest.approx(1 + 3 + 4 + 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remap", [False, True])
 def test_pair_read_and_compensation_by_hand(remap):
     """Drift only (read_q = 0): the read weights and α against numpy from the programmed state.
@@ -178,6 +179,7 @@ def test_pair_read_and_compensation_by_hand(remap):
     assert np.abs(wt - (gp * d_p - gm * d_m) / kappa).max() > 1e-4 or not remap
 
 
+@pytest.mark.slow
 def test_remap_read_noise_uses_remapped_conductance():
     """With remap, Q_s is evaluated at the re-mapped h (aihwkit passes the re-mapped conductance
     as g_prog), and the device at 0 stays exactly 0 (|0|·noise = 0). No drift (ν = 0)."""

@@ -64,6 +64,7 @@ def test_effective_params_equal_apply_for_ideal_periphery():
     assert not np.allclose(a, model.apply(params, x), atol=1e-3)  # PCM noise acts
 
 
+@pytest.mark.slow
 def test_layer_names_and_read_counts():
     model = Nested()
     x, params = _init(model, (6, 11))
@@ -76,6 +77,7 @@ def test_layer_names_and_read_counts():
     np.testing.assert_array_equal(chip2.tiles["head"].reads, (h != 0).sum(0))
 
 
+@pytest.mark.slow
 def test_deploy_is_deterministic_and_jittable():
     model = Nested()
     x, params = _init(model, (6, 11))
@@ -128,6 +130,7 @@ def test_placement_moves_weights_not_the_function():
         C.deploy(jax.random.key(2), model, params, D.ideal(), config=cfg, placement={"dec": (rp, cp)})
 
 
+@pytest.mark.slow
 def test_deploy_calibrates_each_layers_adc_on_its_own_inputs():
     """deploy(calibration=x): every layer's per-column ADC range ('max') is max|rows @ W| over the
     rows that layer sees for input x in software (the hidden layer sees relu(x @ W0 + b0))."""
@@ -182,6 +185,7 @@ def _scatter(w, rp, cp):
     return out
 
 
+@pytest.mark.slow
 def test_spare_placement_ideal_chip_equals_software():
     model = Nested()
     x, params = _init(model, (6, 11))
@@ -206,6 +210,7 @@ def test_spare_placement_ideal_chip_equals_software():
                                    rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_spare_placement_empty_cells_carry_no_conductance():
     model = Nested()
     x, params = _init(model, (6, 11))
@@ -241,6 +246,7 @@ def test_spare_placement_empty_cells_carry_no_conductance():
                                                          device=rr), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_spare_placement_position_matters_only_with_ir_drop():
     model = Nested()
     x, params = _init(model, (6, 11))
@@ -264,6 +270,7 @@ def test_spare_placement_position_matters_only_with_ir_drop():
     np.testing.assert_allclose(run(block(0, 0), dev, ir), run(None, dev, ir), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_spare_placement_traced_under_jit():
     model = Nested()
     x, params = _init(model, (6, 11))

@@ -239,6 +239,7 @@ def test_cell_voltages_per_tile_match_irdrop():
         xb.cell_voltages(g, v[:, :5], config=cfg)
 
 
+@pytest.mark.slow
 def test_cell_voltages_solver_matches_nodal_solve_and_a_failed_solve_raises_or_is_nan():
     from test_irdrop import _nodal
     g = jax.random.uniform(jax.random.key(3), (10, 6), minval=0.0, maxval=25.0)
@@ -302,6 +303,7 @@ def test_tile_checks_the_first_order_form_once_on_the_final_conductances(monkeyp
     assert len(calls) == 1 and calls[0][1] == "predistort_ir"
 
 
+@pytest.mark.slow
 def test_failed_solve_message_says_whether_the_cap_or_the_residual_stopped_it():
     g = jax.random.uniform(jax.random.key(3), (10, 6), minval=0.0, maxval=25.0)
     v = jax.random.uniform(jax.random.key(4), (2, 10), maxval=0.2)

@@ -240,6 +240,7 @@ def test_swim_compose_equals_selective_write_verify(swim, trained_model):
                                   np.asarray(sel.cycles))
 
 
+@pytest.mark.slow
 def test_swim_weight_sigma_closed_form(swim):
     """Uniform σ: σ_W = σ·(w_step/Δ)·sqrt(2·Σ_s 4^(sK)) for every weight (both stacks noisy)."""
     cfg = swim.ESwimConfig()

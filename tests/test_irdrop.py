@@ -140,6 +140,7 @@ def _acceptance(n):
         assert n_iter <= 8 * np.sqrt(1 + irdrop.coupling(jnp.full((n, n), 25.0), r)), n_iter
 
 
+@pytest.mark.slow
 def test_solver_matches_nodal_solve_256():
     _acceptance(256)
 

@@ -84,6 +84,7 @@ def _parametrized_layers(model, variables, x):
     return out, seen
 
 
+@pytest.mark.slow
 def test_mlp_shapes_and_names(digits_flat, digits_img):
     model = models.MLP(features=(64, 10))
     v = model.init(jax.random.key(0), digits_flat.x_train[:2])

@@ -85,6 +85,7 @@ def test_position_factor_and_exact_placement():
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_random_placement_permutations_from_a_key():
     _, params, _, _ = _setup()
     a = pl.random_placement(jax.random.key(3), params)
@@ -185,6 +186,7 @@ def test_objective_with_ir_mvm_equals_the_simulated_chip_at_zero_reads():
     assert abs(float(no_ir(_onehots(placement, names)) - ce)) > 1e-4  # the IR term matters here
 
 
+@pytest.mark.slow
 def test_position_factor_uses_the_converged_solver_and_first_order_validity_is_checked():
     """D from the IR-drop voltages of a direct nodal solve of each tile (all rows at v_read);
     the relaxed objective's first-order model warns, with its numbers, where it is not valid."""
@@ -256,6 +258,7 @@ class _Uniform(nn.Module):
                         name="d")(x)
 
 
+@pytest.mark.slow
 def test_drive_position_factors_bit_line_favours_rows_far_from_the_sense_amplifier():
     """Uniform positive kernel, all inputs driven: the bit-line voltage is highest at the row
     farthest from the sense amplifier (row 0), so D grows toward the last row; the word-line

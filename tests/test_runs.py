@@ -525,6 +525,7 @@ def test_accuracy_figure_with_failed_instances(tmp_path):
         assert os.path.getsize(path) > 0
 
 
+@pytest.mark.slow
 def test_first_order_ir_drop_is_checked_before_the_sweep(ref, tmp_path, monkeypatch):
     """Inside the jitted sweep the first-order form's validity cannot be estimated, so the job
     checks it once, before the sweep, on the ideal target conductances of every layer: a

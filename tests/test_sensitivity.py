@@ -446,6 +446,7 @@ def test_bad_inputs_raise_naming_the_argument():
         S.kernel_criticality(wrong, mparams)
 
 
+@pytest.mark.slow
 def test_fisher_diag_equals_the_gauss_newton_diagonal():
     """Against the full Gauss-Newton matrix Jᵀ(diag p − ppᵀ)J of a small MLP, built from the
     forward-mode Jacobian of the logits (a different route from fisher_diag's reverse mode)."""

@@ -44,6 +44,7 @@ def _toy(key, w):
     return jnp.floor(8 * jax.random.uniform(key, (3,))) @ w
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_chunk_size_and_instance_alone():
     key = jax.random.key(42)
     w = jnp.arange(6.0).reshape(3, 2)
