@@ -11,7 +11,10 @@ reviewed generator, its streams are those of other JAX code and of results publi
 and on GPU/TPU, or whenever random numbers are not the bottleneck, switching gains nothing.
 ``"philox"`` is for CPU Monte Carlo jobs bound by random-number generation: Philox4x32-10 passes
 TestU01's BigCrush with a margin of three rounds (7 suffice; Salmon et al. 2011) and runs
-2.3-3.5x faster than threefry on XLA:CPU (normals to uniforms). The two generators give
+2.3-3.5x faster than threefry on XLA:CPU (normals to uniforms), but it is slower to compile
+(2026-12-01, same machine: the quickstart's two sweep chunks compile in 9.0 s instead of 5.5 s,
+so its 1000-instance sweep takes 15.3 s instead of 8.8 s; the lifetime loop's test program in
+50 s instead of 14 s), so it pays off only on runs long enough to amortise that. The two generators give
 different numbers from the same seed, so their results agree only statistically. JAX's ``rbg``
 and ``unsafe_rbg`` are not offered: their batched (``vmap``) samples differ from unbatched ones,
 which breaks "instance i alone equals row i of the sweep" (DESIGN §9).
