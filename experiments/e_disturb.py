@@ -299,6 +299,7 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
     inf = lt.eval_inferences(lc)
     fixed_idx = {f: int(np.argmin(np.abs(inf - f * horizon))) for f in cfg.fixed_horizons}
     res["fixed_horizon_inferences"] = {str(f): float(inf[i]) for f, i in fixed_idx.items()}
+
     def record(key, placement, tile_cfg):
         # the tile config is an argument: its physics (r_wire) is traced, so the IR-off control
         # (r_wire = 0) runs through the same compiled chunk as the arms
@@ -362,7 +363,7 @@ def run_model(name, cfg: EDisturbConfig, out_dir, log=print):
                                             off["identity"]["horizon_mean_accuracy"], base.seed),
         "reprogram_count_diff": _diff(off["exact"]["reprogram_count"].astype(float),
                                       off["identity"]["reprogram_count"].astype(float), base.seed),
-        "note": "exact vs identity, the same tiles with ir_drop 'none' (every arm: by_placement)",
+        "note": "exact vs identity, the same tiles with r_wire = 0 (every arm: by_placement)",
         "by_placement": {p: _diff(off[p]["horizon_mean_accuracy"],
                                   off["identity"]["horizon_mean_accuracy"], base.seed)
                          for p in placements if p != "identity"}}

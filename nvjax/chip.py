@@ -258,7 +258,7 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
     new_tiles = dict(chip.tiles)
     inputs = {}
     calls = {}
-    layer_keys = []                                  # fold_in(key, k) for layer k, made once
+    layer_keys = fold_in_range(key, len(names))      # fold_in(key, k) for layer k
 
     def intercept(next_fun, args, kwargs, context):
         mod = context.module
@@ -274,9 +274,7 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
         c = calls.get(name, 0)
         calls[name] = c + 1
         inputs[name] = rows if c == 0 else jnp.concatenate([inputs[name], rows])
-        if not layer_keys:
-            layer_keys.append(fold_in_range(key, len(names)))
-        k = layer_keys[0][names.index(name)]
+        k = layer_keys[names.index(name)]
         if c:  # a layer called again in the same forward pass (e.g. recurrent): fresh read noise
             k = jax.random.fold_in(k, c)
         y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, config=chip.config)
