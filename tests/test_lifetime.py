@@ -184,7 +184,10 @@ def test_reprogramming_resets_and_keeps_the_chips_faults():
     for name, t in state.chip.tiles.items():
         np.testing.assert_array_equal(t.pos.stuck, state0.chip.tiles[name].pos.stuck)
         assert not np.array_equal(t.pos.g, state0.chip.tiles[name].pos.g)  # a new draw
-        np.testing.assert_array_equal(state.spread[name][0], state0.spread[name][0])
+        # the same draw, kept (two compiled programs may round it 1 ulp apart; a new draw
+        # would differ by O(1))
+        np.testing.assert_allclose(state.spread[name][0], state0.spread[name][0], rtol=1e-6,
+                                   atol=1e-6)
         stuck = np.asarray(t.pos.stuck)
         np.testing.assert_array_equal(np.asarray(t.pos.g)[stuck == 1], 0.0)
         np.testing.assert_array_equal(np.asarray(t.pos.g)[stuck == 2], 25.0)
