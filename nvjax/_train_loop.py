@@ -56,16 +56,31 @@ def fit(loss_fn, variables, tx, x_train, y_train, *, steps, batch_size, epochs, 
     ``loss_fn(v, t, xb, yb, *extra)`` with ``t`` the global step (uint32, counted over all
     epochs); epoch ``e`` visits ``permutation(fold_in(shuffle_key, e), N)`` in ``steps``
     minibatches (the rest skipped) as one jitted ``lax.scan``; ``extra`` are traced jit
-    arguments (e.g. noise parameters). ``evaluate(v) -> accuracy`` after each epoch.
+    arguments (e.g. noise parameters). ``evaluate(v) -> accuracy`` after each epoch. When
+    ``variables`` has collections besides ``'params'`` (BatchNorm statistics), ``loss_fn`` returns
+    ``(loss, new_collections)`` (``model.apply(..., mutable=...)``'s second output); those
+    collections are replaced, never optimized (their optimizer updates are overwritten).
     """
     n = x_train.shape[0]
     opt_state = tx.init(variables)
+    stateful = set(variables) != {"params"}     # e.g. BatchNorm's 'batch_stats'
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE_OPTIONS)  # compile-dominated
     def epoch(v, s, k, e, extra_):
         def step(carry, inp):
             v, s = carry
             idx, t = inp
+            if stateful:     # only the parameters are optimized; the rest comes from the model
+                rest = {c: a for c, a in v.items() if c != "params"}
+
+                def params_loss(p):
+                    return loss_fn({"params": p, **rest}, t, x_train[idx], y_train[idx],
+                                   *extra_)
+                (loss, new_rest), g = jax.value_and_grad(params_loss, has_aux=True)(v["params"])
+                grads = {"params": g, **jax.tree.map(jnp.zeros_like, rest)}
+                updates, s = tx.update(grads, s, v)
+                v = {**optax.apply_updates(v, updates), **new_rest}
+                return (v, s), loss
             loss, grads = jax.value_and_grad(loss_fn)(v, t, x_train[idx], y_train[idx], *extra_)
             updates, s = tx.update(grads, s, v)
             return (optax.apply_updates(v, updates), s), loss

@@ -33,8 +33,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import crossbar as xb
 from . import devices as dev_mod
-from .layers import (as_rows, inverse_permutation, kernel_matrix, layer_inputs, layer_names,
-                     matrix_to_kernel, module_name, strip_params, to_physical)
+from .layers import (as_rows, from_nnx, inverse_permutation, is_nnx, kernel_matrix, layer_inputs, layer_names,
+                     matrix_to_kernel, module_name, split_variables, to_physical)
 from ._checks import is_concrete
 from ._ops import fold_in_range
 
@@ -49,6 +49,8 @@ class Chip:
         tiles: dict layer name ('Dense_0', 'block/Conv_1', ...) → :class:`nvjax.crossbar.Tiles`.
         params: the model's parameters (kernels are used only for their shapes; biases are
             applied digitally from here).
+        state: the model's other variable collections (e.g. ``{'batch_stats': ...}`` of
+            BatchNorm layers, used as in inference), ``{}`` when it has none; digital.
         device: the device model (pytree of physics parameters).
         model: the Flax module (static).
         config: the :class:`nvjax.crossbar.TileConfig` (its physics numbers are leaves).
@@ -75,6 +77,12 @@ class Chip:
     placement: Optional[Dict[str, Any]] = None
     gain: Optional[Dict[str, Any]] = None
     offset: Optional[Dict[str, Any]] = None
+    state: Dict[str, Any] = struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> Dict[str, Any]:
+        """The Flax variables dict ``{'params': params, **state}`` (software weights)."""
+        return {"params": self.params, **self.state}
 
 
 def _check_perm(name, what, perm, n):
@@ -142,8 +150,13 @@ def deploy(key, model: nn.Module, params, device, *,
 
     Args:
         key: PRNG key; layer ``k`` (in ``layer_names`` order) uses ``fold_in(key, k)``.
-        model: the Flax module the parameters belong to.
-        params: its parameters (``{'params': ...}`` or the inner dict).
+        model: the Flax linen module the parameters belong to, or a Flax NNX module (then
+            ``params=None``; it is converted by :func:`nvjax.layers.from_nnx`, and the chip's
+            ``model`` is the resulting :class:`nvjax.layers.NNXModel`, its layers named by their
+            NNX paths joined by '.').
+        params: its variables (``{'params': ..., 'batch_stats': ..., ...}``: every collection
+            besides ``'params'`` is kept digital, e.g. BatchNorm statistics) or the inner
+            parameter dict.
         device: device model from :mod:`nvjax.devices`.
         config: tile options.
         calibration: optional model inputs used to calibrate per-column ADC ranges.
@@ -167,12 +180,20 @@ def deploy(key, model: nn.Module, params, device, *,
             is shorter than the layer's rows (columns), or (concrete) is not a permutation.
     """
     dev_mod.check_device(device, "deploy: device")
-    params = strip_params(params)
+    if is_nnx(model):
+        if params is not None:
+            raise ValueError("deploy: a Flax NNX module carries its own parameters; pass "
+                             "params=None")
+        model, params = from_nnx(model)
+    elif params is None:
+        raise ValueError("deploy: params is None (only a Flax NNX module carries its own)")
+    params, state = split_variables(params)
     flat = flatten_dict(params)
     kernels = {"/".join(k[:-1]): v for k, v in flat.items() if k[-1] == "kernel"}
     if not kernels:
         raise ValueError("deploy: the parameter tree has no 'kernel' leaves (Dense/Conv layers)")
-    calib_rows = layer_inputs(model, params, calibration) if calibration is not None else {}
+    calib_rows = layer_inputs(model, {"params": params, **state}, calibration) \
+        if calibration is not None else {}
     if placement is not None:
         unknown = set(placement) - set(kernels)
         if unknown:
@@ -200,7 +221,7 @@ def deploy(key, model: nn.Module, params, device, *,
             tl = _clear_empty(device, tl, perms, n_in, n_out)
         tiles[name] = tl
     return Chip(tiles=tiles, params=params, device=device, model=model, config=config,
-                placement=placement)
+                placement=placement, state=state)
 
 
 def with_tiles(model: nn.Module, params, device, config: xb.TileConfig, tiles: Dict[str, Any], *,
@@ -215,8 +236,9 @@ def with_tiles(model: nn.Module, params, device, config: xb.TileConfig, tiles: D
     if set(tiles) != set(layer_names(params)):
         raise ValueError(f"with_tiles: tiles for layers {sorted(tiles)} do not match the "
                          f"parameters' layers {sorted(layer_names(params))}")
-    return Chip(tiles=tiles, params=strip_params(params), device=device, model=model,
-                config=config, placement=placement)
+    params, state = split_variables(params)
+    return Chip(tiles=tiles, params=params, device=device, model=model,
+                config=config, placement=placement, state=state)
 
 
 class Trace(NamedTuple):
@@ -291,12 +313,13 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
         return back(y)
 
     with nn.intercept_methods(intercept):
-        out = chip.model.apply({"params": chip.params}, x)
+        out = chip.model.apply(chip.variables, x)
     return Trace(out, chip.replace(tiles=new_tiles), inputs)
 
 
 def effective_params(key, chip: Chip, t):
-    """The parameter tree with every kernel replaced by its drift-compensated read-out weights.
+    """The parameter tree with every kernel replaced by its drift-compensated read-out weights
+    (the inner parameter dict; ``{'params': it, **chip.state}`` is what ``model.apply`` takes).
 
     Equivalent to :func:`apply` when the periphery is ideal (no DAC/ADC/output noise), and cheaper
     to reuse for several batches (one read of the conductances). A per-column calibration

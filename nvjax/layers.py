@@ -5,27 +5,53 @@ a kernel becomes a 2-D crossbar matrix and back, the layer names ('/'-joined mod
 the row vectors a layer's crossbar is driven with (conv inputs as im2col patches), and a logical
 matrix in the physical layout of a placement (:func:`to_physical`).
 
+Flax NNX modules (:func:`from_nnx`) are wrapped as a linen module, :class:`NNXModel`, whose
+crossbar layers (every ``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral`` and ``nnx.Einsum``)
+are plain 2-D ``nn.Dense`` layers, so everything in nvjax that takes a linen model takes it.
+
 This module imports only jax, numpy and flax.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+import math
+from typing import Any, Callable, Dict, NamedTuple, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-__all__ = ["strip_params", "kernel_matrix", "matrix_to_kernel", "layer_names", "kernels",
-           "module_name", "as_rows", "layer_inputs", "inverse_permutation", "CROSSBAR_LAYERS"]
+__all__ = ["strip_params", "split_variables", "variables", "kernel_matrix", "matrix_to_kernel", "layer_names", "kernels",
+           "module_name", "as_rows", "layer_inputs", "inverse_permutation", "CROSSBAR_LAYERS",
+           "NNXModel", "from_nnx", "is_nnx"]
 
 #: The Flax layer types whose kernels are deployed on crossbars.
 CROSSBAR_LAYERS = (nn.Dense, nn.Conv)
 
 
 def strip_params(params):
-    """The inner parameter dict: ``{'params': p}`` → ``p``; anything else is returned as is."""
-    return params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+    """The inner parameter dict: ``{'params': p, ...}`` (a variables dict, other collections such
+    as ``'batch_stats'`` dropped) → ``p``; anything else is returned as is."""
+    return split_variables(params)[0]
+
+
+def split_variables(variables) -> Tuple[Any, Dict[str, Any]]:
+    """A Flax variables dict split into its parameters and its other collections.
+
+    ``{'params': p, 'batch_stats': s, ...}`` → ``(p, {'batch_stats': s, ...})``; a tree without a
+    top-level ``'params'`` key is taken as the inner parameter dict: ``p`` → ``(p, {})``.
+    """
+    if isinstance(variables, dict) and "params" in variables:
+        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    return variables, {}
+
+
+def variables(params, state=None) -> Dict[str, Any]:
+    """The variables dict ``{'params': params, **state}`` that ``model.apply`` takes (``params``
+    may itself be a variables dict, whose other collections are kept unless ``state`` names
+    them)."""
+    inner, rest = split_variables(params)
+    return {"params": inner, **rest, **(state or {})}
 
 
 def kernel_matrix(kernel):
@@ -111,7 +137,8 @@ def as_rows(module: nn.Module, x) -> Tuple[jax.Array, Callable]:
 
 def layer_inputs(model: nn.Module, params, x) -> Dict[str, jax.Array]:
     """The 2-D input rows [N, n_in] of every Dense/Conv layer for model input ``x`` (ideal,
-    software weights); a layer called several times keeps the rows of its last call."""
+    software weights; ``params`` is the inner parameter dict or the whole variables dict, e.g.
+    with ``batch_stats``); a layer called several times keeps the rows of its last call."""
     seen = {}
 
     def rec(next_fun, args, kwargs, context):
@@ -122,7 +149,7 @@ def layer_inputs(model: nn.Module, params, x) -> Dict[str, jax.Array]:
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(rec):
-        model.apply({"params": strip_params(params)}, jnp.asarray(x))
+        model.apply(variables(params), jnp.asarray(x))
     return seen
 
 
@@ -153,3 +180,286 @@ def _to_physical(w, row_perm, col_perm):
     n_in, n_out = w.shape
     w = jnp.pad(w, ((0, row_perm.shape[0] - n_in), (0, col_perm.shape[0] - n_out)))
     return w[inverse_permutation(row_perm)][:, inverse_permutation(col_perm)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax NNX modules
+# ---------------------------------------------------------------------------------------------
+
+def is_nnx(model) -> bool:
+    """Whether ``model`` is a Flax NNX module (``flax.nnx.Module``)."""
+    try:
+        from flax import nnx
+    except ImportError:        # pragma: no cover - flax without nnx
+        return False
+    return isinstance(model, nnx.Module)
+
+
+def _einsum_axes(einsum_str: str, name: str):
+    """(input indices, contracted indices C, kernel output indices O, output indices) of an
+    ``nnx.Einsum`` equation ``'lhs,rhs->out'`` that is one matrix product: every kernel index is
+    either contracted with the input (C) or passed to the output (O)."""
+    eq = einsum_str.replace(" ", "")
+    if "..." in eq or "->" not in eq or eq.count(",") != 1:
+        raise NotImplementedError(f"from_nnx: Einsum {name!r}: equation {einsum_str!r} is not "
+                                  "supported (explicit 'lhs,rhs->out' without '...' only)")
+    ins, out = eq.split("->")
+    lhs, rhs = ins.split(",")
+    contracted = tuple(i for i in rhs if i in lhs and i not in out)
+    outs = tuple(i for i in rhs if i in out and i not in lhs)
+    if len(contracted) + len(outs) != len(rhs) or any(i not in rhs and i not in out for i in lhs):
+        raise NotImplementedError(
+            f"from_nnx: Einsum {name!r}: {einsum_str!r} is not one matrix product (a kernel "
+            "index shared by input and output is a batched/grouped product, and an index summed "
+            "over one operand alone has no crossbar form)")
+    return lhs, contracted, outs, out
+
+
+class _Layout(NamedTuple):
+    """The static description of one NNX crossbar layer."""
+    name: str            # the layer's path joined by '.'
+    path: tuple          # its path in the module
+    kind: str            # 'linear', 'conv', 'general' (LinearGeneral) or 'einsum'
+    shape: tuple         # the NNX kernel's shape
+    n_in: int            # crossbar matrix rows
+    n_out: int           # crossbar matrix columns
+    info: Any            # LinearGeneral: its input axes; Einsum: its equation
+    bias: bool           # whether its bias is the crossbar layer's (Einsum: digital)
+
+
+def _layer_layout(name, path, sub) -> _Layout:
+    lay = _layout(name, path, sub)
+    return _Layout(*lay, lay[2] != "einsum" and getattr(sub, "bias", None) is not None)
+
+
+def _layout(name, path, sub):
+    from flax import nnx
+    shape = tuple(sub.kernel.shape)
+    if isinstance(sub, nnx.Linear):
+        return (name, path, "linear", shape, shape[0], shape[1], None)
+    if isinstance(sub, nnx.Conv):
+        if sub.feature_group_count != 1:
+            raise NotImplementedError(f"from_nnx: Conv {name!r}: grouped convolutions "
+                                      "(feature_group_count != 1) are not supported")
+        return (name, path, "conv", shape, math.prod(shape[:-1]), shape[-1], None)
+    if isinstance(sub, nnx.LinearGeneral):
+        if sub.batch_axis:
+            raise NotImplementedError(f"from_nnx: LinearGeneral {name!r}: batch_axis is not "
+                                      "supported (a batched product is not one crossbar matrix)")
+        n_in = math.prod(sub.in_features)
+        return (name, path, "general", shape, n_in, math.prod(shape) // n_in,
+                tuple(int(a) for a in sub.axis))
+    if isinstance(sub, nnx.Einsum):
+        if sub.einsum_str is None:
+            raise NotImplementedError(f"from_nnx: Einsum {name!r} takes its equation at call "
+                                      "time; give it to the constructor")
+        lhs, c, o, out = _einsum_axes(sub.einsum_str, name)
+        rhs = sub.einsum_str.replace(" ", "").split("->")[0].split(",")[1]
+        size = dict(zip(rhs, shape))
+        return (name, path, "einsum", shape, math.prod(size[i] for i in c),
+                math.prod(size[i] for i in o), sub.einsum_str.replace(" ", ""))
+    raise TypeError(f"from_nnx: {name!r} is not a crossbar layer")  # pragma: no cover
+
+
+def _nnx_matrix(layout, kernel):
+    """An NNX layer's kernel as its crossbar matrix [n_in, n_out]."""
+    kind, n_in, n_out, info = layout.kind, layout.n_in, layout.n_out, layout.info
+    if kind == "conv":
+        return kernel_matrix(kernel)
+    if kind == "einsum":
+        lhs, c, o, _ = _einsum_axes(info, layout.name)
+        rhs = info.split("->")[0].split(",")[1]
+        kernel = jnp.transpose(kernel, [rhs.index(i) for i in c + o])
+    return jnp.reshape(kernel, (n_in, n_out))
+
+
+def _nnx_kernel(layout, w):
+    """The inverse of :func:`_nnx_matrix`."""
+    kind, shape, info = layout.kind, layout.shape, layout.info
+    if kind == "conv":
+        return matrix_to_kernel(w, shape)
+    if kind == "einsum":
+        lhs, c, o, _ = _einsum_axes(info, layout.name)
+        rhs = info.split("->")[0].split(",")[1]
+        order = [rhs.index(i) for i in c + o]
+        w = jnp.reshape(w, [shape[k] for k in order])
+        return jnp.transpose(w, [order.index(k) for k in range(len(shape))])
+    return jnp.reshape(w, shape)
+
+
+def _nnx_rows(layout, sub, x):
+    """An NNX layer's input as rows [N, n_in] and the function mapping rows of outputs
+    [N, n_out] back to the layer's output shape (without bias)."""
+    kind, shape, n_in, n_out, info = (layout.kind, layout.shape, layout.n_in, layout.n_out,
+                                      layout.info)
+    if kind == "linear":
+        lead = x.shape[:-1]
+        return x.reshape(-1, n_in), lambda y: y.reshape(lead + (n_out,))
+    if kind == "conv":
+        return as_rows(sub, x)
+    if kind == "general":
+        axes = tuple(a % x.ndim for a in info)
+        free = [a for a in range(x.ndim) if a not in axes]
+        lead = tuple(x.shape[a] for a in free)
+        rows = jnp.transpose(x, free + list(axes)).reshape(-1, n_in)
+        out_shape = shape[len(axes):]
+        return rows, lambda y: y.reshape(lead + out_shape)
+    lhs, c, o, out = _einsum_axes(info, layout.name)
+    rhs = info.split("->")[0].split(",")[1]
+    size = dict(zip(lhs, x.shape))
+    size.update(zip(rhs, shape))
+    free = [i for i in lhs if i not in c]
+    rows = jnp.transpose(x, [lhs.index(i) for i in free + list(c)]).reshape(-1, n_in)
+
+    def back(y):
+        y = y.reshape([size[i] for i in free + list(o)])
+        return jnp.transpose(y, [(free + list(o)).index(i) for i in out])
+    return rows, back
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+class NNXModel(nn.Module):
+    """A Flax NNX module as a linen module whose crossbar layers are 2-D ``nn.Dense`` layers.
+
+    Made by :func:`from_nnx`, with its variables. Calling it merges the NNX module from its graph
+    definition and the variables, and runs it with every crossbar layer's call sent through a
+    linen ``nn.Dense`` named after the layer (its NNX path joined by '.', e.g. ``'blocks.0.mlp'``)
+    on the layer's input rows (conv: im2col patches; ``LinearGeneral``/``Einsum``: the input's
+    contracted axes flattened), so :func:`nvjax.chip.apply` intercepts it like any Dense layer.
+    The merged module is put in inference mode (``.eval()``: BatchNorm running statistics,
+    dropout off).
+
+    Variables: ``'params'``: one ``{'kernel' [n_in, n_out], 'bias' [n_out]}`` per crossbar layer
+    (``Einsum`` biases stay digital) and ``'digital'``, every other parameter by its joined path;
+    ``'nnx_state'``: the module's other variables (e.g. BatchNorm statistics) by joined path.
+
+    Attributes:
+        graphdef: the NNX graph definition (static, hashable).
+        layouts: per crossbar layer ``(name, path, kind, kernel shape, n_in, n_out, info,
+            crossbar bias?)``.
+        digital_paths: paths of the other parameters.
+        state_paths: paths of the non-parameter variables.
+    """
+    graphdef: Any
+    layouts: Tuple[Any, ...]
+    digital_paths: Tuple[Any, ...]
+    state_paths: Tuple[Any, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        from flax import nnx
+        digital = self.param("digital", lambda key: {})
+        state = self.variables.get("nnx_state", {})
+        dense = {}
+        params = {p: digital[_key(p)] for p in self.digital_paths}
+        stored = self.variables.get("params", {})
+        for lay in self.layouts:
+            name, path, kind, shape, has_bias = lay.name, lay.path, lay.kind, lay.shape, lay.bias
+            dense[name] = nn.Dense(lay.n_out, use_bias=has_bias, name=name)
+            if name in stored:     # the merged module's own kernel/bias (its call is rerouted)
+                params[path + ("kernel",)] = _nnx_kernel(lay, stored[name]["kernel"])
+                if has_bias:
+                    out_shape = shape[len(lay.info):] if kind == "general" else shape[-1:]
+                    params[path + ("bias",)] = jnp.reshape(stored[name]["bias"], out_shape)
+        if any(lay.name not in stored for lay in self.layouts):
+            raise ValueError("NNXModel: its variables come from nvjax.layers.from_nnx; it "
+                             "cannot be initialized with init()")
+        rest = {p: state[_key(p)] for p in self.state_paths}
+        module = nnx.merge(self.graphdef, unflatten_dict(params), unflatten_dict(rest))
+        module.eval()
+        by_path = {lay.path: lay for lay in self.layouts}
+        for path, sub in nnx.iter_graph(module):
+            lay = by_path.get(tuple(path))
+            if lay is not None:
+                object.__setattr__(sub, "_nvjax_call", _Route(lay, sub, dense[lay.name]))
+                sub.__class__ = _routed_class(type(sub))
+        return module(x)
+
+
+class _Route:
+    """One NNX crossbar layer's call: rows → the layer's linen Dense → back (+ Einsum bias)."""
+
+    def __init__(self, layout, sub, dense):
+        self.layout, self.sub, self.dense = layout, sub, dense
+
+    def __call__(self, x, *args, **kwargs):
+        if args or kwargs:
+            raise NotImplementedError(f"NNXModel: layer {self.layout.name!r} was called with "
+                                      "extra arguments; only layer(x) is supported")
+        x = jnp.asarray(x)
+        rows, back = _nnx_rows(self.layout, self.sub, x)
+        y = back(self.dense(rows))
+        if self.layout.kind == "einsum" and self.sub.bias is not None:
+            kernel = self.sub.kernel[...]
+            y = y + jnp.reshape(self.sub.bias[...], self.sub._infer_broadcasted_bias_shape(
+                self.layout.info, x, kernel))
+        return y
+
+
+_ROUTED = {}
+
+
+def _routed_class(base):
+    """A subclass of an NNX layer class whose ``__call__`` is the instance's ``_nvjax_call``."""
+    if base not in _ROUTED:
+        _ROUTED[base] = type(base.__name__, (base,),
+                             {"__call__": lambda self, *a, **k: self._nvjax_call(*a, **k),
+                              "__module__": __name__})
+    return _ROUTED[base]
+
+
+def from_nnx(module) -> Tuple[NNXModel, Dict[str, Any]]:
+    """A Flax NNX module as ``(linen model, variables)`` for everything in nvjax.
+
+    Every ``nnx.Linear``, ``nnx.Conv`` (no feature groups), ``nnx.LinearGeneral`` (no
+    ``batch_axis``) and ``nnx.Einsum`` (an equation that is one matrix product, e.g.
+    ``'btd,dhk->bthk'``) becomes a crossbar layer whose kernel is reshaped to a 2-D matrix
+    ``[n_in, n_out]`` (``LinearGeneral``: input axes × output features; ``Einsum``: the kernel's
+    contracted indices × its output indices, in the equation's order; conv: the im2col layout
+    of :func:`kernel_matrix`), named by its path in the module joined by '.'. Everything else
+    (other parameters, normalization, activations) stays digital.
+
+    Returns:
+        ``(model, variables)``: an :class:`NNXModel` and its variables; ``model.apply(variables,
+        x)`` equals ``module(x)`` in inference mode.
+
+    Raises:
+        TypeError: ``module`` is not an NNX module.
+        ValueError: it has no crossbar layer.
+        NotImplementedError: a layer's form has no single crossbar matrix (named).
+    """
+    if not is_nnx(module):
+        raise TypeError(f"from_nnx: expected a flax.nnx.Module, got {type(module).__name__}")
+    from flax import nnx
+    layer_types = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    flat = flatten_dict(params.to_pure_dict())
+    layouts = []
+    for path, sub in nnx.iter_graph(module):
+        if isinstance(sub, layer_types):
+            path = tuple(path)
+            layouts.append(_layer_layout(_key(path), path, sub))
+    if not layouts:
+        raise ValueError("from_nnx: the module has no Linear/Conv/LinearGeneral/Einsum layer")
+    layouts.sort(key=lambda lay: lay.name)
+    variables = {"params": {}}
+    taken = set()
+    for lay in layouts:
+        name, path = lay.name, lay.path
+        entry = {"kernel": _nnx_matrix(lay, flat[path + ("kernel",)])}
+        taken.add(path + ("kernel",))
+        if lay.bias:
+            entry["bias"] = jnp.reshape(flat[path + ("bias",)], (lay.n_out,))
+            taken.add(path + ("bias",))
+        variables["params"][name] = entry
+    digital_paths = tuple(p for p in flat if p not in taken)
+    variables["params"]["digital"] = {_key(p): flat[p] for p in digital_paths}
+    state_flat = flatten_dict(rest.to_pure_dict())
+    if state_flat:
+        variables["nnx_state"] = {_key(p): v for p, v in state_flat.items()}
+    model = NNXModel(graphdef=graphdef, layouts=tuple(layouts), digital_paths=digital_paths,
+                     state_paths=tuple(state_flat))
+    return model, variables

@@ -9,6 +9,14 @@ Models use only ``nn.Dense`` and ``nn.Conv`` (biases optional) as parametrized l
 * :class:`LSTMClassifier` -- an LSTM reading the digits row by row (8 steps of 8 pixels), built
   from plain ``nn.Dense`` layers unrolled over the time steps (no ``nn.scan``), so the chip can
   intercept its calls like any other Dense layer.
+* :class:`ResNet` -- a ResNet-20-style CNN for 32x32x3 images (three stages of residual blocks;
+  convolutions and the classifier on crossbars, BatchNorm, ReLU and pooling digital).
+* :class:`Transformer` -- a small pre-LayerNorm transformer encoder classifier for token
+  sequences (attention projections and MLPs on crossbars; softmax, LayerNorm, residuals and the
+  positional embedding digital).
+
+Models with BatchNorm take ``train: bool = False`` (running statistics when False); their
+variables carry a ``'batch_stats'`` collection next to ``'params'``.
 
 Parameters are the Flax variables dict ``{'params': {...}}`` returned by :func:`train`;
 :func:`accuracy` and :func:`save_params` also accept the inner ``params`` dict. Files are
@@ -40,7 +48,7 @@ from ._train_loop import train_data as _train_data
 from ._xla import FAST_COMPILE_OPTIONS
 from .data import Dataset
 
-__all__ = ["MLP", "LeNet", "LSTMClassifier", "MODELS", "train", "accuracy", "predict", "save_params",
+__all__ = ["MLP", "LeNet", "LSTMClassifier", "ResNet", "Transformer", "MODELS", "dataset", "train", "accuracy", "predict", "save_params",
            "load_params", "get_trained"]
 
 Params = Any
@@ -179,17 +187,171 @@ class LSTMClassifier(nn.Module):
         return nn.Dense(self.num_classes, name="head")(h)
 
 
-#: Names accepted by :func:`get_trained`: (constructor, flatten digits?, default epochs).
+class _ResidualBlock(nn.Module):
+    """``relu(BN(conv3x3(relu(BN(conv3x3(x))))) + shortcut(x))``; the shortcut is the identity, or
+    a strided 1x1 conv + BN (on crossbars like every conv) when the shape changes."""
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+        y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), padding="SAME",
+                    use_bias=False)(x)
+        y = nn.relu(norm()(y))
+        y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False)(y)
+        y = norm()(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), (self.stride, self.stride), use_bias=False)(x)
+            x = norm()(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """ResNet-style CNN for small images (NHWC), after He et al.'s CIFAR-10 ResNets.
+
+    ``conv3x3(w0) -> BN -> ReLU``, then three stages of ``blocks`` residual blocks with widths
+    ``widths`` (the first block of stages 2 and 3 has stride 2 and a 1x1-conv shortcut), global
+    average pooling and ``Dense(num_classes)``. With the defaults (``blocks=3``, widths 16/32/64)
+    it is ResNet-20: 19 convolutions and one Dense layer, about 0.27 M weights. Every conv and
+    the Dense layer run on crossbars; BatchNorm (inference statistics), ReLU, the residual sums and
+    the pooling are digital.
+
+    Attributes:
+        num_classes: number of output logits.
+        blocks: residual blocks per stage.
+        widths: channels of the three stages (the stem has ``widths[0]``).
+
+    References:
+        He, Zhang, Ren & Sun, "Deep residual learning for image recognition", CVPR 2016 (§4.2:
+        the 6n+2-layer CIFAR-10 networks; n = 3 is ResNet-20).
+    """
+    num_classes: int = 10
+    blocks: int = 3
+    widths: Sequence[int] = (16, 32, 64)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """Logits ``[B, num_classes]`` for images ``[B, H, W, C]``."""
+        if x.ndim != 4:
+            raise ValueError(f"ResNet: inputs must be images [B, H, W, C], got shape "
+                             f"{tuple(x.shape)}")
+        x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        for stage, width in enumerate(self.widths):
+            for b in range(self.blocks):
+                stride = 2 if stage > 0 and b == 0 else 1
+                x = _ResidualBlock(width, stride)(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+class _EncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer encoder layer with its projections as plain ``nn.Dense``."""
+    dim: int
+    heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        batch, length, _ = x.shape
+        dh = self.dim // self.heads
+        h = nn.LayerNorm()(x)
+        split = lambda a: a.reshape(batch, length, self.heads, dh)  # noqa: E731
+        q = split(nn.Dense(self.dim, name="query")(h))
+        k = split(nn.Dense(self.dim, name="key")(h))
+        v = split(nn.Dense(self.dim, name="value")(h))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(dh))
+        att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        x = x + nn.Dense(self.dim, name="out")(att.reshape(batch, length, self.dim))
+        h = nn.LayerNorm()(x)
+        h = nn.Dense(self.mlp_dim, name="mlp_in")(h)
+        return x + nn.Dense(self.dim, name="mlp_out")(nn.gelu(h))
+
+
+class Transformer(nn.Module):
+    """A small transformer encoder classifier for sequences ``[B, L, F]`` (e.g. one-hot tokens).
+
+    ``Dense(dim)`` input embedding plus a learned positional embedding, ``layers`` pre-LayerNorm
+    encoder layers (multi-head self-attention with ``heads`` heads, then a GELU MLP of width
+    ``mlp_dim``, each with a residual connection), a final LayerNorm, mean pooling over the
+    sequence and ``Dense(num_classes)``. The query, key, value and output projections and the
+    MLP layers are plain ``nn.Dense`` (so each is one crossbar matrix); the embedding, the
+    attention scores and softmax, LayerNorm, GELU and the residual sums are digital.
+
+    Attributes:
+        num_classes: number of output logits.
+        dim: model width (divisible by ``heads``).
+        heads: attention heads.
+        layers: encoder layers.
+        mlp_dim: hidden width of each MLP.
+        max_length: longest sequence the positional embedding covers.
+
+    References:
+        Vaswani et al., "Attention is all you need", NeurIPS 2017; pre-LayerNorm placement:
+        Xiong et al., "On layer normalization in the transformer architecture", ICML 2020.
+    """
+    num_classes: int = 6
+    dim: int = 32
+    heads: int = 4
+    layers: int = 2
+    mlp_dim: int = 64
+    max_length: int = 64
+
+    @nn.compact
+    def __call__(self, x):
+        """Logits ``[B, num_classes]`` for sequences ``[B, L, F]``, ``L <= max_length``."""
+        if x.ndim != 3:
+            raise ValueError(f"Transformer: inputs must be sequences [B, L, F], got shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[1] > self.max_length:
+            raise ValueError(f"Transformer: sequence length {x.shape[1]} exceeds max_length="
+                             f"{self.max_length}")
+        if self.dim % self.heads:
+            raise ValueError(f"Transformer: dim={self.dim} must be divisible by heads="
+                             f"{self.heads}")
+        pos = self.param("pos_embedding", nn.initializers.normal(0.02),
+                         (self.max_length, self.dim))
+        x = nn.Dense(self.dim, name="embed")(x) + pos[:x.shape[1]]
+        for i in range(self.layers):
+            x = _EncoderLayer(self.dim, self.heads, self.mlp_dim, name=f"layer_{i}")(x)
+        x = nn.LayerNorm()(x).mean(axis=1)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+#: Names accepted by :func:`get_trained`: (constructor, data set of :func:`dataset`, default
+#: epochs).
 MODELS = {
-    "mlp": (lambda: MLP(features=(64, 10)), True, 40),
-    "lenet": (lambda: LeNet(num_classes=10), False, 30),
-    "lstm": (lambda: LSTMClassifier(hidden=32, num_classes=10), False, 100),
+    "mlp": (lambda: MLP(features=(64, 10)), "digits", 40),
+    "lenet": (lambda: LeNet(num_classes=10), "digits-images", 30),
+    "lstm": (lambda: LSTMClassifier(hidden=32, num_classes=10), "digits-images", 100),
+    "resnet": (lambda: ResNet(num_classes=10), "images", 8),
+    "transformer": (lambda: Transformer(num_classes=6), "sequences", 30),
 }
+
+
+def dataset(name: str, *, seed: int = 0) -> Dataset:
+    """The data set a model of :data:`MODELS` is trained and evaluated on.
+
+    ``'mlp'``: the 8x8 digits, flat ``[N, 64]``; ``'lenet'``, ``'lstm'``: the digits as images
+    ``[N, 8, 8, 1]``; ``'resnet'``: :func:`nvjax.data.procedural_images` (6000 images 32x32x3,
+    10 classes; 4800 train, 1200 test); ``'transformer'``: :func:`nvjax.data.procedural_sequences`
+    (6000 one-hot sequences of 16 tokens, vocabulary 12, 6 classes; 4800 train, 1200 test).
+    All are split (and generated) by ``seed``.
+    """
+    if name not in MODELS:
+        raise ValueError(f"name must be one of {sorted(MODELS)}, got {name!r}")
+    kind = MODELS[name][1]
+    if kind in ("digits", "digits-images"):
+        return data_mod.digits(seed=seed, flatten=kind == "digits")
+    if kind == "images":
+        return data_mod.procedural_images(seed, num_samples=6000)
+    return data_mod.procedural_sequences(seed, num_samples=6000)
 
 
 def _variables(params: Params) -> Params:
     """``{'params': ...}`` from either the variables dict or the inner params dict."""
-    if isinstance(params, dict) and set(params) == {"params"}:
+    if isinstance(params, dict) and "params" in params:     # a variables dict (+ batch_stats)
         return params
     return {"params": params}
 
@@ -245,6 +407,10 @@ def train(key, model: nn.Module, data: Dataset, *, epochs: int, batch_size: int 
           progress: bool = False) -> Tuple[Params, Dict[str, List[float]]]:
     """Train ``model`` on ``data`` with Adam(W) and softmax cross-entropy.
 
+    A model whose variables have collections besides ``'params'`` (BatchNorm statistics) is
+    called with ``train=True`` and those collections mutable; they are updated by the model (the
+    running averages), not by the optimizer.
+
     Each epoch visits the training set in a random order (drawn from ``key``) in minibatches of
     ``batch_size``; the last ``N_train mod batch_size`` samples of each permutation are skipped
     (different ones every epoch). One epoch is one jitted ``lax.scan`` over the minibatches.
@@ -261,7 +427,8 @@ def train(key, model: nn.Module, data: Dataset, *, epochs: int, batch_size: int 
         progress: print one line per epoch.
 
     Returns:
-        ``(params, history)``: the variables ``{'params': ...}`` and a dict with per-epoch lists
+        ``(params, history)``: the variables ``{'params': ...}`` (and e.g. ``'batch_stats'``)
+        and a dict with per-epoch lists
         ``'train_loss'`` (mean minibatch loss), ``'test_accuracy'`` and ``'time_s'``
         (cumulative wall time, including compilation).
 
@@ -281,7 +448,12 @@ def train(key, model: nn.Module, data: Dataset, *, epochs: int, batch_size: int 
     tx = optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay > 0 \
         else optax.adam(learning_rate)
 
+    collections = sorted(c for c in variables if c != "params")
+
     def loss_fn(v, t, xb, yb):
+        if collections:        # BatchNorm: batch statistics, running averages updated
+            logits, new = model.apply(v, xb, train=True, mutable=collections)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), new
         logits = model.apply(v, xb)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
     return _fit(loss_fn, variables, tx, x_train, y_train, steps=steps, batch_size=batch_size,
@@ -356,40 +528,43 @@ def _shapes(tree):
 
 def get_trained(name: str, *, cache_dir: Optional[str] = None, seed: int = 0,
                 epochs: Optional[int] = None) -> Tuple[nn.Module, Params]:
-    """A model trained on :func:`nvjax.data.digits` (split ``seed``), optionally cached on disk.
+    """A model trained on its data set (:func:`dataset`, split ``seed``), optionally cached.
 
     Args:
         name: ``'mlp'`` (64-64-10 MLP on flat digits), ``'lenet'`` (:class:`LeNet` on 8x8x1
-            images) or ``'lstm'`` (:class:`LSTMClassifier`, H = 32, on 8x8x1 images read as 8
-            rows of 8 pixels).
+            images), ``'lstm'`` (:class:`LSTMClassifier`, H = 32, on 8x8x1 images read as 8
+            rows of 8 pixels), ``'resnet'`` (:class:`ResNet`-20 on 32x32x3 procedural images)
+            or ``'transformer'`` (:class:`Transformer`, 2 layers, width 32, on procedural
+            sequences).
         cache_dir: folder for ``{name}_seed{seed}_epochs{epochs}.msgpack``; reloaded when it
             exists (and matches the model's parameter shapes), else trained and written. None:
             always train, nothing written.
         seed: seed of the data split and of training.
-        epochs: training epochs; None uses the model's default (mlp 40, lenet 30, lstm 100).
+        epochs: training epochs; None uses the model's default (mlp 40, lenet 30, lstm 100,
+            resnet 8, transformer 30).
 
     Returns:
-        ``(model, params)`` with ``params = {'params': ...}``.
+        ``(model, params)`` with ``params = {'params': ...}`` (and ``'batch_stats'`` for the
+        ResNet).
 
     Raises:
         ValueError: on an unknown ``name`` (the message lists the valid names) or bad ``epochs``.
     """
     if name not in MODELS:
         raise ValueError(f"name must be one of {sorted(MODELS)}, got {name!r}")
-    make, flatten, default_epochs = MODELS[name]
+    make, _, default_epochs = MODELS[name]
     epochs = default_epochs if epochs is None else epochs
     _check_positive("epochs", epochs, True)
     model = make()
+    ds = dataset(name, seed=seed)
     path = None
     if cache_dir is not None:
         path = os.path.join(os.fspath(cache_dir), f"{name}_seed{seed}_epochs{epochs}.msgpack")
         if os.path.exists(path):
             params = load_params(path)
-            x0 = jnp.zeros((1, 64) if flatten else (1, 8, 8, 1), jnp.float32)
-            expected = jax.eval_shape(model.init, jax.random.key(0), x0)
+            expected = jax.eval_shape(model.init, jax.random.key(0), ds.x_test[:1])
             if _shapes(params) == _shapes(expected):
                 return model, params
-    ds = data_mod.digits(seed=seed, flatten=flatten)
     params, _ = train(jax.random.key(seed), model, ds, epochs=epochs)
     if path is not None:
         save_params(path, params)

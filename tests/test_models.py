@@ -221,8 +221,8 @@ def test_get_trained_caches(tmp_path):
 
 
 def test_get_trained_bad_arguments():
-    with pytest.raises(ValueError, match="name.*'lenet'.*'mlp'"):
-        models.get_trained("resnet")
+    with pytest.raises(ValueError, match="name.*'lenet'.*'mlp'.*'resnet'.*'transformer'"):
+        models.get_trained("vgg")
     with pytest.raises(ValueError, match="epochs"):
         models.get_trained("mlp", epochs=0)
 
@@ -302,7 +302,7 @@ def test_lstm_save_load_round_trip(tmp_path, trained_lstm, digits_img):
 
 @pytest.mark.slow
 def test_get_trained_lstm(tmp_path):
-    assert models.MODELS["lstm"][1:] == (False, 100)
+    assert models.MODELS["lstm"][1:] == ("digits-images", 100)
     model, params = models.get_trained("lstm", cache_dir=tmp_path, epochs=1)
     assert isinstance(model, models.LSTMClassifier) and model.hidden == 32
     assert set(params["params"]) == {"x_proj", "h_proj", "head"}
