@@ -33,7 +33,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import crossbar as xb
 from . import devices as dev_mod
-from .layers import (as_rows, from_nnx, inverse_permutation, is_nnx, kernel_matrix, layer_inputs, layer_names,
+from .layers import (as_rows, conv_geometry, from_nnx, inverse_permutation, is_nnx, kernel_matrix, layer_inputs, layer_names,
                      matrix_to_kernel, module_name, split_variables, to_physical)
 from ._checks import is_concrete
 from ._ops import fold_in_range
@@ -289,7 +289,8 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
         name = module_name(mod)
         if name not in new_tiles:
             raise KeyError(f"chip.apply: layer {name!r} was not deployed (deployed: {names})")
-        rows, back = as_rows(mod, jnp.asarray(args[0]))
+        x_in = jnp.asarray(args[0])
+        rows, back = as_rows(mod, x_in)
         perms = _layer_perms(chip.placement, name)
         if perms is not None:
             rows = _rows_to_physical(rows, perms[0])              # [N, P], physical row order
@@ -299,7 +300,18 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
         k = layer_keys[names.index(name)]
         if c:  # a layer called again in the same forward pass (e.g. recurrent): fresh read noise
             k = jax.random.fold_in(k, c)
-        y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t, config=chip.config)
+        kshape = mod.variables["params"]["kernel"].shape
+        if isinstance(mod, nn.Conv) and x_in.ndim == len(kshape) and xb.conv_supported(
+                chip.config, int(np.prod(kshape[:-2])), placed=perms is not None):
+            # a conv on the tiles' effective kernel: no im2col patches (unused under jit)
+            ks, strides, padding = conv_geometry(mod, x_in)
+            y, new_tiles[name] = xb.conv_mvm(k, chip.device, new_tiles[name], x_in, t,
+                                             kernel_shape=kshape, strides=strides,
+                                             padding=padding, config=chip.config)
+            y = y.reshape(-1, kshape[-1])                          # [N, C_out], as from mvm
+        else:
+            y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t,
+                                        config=chip.config)
         if perms is not None:
             n_out = mod.variables["params"]["kernel"].shape[-1]
             y = y[:, perms[1][:n_out]]                            # [N, Q] → logical columns

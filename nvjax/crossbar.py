@@ -23,6 +23,7 @@ This module imports ``devices``, ``encoding``, ``irdrop``, ``_checks``, ``_ops``
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, Optional
 
 import jax
@@ -37,7 +38,8 @@ from ._checks import UserError, check_real, check_time, is_concrete
 from ._ops import round_ste
 from ._struct import register_physics
 
-__all__ = ["TileConfig", "PHYSICS_FIELDS", "Tiles", "tile", "program_tiles", "mvm", "read_weights",
+__all__ = ["TileConfig", "PHYSICS_FIELDS", "Tiles", "tile", "program_tiles", "mvm", "conv_mvm",
+           "conv_supported", "read_weights",
            "num_row_tiles", "quantize_symmetric", "cell_voltages", "input_scale",
            "predistort_ir", "reference_sum", "tile_grid", "untile_grid", "ir_transfer_tiles",
            "ir_transfer"]
@@ -785,6 +787,108 @@ def mvm(key: Array, device, tiles: Tiles, x: Array, t, *, config: TileConfig = T
     return (y[0] if squeeze else y), tiles
 
 
+def conv_supported(config: TileConfig, window: int, *, placed: bool = False) -> bool:
+    """Whether :func:`conv_mvm` can run a conv layer's tiles read with ``config`` (otherwise
+    its inputs go through :func:`mvm` as im2col patches): no IR drop, no placement, no DAC
+    quantization scaled per input vector (``dac_range='absmax'`` with ``dac_bits``), and, with
+    a per-tile ADC or output noise, row tiles of whole input channels (``rows`` a multiple of
+    the window size ``window`` = kh·kw)."""
+    if placed or config.ir_drop != "none":
+        return False
+    if config.dac_bits is not None and config.dac_range == "absmax":
+        return False
+    if config.adc_bits is not None or config.output_noise:
+        return config.rows % window == 0
+    return True
+
+
+def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, strides, padding,
+             config: TileConfig = TileConfig()):
+    """A convolution through crossbar tiles, without materializing im2col patches.
+
+    Equal in distribution to :func:`mvm` on the layer's im2col patches (the rows of
+    :func:`nvjax.layers.as_rows`, channel-major) with the same key: the conductances are read
+    once (the same draws as :func:`mvm`), the effective kernel ``(G⁺ − G⁻)/κ`` is applied as a
+    convolution, and each row tile's partial sum is a feature group of a grouped convolution
+    (row tiles must hold whole input channels when a per-tile ADC or output noise acts), so the
+    cost is that of one convolution instead of a matmul on kh·kw-times larger inputs. The
+    per-row read counters advance by the nonzero entries of each patch row, as with patches.
+    Output noise draws have the shape of :func:`mvm`'s but a different order, so they are
+    other draws of the same distribution.
+
+    Args:
+        key, device, tiles, t, config: as :func:`mvm` (``config`` must pass
+            :func:`conv_supported`).
+        x: inputs [B, *spatial, C_in] (channels last).
+        kernel_shape: the conv kernel's shape ``(*window, C_in, C_out)``.
+        strides: one stride per spatial axis.
+        padding: one ``(low, high)`` pair per spatial axis.
+
+    Returns:
+        (y [B, *out_spatial, C_out], tiles with the per-row read counters advanced).
+    """
+    _check_use("conv_mvm", device, tiles, t, config)
+    kernel_shape = tuple(kernel_shape)
+    nd = len(kernel_shape) - 2
+    window = int(np.prod(kernel_shape[:nd]))
+    c_in, c_out = kernel_shape[-2:]
+    if not conv_supported(config, window):
+        raise UserError("conv_mvm: this TileConfig needs the im2col path (mvm on patches): "
+                        "IR drop, a per-input DAC range, or row tiles that split a channel's "
+                        "window under a per-tile ADC/output noise")
+    if tiles.n_in != c_in * window or tiles.n_out != c_out or x.ndim != nd + 2 \
+            or x.shape[-1] != c_in:
+        raise ValueError(f"conv_mvm: kernel {kernel_shape} and inputs {tuple(x.shape)} do not "
+                         f"match tiles of {tiles.n_in} rows and {tiles.n_out} columns")
+    x = jnp.asarray(x)
+    strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+    spatial = "HWD"[:nd]
+    dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+    k_read, k_out = jax.random.split(key)
+    gp, gm, alpha = _read_pair(k_read, device, tiles, t, config)
+    # read counters: patch row (c, offset) is nonzero wherever the padded input at that
+    # offset of a window is, summed over the output positions (a strided slice per offset)
+    nz = jnp.pad((x != 0).astype(jnp.int32), ((0, 0),) + padding + ((0, 0),))
+    out_sp = [(nz.shape[1 + a] - kernel_shape[a]) // strides[a] + 1 for a in range(nd)]
+    counts = []
+    for off in np.ndindex(*kernel_shape[:nd]):
+        start = (0,) + off + (0,)
+        limit = (nz.shape[0],) + tuple(off[a] + strides[a] * (out_sp[a] - 1) + 1
+                                       for a in range(nd)) + (c_in,)
+        sl = jax.lax.slice(nz, start, limit, (1,) + strides + (1,))
+        counts.append(jnp.sum(sl, axis=tuple(range(nd + 1))))        # [C_in]
+    reads = jnp.stack(counts, axis=1).reshape(-1)                     # channel-major
+    tiles = tiles.replace(reads=tiles.reads + reads.astype(tiles.reads.dtype))
+    if config.dac_bits is not None:       # 'fixed' range: the same scale for every input
+        x = quantize_symmetric(x, jnp.asarray(config.dac_bound, x.dtype), config.dac_bits)
+    w_eff = (gp - gm) / tiles.kappa                                   # [C_in·window, C_out]
+    kern = jnp.transpose(w_eff.reshape((c_in,) + kernel_shape[:nd] + (c_out,)),
+                         tuple(range(1, nd + 1)) + (0, nd + 1))       # [*window, C_in, C_out]
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=strides,
+                             padding=padding, dimension_numbers=dn)
+    if config.adc_bits is None and not config.output_noise:
+        return conv(x, kern) * alpha, tiles
+    per_tile = config.rows // window                                  # whole channels per tile
+    n_tiles = -(-c_in // per_tile)
+    pad_c = n_tiles * per_tile - c_in
+    xg = jnp.pad(x, ((0, 0),) * (nd + 1) + ((0, pad_c),))
+    kg = jnp.pad(kern, ((0, 0),) * nd + ((0, pad_c), (0, 0)))
+    kg = kg.reshape(kernel_shape[:nd] + (n_tiles, per_tile, c_out))
+    kg = jnp.moveaxis(kg, nd, nd + 1).reshape(kernel_shape[:nd] + (per_tile, n_tiles * c_out))
+    part = conv(xg, kg, feature_group_count=n_tiles)                  # [B, *out, Ti·C_out]
+    out_shape = part.shape[:-1]
+    part = part.reshape(-1, n_tiles, c_out)
+    if config.dac_bits is not None:
+        s_x = jnp.full((part.shape[0], 1), config.dac_bound, x.dtype)
+    else:                                  # max|patch|: a max over channels, then the window
+        m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+        s_x = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1,) + kernel_shape[:nd] + (1,),
+                                    (1,) + strides + (1,), ((0, 0),) + padding + ((0, 0),))
+        s_x = s_x.reshape(-1, 1)
+    y = _periphery_tail(k_out, device, tiles.kappa, tiles.adc_scale, part, s_x, config)
+    return (y * alpha).reshape(out_shape + (c_out,)), tiles
+
+
 def input_scale(x: Array, *, config: TileConfig = TileConfig()) -> Array:
     """The DAC's full-scale input s_x per input vector, [B, 1]: max|x| ('absmax', 1 for an all-zero
     vector) or ``dac_bound`` ('fixed'). The word line of input x is driven at v_read·x/s_x (V)."""
@@ -808,7 +912,12 @@ def _periphery_mvm(key, device, kappa, adc_scale, partials, ideal, x, config: Ti
         s_x = jnp.max(jnp.abs(x), axis=1, keepdims=True)
     if ideal is not None and config.adc_bits is None and not config.output_noise:
         return ideal(x)
-    part = partials(x)
+    return _periphery_tail(key, device, kappa, adc_scale, partials(x), s_x, config)
+
+
+def _periphery_tail(key, device, kappa, adc_scale, part, s_x, config: TileConfig):
+    """Per-row-tile partial sums ``part`` [B, Ti, n_out] → output noise → ADC → digital sum
+    [B, n_out]; ``s_x`` [B, 1] is the DAC's full scale of each input vector."""
     if config.adc_bits is None and not config.output_noise:
         return jnp.sum(part, axis=1)
     g_min, g_max = dev_mod.g_range(device)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 __all__ = ["strip_params", "split_variables", "variables", "kernel_matrix", "matrix_to_kernel", "layer_names", "kernels",
-           "module_name", "as_rows", "layer_inputs", "inverse_permutation", "CROSSBAR_LAYERS",
+           "module_name", "as_rows", "conv_geometry", "layer_inputs", "inverse_permutation", "CROSSBAR_LAYERS",
            "NNXModel", "from_nnx", "is_nnx"]
 
 #: The Flax layer types whose kernels are deployed on crossbars.
@@ -104,6 +104,25 @@ def as_rows(module: nn.Module, x) -> Tuple[jax.Array, Callable]:
     if isinstance(module, nn.Dense):
         lead = x.shape[:-1]
         return x.reshape(-1, x.shape[-1]), lambda y: y.reshape(lead + (y.shape[-1],))
+    ks, strides, padding = conv_geometry(module, x)
+    nd = len(ks)
+    batched = x.ndim == nd + 2
+    xb_ = x if batched else x[None]
+    spatial = "HWD"[:nd] if nd <= 3 else None
+    dn = ("N" + spatial + "C", "OI" + spatial, "N" + spatial + "C")
+    patches = jax.lax.conv_general_dilated_patches(xb_, ks, strides, padding, dimension_numbers=dn)
+    out_sp = patches.shape[1:-1]
+
+    def back(y):
+        y = y.reshape((xb_.shape[0],) + out_sp + (y.shape[-1],))
+        return y if batched else y[0]
+    return patches.reshape(-1, patches.shape[-1]), back
+
+
+def conv_geometry(module, x) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[Tuple[int, int], ...]]:
+    """A conv layer's (window, strides, explicit ``(low, high)`` padding per spatial axis) for
+    inputs ``x`` ([B, *spatial, C] or unbatched [*spatial, C]), checked: no dilation, feature
+    group count 1, padding 'SAME', 'VALID', an int or pairs (a Flax linen or NNX ``Conv``)."""
     if getattr(module, "feature_group_count", 1) != 1:
         raise NotImplementedError("chip: grouped convolutions are not supported")
     ks = tuple(module.kernel_size)
@@ -118,21 +137,12 @@ def as_rows(module: nn.Module, x) -> Tuple[jax.Array, Callable]:
         padding = padding.upper()
         if padding not in ("SAME", "VALID"):
             raise NotImplementedError(f"chip: conv padding {padding!r} is not supported")
+        padding = tuple(jax.lax.padtype_to_pads(x.shape[-nd - 1:-1], ks, strides, padding))
     elif isinstance(padding, int):
-        padding = [(padding, padding)] * nd
+        padding = ((padding, padding),) * nd
     else:
-        padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    batched = x.ndim == nd + 2
-    xb_ = x if batched else x[None]
-    spatial = "HWD"[:nd] if nd <= 3 else None
-    dn = ("N" + spatial + "C", "OI" + spatial, "N" + spatial + "C")
-    patches = jax.lax.conv_general_dilated_patches(xb_, ks, strides, padding, dimension_numbers=dn)
-    out_sp = patches.shape[1:-1]
-
-    def back(y):
-        y = y.reshape((xb_.shape[0],) + out_sp + (y.shape[-1],))
-        return y if batched else y[0]
-    return patches.reshape(-1, patches.shape[-1]), back
+        padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    return ks, strides, tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 def layer_inputs(model: nn.Module, params, x) -> Dict[str, jax.Array]:

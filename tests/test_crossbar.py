@@ -1,4 +1,5 @@
 """Crossbar tiles: ideal limit, periphery against an independent NumPy model, counters, errors."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 
 from nvjax import crossbar as xb
 from nvjax import devices as D
-from nvjax import irdrop
+from nvjax import irdrop, layers
 
 
 def _w_x(n_in=300, n_out=40, batch=9, seed=0):
@@ -324,3 +325,61 @@ def test_failed_solve_message_says_whether_the_cap_or_the_residual_stopped_it():
     vc = xb.cell_voltages(jnp.full((10, 6), -5.0), v, config=cfg.replace(r_wire=5.0,
                                                                         ir_max_iter=200))
     assert np.all(np.isfinite(np.asarray(vc)))
+
+
+def _conv_case(ks, c_in, c_out, strides, padding, cfg, seed=0):
+    """A conv layer's kernel, inputs (channel 0 all zero) and its im2col rows via flax."""
+    conv = nn.Conv(c_out, ks, strides=strides, padding=padding)
+    x = jax.random.uniform(jax.random.key(seed), (3,) + (9,) * len(ks) + (c_in,))
+    x = x.at[..., 0].set(0.0)
+    v = conv.init(jax.random.key(seed + 1), x)
+    kern = v["params"]["kernel"]
+    rows, back = conv.apply(v, x, method=lambda m, a: layers.as_rows(m, a))
+    geom = conv.apply(v, x, method=lambda m, a: layers.conv_geometry(m, a))
+    return kern, x, rows, back, geom
+
+
+@pytest.mark.parametrize("ks,c_in,c_out,strides,padding,rows,extra", [
+    ((3, 3), 5, 7, (1, 1), "SAME", 18, {}),
+    ((3, 3), 5, 7, (2, 2), "SAME", 18, dict(adc_bits=6, adc_range="fixed", adc_bound=3.0)),
+    ((3, 3), 6, 4, (2, 2), "VALID", 9, dict(dac_bits=5, dac_range="fixed", adc_bits=8,
+                                            adc_range="max")),
+    ((1, 1), 6, 4, (2, 2), "VALID", 4, dict(adc_bits=8, adc_range="max")),
+    ((3,), 4, 3, (1,), "SAME", 6, {}),
+])
+def test_conv_mvm_equals_mvm_on_im2col_patches(ks, c_in, c_out, strides, padding, rows, extra):
+    # the conv path and the patches path share the conductance read (same key), so their
+    # outputs agree to float rounding, ADC codes included, and their read counters exactly
+    cfg = xb.TileConfig(rows=rows, cols=8, **extra)
+    kern, x, patches, back, (window, st, pad) = _conv_case(ks, c_in, c_out, strides, padding, cfg)
+    tiles = xb.program_tiles(jax.random.key(2), D.pcm(), layers.kernel_matrix(kern), config=cfg)
+    assert xb.conv_supported(cfg, int(np.prod(ks)))
+    y_rows, t_rows = xb.mvm(jax.random.key(3), D.pcm(), tiles, patches, 100.0, config=cfg)
+    y_conv, t_conv = jax.jit(lambda k, tl, a: xb.conv_mvm(
+        k, D.pcm(), tl, a, 100.0, kernel_shape=kern.shape, strides=st, padding=pad,
+        config=cfg))(jax.random.key(3), tiles, x)
+    np.testing.assert_allclose(y_conv, back(y_rows), atol=2e-6 * float(jnp.abs(y_rows).max()))
+    np.testing.assert_array_equal(t_conv.reads, t_rows.reads)
+    assert int(t_rows.reads[0]) == 0 and int(t_rows.reads[-1]) > 0   # channel 0 never driven
+
+
+def test_conv_mvm_output_noise_has_the_patch_paths_spread_and_refuses_absmax_dac():
+    cfg = xb.TileConfig(rows=9, cols=8, out_noise=0.05)
+    kern, x, patches, back, (window, st, pad) = _conv_case((3, 3), 4, 6, (1, 1), "SAME", cfg)
+    tiles = xb.program_tiles(jax.random.key(2), D.ideal(), layers.kernel_matrix(kern), config=cfg)
+    quiet = xb.TileConfig(rows=9, cols=8)
+    clean = back(xb.mvm(jax.random.key(3), D.ideal(), tiles, patches, 1.0, config=quiet)[0])
+    noisy_rows = back(xb.mvm(jax.random.key(3), D.ideal(), tiles, patches, 1.0, config=cfg)[0])
+    noisy_conv = xb.conv_mvm(jax.random.key(3), D.ideal(), tiles, x, 1.0, kernel_shape=kern.shape,
+                             strides=st, padding=pad, config=cfg)[0]
+    # per output: sum over the 4 row tiles of σ·max|patch|·(g_max − g_min)/κ·N(0, 1)
+    sd_rows = float(jnp.std(noisy_rows - clean))
+    sd_conv = float(jnp.std(noisy_conv - clean))
+    assert sd_rows > 0.01 and abs(sd_conv / sd_rows - 1) < 0.05
+    absmax = xb.TileConfig(rows=9, cols=8, dac_bits=7)
+    assert not xb.conv_supported(absmax, 9) and not xb.conv_supported(
+        xb.TileConfig(rows=8, adc_bits=8), 9)
+    assert not xb.conv_supported(quiet, 9, placed=True)
+    with pytest.raises(ValueError, match="im2col"):
+        xb.conv_mvm(jax.random.key(3), D.ideal(), tiles, x, 1.0, kernel_shape=kern.shape,
+                    strides=st, padding=pad, config=absmax)
