@@ -4,7 +4,7 @@ Torch networks of the same shapes as nvjax's ``models.ResNet()`` (ResNet-20: 3x3
 16/32/64 channels, 1x1-conv shortcuts, BatchNorm, global average pooling, Linear 64->10; batch 256
 of 32x32x3 inputs in [0, 1)) and ``models.Transformer()`` (Linear 12->32 embedding, two pre-LN
 encoder layers with 4-head attention from four Linear 32->32 projections and a 32->64->32 GELU
-MLP, Linear 32->6 head; batch 256 of 16 one-hot tokens), converted with ``convert_to_analog``
+MLP, Linear 32->12 head; batch 256 of 16 one-hot tokens), converted with ``convert_to_analog``
 (every Linear and Conv2d analog), ``PCMLikeNoiseModel(g_max=25)``, global drift compensation and
 abs-max weight scaling, as ../shared/tools/aihwkit_mc.py does for the MLP workloads. One
 instance = ``program_analog_weights()`` + ``drift_analog_weights(1 day)`` + one forward pass.
@@ -81,7 +81,7 @@ class Encoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, vocab=12, dim=32, heads=4, layers=2, mlp=64, classes=6, max_len=64):
+    def __init__(self, vocab=12, dim=32, heads=4, layers=2, mlp=64, classes=12, max_len=64):
         super().__init__()
         self.embed = nn.Linear(vocab, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(max_len, dim))

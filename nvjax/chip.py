@@ -284,7 +284,15 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
 
     def intercept(next_fun, args, kwargs, context):
         mod = context.module
-        if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if not isinstance(mod, (nn.Dense, nn.Conv)):
+            if module_name(mod) in new_tiles:     # e.g. nn.DenseGeneral, nn.Einsum
+                raise NotImplementedError(
+                    f"chip.apply: layer {module_name(mod)!r} is a {type(mod).__name__}, whose "
+                    "kernel was deployed but whose call cannot run on crossbars; linen models "
+                    "run nn.Dense and nn.Conv on crossbars (multi-axis kernels: write the layer "
+                    "as nn.Dense, or use a Flax NNX module, see nvjax.layers.from_nnx)")
             return next_fun(*args, **kwargs)
         name = module_name(mod)
         if name not in new_tiles:

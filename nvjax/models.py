@@ -291,7 +291,7 @@ class Transformer(nn.Module):
         Vaswani et al., "Attention is all you need", NeurIPS 2017; pre-LayerNorm placement:
         Xiong et al., "On layer normalization in the transformer architecture", ICML 2020.
     """
-    num_classes: int = 6
+    num_classes: int = 12
     dim: int = 32
     heads: int = 4
     layers: int = 2
@@ -325,8 +325,8 @@ MODELS = {
     "mlp": (lambda: MLP(features=(64, 10)), "digits", 40),
     "lenet": (lambda: LeNet(num_classes=10), "digits-images", 30),
     "lstm": (lambda: LSTMClassifier(hidden=32, num_classes=10), "digits-images", 100),
-    "resnet": (lambda: ResNet(num_classes=10), "images", 8),
-    "transformer": (lambda: Transformer(num_classes=6), "sequences", 30),
+    "resnet": (lambda: ResNet(num_classes=10), "images", 3),
+    "transformer": (lambda: Transformer(num_classes=12), "sequences", 20),
 }
 
 
@@ -346,7 +346,7 @@ def dataset(name: str, *, seed: int = 0) -> Dataset:
         return data_mod.digits(seed=seed, flatten=kind == "digits")
     if kind == "images":
         return data_mod.procedural_images(seed, num_samples=6000)
-    return data_mod.procedural_sequences(seed, num_samples=6000)
+    return data_mod.procedural_sequences(seed, num_samples=6000, num_markers=4, num_classes=12)
 
 
 def _variables(params: Params) -> Params:
@@ -534,14 +534,14 @@ def get_trained(name: str, *, cache_dir: Optional[str] = None, seed: int = 0,
         name: ``'mlp'`` (64-64-10 MLP on flat digits), ``'lenet'`` (:class:`LeNet` on 8x8x1
             images), ``'lstm'`` (:class:`LSTMClassifier`, H = 32, on 8x8x1 images read as 8
             rows of 8 pixels), ``'resnet'`` (:class:`ResNet`-20 on 32x32x3 procedural images)
-            or ``'transformer'`` (:class:`Transformer`, 2 layers, width 32, on procedural
-            sequences).
+            or ``'transformer'`` (:class:`Transformer`, 2 layers, width 32, 12 classes, on
+            procedural sequences).
         cache_dir: folder for ``{name}_seed{seed}_epochs{epochs}.msgpack``; reloaded when it
             exists (and matches the model's parameter shapes), else trained and written. None:
             always train, nothing written.
         seed: seed of the data split and of training.
         epochs: training epochs; None uses the model's default (mlp 40, lenet 30, lstm 100,
-            resnet 8, transformer 30).
+            resnet 3, transformer 20).
 
     Returns:
         ``(model, params)`` with ``params = {'params': ...}`` (and ``'batch_stats'`` for the

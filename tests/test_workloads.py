@@ -4,6 +4,7 @@ import gzip
 import importlib.machinery
 import importlib.util
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,3 +250,16 @@ def test_nnx_errors_name_the_layer():
         chip.deploy(jax.random.key(0), _NNXNet(nnx.Rngs(0)), {"params": {}}, devices.ideal())
     with pytest.raises(TypeError, match="flax.nnx.Module"):
         layers.from_nnx(models.MLP((4,)))
+
+
+def test_a_linen_layer_that_cannot_run_on_crossbars_is_refused_not_run_in_software():
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral((2, 3), name="proj")(x).sum(-1)
+
+    x = jnp.ones((2, 4))
+    v = Attn().init(jax.random.key(0), x)
+    c = chip.deploy(jax.random.key(1), Attn(), v, devices.ideal())
+    with pytest.raises(NotImplementedError, match="'proj' is a DenseGeneral"):
+        chip.apply(jax.random.key(2), c, x, 1.0)
