@@ -17,6 +17,11 @@ suffer most from IR drop or read disturb). An empty cell is modelled as zero con
 devices of its pair are at G = 0 µS, so it carries no current (no contribution to the outputs or
 to the IR drop of its tile).
 
+Models may be any Flax linen model with its whole variables dict (collections besides
+``'params'``, e.g. BatchNorm statistics, stay digital) or a Flax NNX module (converted by
+:func:`nvjax.layers.from_nnx`). Conv layers run as a convolution with the tiles' effective
+kernel (:func:`nvjax.crossbar.conv_mvm`) where that is exact, else as im2col patches.
+
 This module imports ``devices``, ``crossbar``, ``layers``, ``_checks``, ``_ops`` and flax.
 """
 from __future__ import annotations
@@ -33,8 +38,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import crossbar as xb
 from . import devices as dev_mod
-from .layers import (as_rows, conv_geometry, from_nnx, inverse_permutation, is_nnx, kernel_matrix, layer_inputs, layer_names,
-                     matrix_to_kernel, module_name, split_variables, to_physical)
+from .layers import (as_rows, conv_geometry, from_nnx, inverse_permutation, is_nnx,
+                     kernel_matrix, layer_inputs, layer_names, matrix_to_kernel, module_name,
+                     split_variables, to_physical)
 from ._checks import is_concrete
 from ._ops import fold_in_range
 

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-__all__ = ["strip_params", "split_variables", "variables", "kernel_matrix", "matrix_to_kernel", "layer_names", "kernels",
-           "module_name", "as_rows", "conv_geometry", "layer_inputs", "inverse_permutation", "CROSSBAR_LAYERS",
-           "NNXModel", "from_nnx", "is_nnx"]
+__all__ = ["strip_params", "split_variables", "variables", "kernel_matrix", "matrix_to_kernel",
+           "layer_names", "kernels", "module_name", "as_rows", "conv_geometry", "layer_inputs",
+           "inverse_permutation", "CROSSBAR_LAYERS", "NNXModel", "from_nnx", "is_nnx"]
 
 #: The Flax layer types whose kernels are deployed on crossbars.
 CROSSBAR_LAYERS = (nn.Dense, nn.Conv)

@@ -48,8 +48,8 @@ from ._train_loop import train_data as _train_data
 from ._xla import FAST_COMPILE_OPTIONS
 from .data import Dataset
 
-__all__ = ["MLP", "LeNet", "LSTMClassifier", "ResNet", "Transformer", "MODELS", "dataset", "train", "accuracy", "predict", "save_params",
-           "load_params", "get_trained"]
+__all__ = ["MLP", "LeNet", "LSTMClassifier", "ResNet", "Transformer", "MODELS", "dataset",
+           "train", "accuracy", "predict", "save_params", "load_params", "get_trained"]
 
 Params = Any
 
