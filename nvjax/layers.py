@@ -13,6 +13,7 @@ This module imports only jax, numpy and flax.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, NamedTuple, Tuple
 
@@ -409,16 +410,13 @@ class _Route:
         return y
 
 
-_ROUTED = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _routed_class(base):
-    """A subclass of an NNX layer class whose ``__call__`` is the instance's ``_nvjax_call``."""
-    if base not in _ROUTED:
-        _ROUTED[base] = type(base.__name__, (base,),
-                             {"__call__": lambda self, *a, **k: self._nvjax_call(*a, **k),
-                              "__module__": __name__})
-    return _ROUTED[base]
+    """A subclass of an NNX layer class whose ``__call__`` is the instance's ``_nvjax_call``
+    (made once per class)."""
+    return type(base.__name__, (base,),
+                {"__call__": lambda self, *a, **k: self._nvjax_call(*a, **k),
+                 "__module__": __name__})
 
 
 def from_nnx(module) -> Tuple[NNXModel, Dict[str, Any]]:
