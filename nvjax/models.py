@@ -336,7 +336,8 @@ def dataset(name: str, *, seed: int = 0) -> Dataset:
     ``'mlp'``: the 8x8 digits, flat ``[N, 64]``; ``'lenet'``, ``'lstm'``: the digits as images
     ``[N, 8, 8, 1]``; ``'resnet'``: :func:`nvjax.data.procedural_images` (6000 images 32x32x3,
     10 classes; 4800 train, 1200 test); ``'transformer'``: :func:`nvjax.data.procedural_sequences`
-    (6000 one-hot sequences of 16 tokens, vocabulary 12, 6 classes; 4800 train, 1200 test).
+    (6000 one-hot sequences of 16 tokens, vocabulary 12, 12 classes given by the order of 4
+    markers; 4800 train, 1200 test).
     All are split (and generated) by ``seed``.
     """
     if name not in MODELS:
