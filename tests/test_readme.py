@@ -29,6 +29,21 @@ def test_quickstart_has_two_commands():
     assert "pytest" in cmds[1]
 
 
+def test_ci_runs_the_readme_test_command():
+    """``.ci/run`` installs and tests as the Quickstart's second command says (it may only add
+    pytest options that report: ``-ra``, ``--durations``)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    qs = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    readme = re.findall(r"```bash\n(.*?)```", qs, re.S)[1].strip()
+    install, test = readme.split(" && ")[-2:]
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    (line,) = [ln for ln in ci.splitlines() if "pytest" in ln]
+    ci_install, ci_test = line.split(" && ")
+    assert ci_install.split() == install.split()[:2] + ["-q"] + install.split()[2:]
+    report = [t for t in ci_test.split() if t == "-ra" or t.startswith("--durations")]
+    assert [t for t in ci_test.split() if t not in report] == test.split()
+
+
 @pytest.mark.slow
 def test_readme_mitigation_example_executes():
     text = open(os.path.join(ROOT, "README.md")).read()
