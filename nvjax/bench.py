@@ -23,9 +23,20 @@ Each workload is timed with every generator of :mod:`nvjax.prng` and reported ne
   :func:`nvjax.sweep.limit_malloc_arenas`), and against the number of devices (forced host devices,
   ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, in subprocesses).
 
+Network workloads (:data:`NETWORK_WORKLOADS`, ``<network>-pcm-<periphery>``): the ResNet-20-style
+CNN (:class:`nvjax.models.ResNet`, batch 256 of 32×32×3 inputs) and the transformer encoder
+(:class:`nvjax.models.Transformer`, batch 256 of 16 one-hot tokens, vocabulary 12), random
+weights (fixed seed), the same device and peripheries; one instance = programming + drift to one
+day + read noise + drift compensation + one forward pass. Each is reported with the time of one
+chip forward pass against the same network's software forward pass (both jitted), the machine's
+limit (the forward's FLOPs at the measured matmul rate plus the instance's normal draws), and
+aihwkit on torch networks of the same shapes (``experiments/aihwkit_workloads.py`` of the
+repository) when a Python with aihwkit is given.
+
 ``python -m nvjax.bench --child SPEC`` (:func:`main`) is the subprocess entry point (one JSON line
 out).
-This module imports ``chip``, ``crossbar``, ``devices``, ``prng`` and ``sweep``.
+This module imports ``chip``, ``crossbar``, ``devices``, ``layers``, ``models``, ``prng`` and
+``sweep``.
 """
 from __future__ import annotations
 
@@ -46,10 +57,13 @@ import numpy as np
 from . import chip as chip_mod
 from . import crossbar as xb
 from . import devices as dev_mod
+from . import layers
+from . import models as models_mod
 from . import prng
 from . import sweep
 
-__all__ = ["WORKLOADS", "GENERATORS", "run", "format_report", "numpy_instance", "workload_model",
+__all__ = ["WORKLOADS", "NETWORK_WORKLOADS", "GENERATORS", "run", "network_workload",
+           "network_rate", "format_report", "numpy_instance", "workload_model",
            "workload_instance", "normals_per_instance", "draw_shapes", "machine_limit",
            "nvjax_rate", "numpy_rate", "aihwkit_rates", "measure_in_subprocess", "rate_vs_count",
            "device_scaling", "main"]
@@ -62,6 +76,13 @@ WORKLOADS = {
     "pcm-default-io": xb.TileConfig(dac_bits=7, adc_bits=9, adc_range="fixed", adc_bound=12.0,
                                     out_noise=0.06),
 }
+#: Network workloads: name -> (network, periphery of :data:`WORKLOADS`).
+NETWORK_WORKLOADS = {f"{net}-{io}": (net, io) for net in ("resnet", "transformer")
+                     for io in WORKLOADS}
+#: Batch of the network workloads, and instances per compiled chunk (the ResNet one at a time:
+#: its activations, not random numbers, fill the cache).
+NETWORK_BATCH = 256
+NETWORK_CHUNK_SIZES = {"resnet": 1, "transformer": 32}
 #: Generators timed (names of :data:`nvjax.prng.IMPLS`).
 GENERATORS = tuple(prng.IMPLS)
 #: Instances per compiled chunk for each workload (the fastest on the 2-core development CPU:
@@ -266,6 +287,92 @@ def nvjax_rate(config: xb.TileConfig, instances: int, chunk_size: int = CHUNK_SI
 
 
 # ---------------------------------------------------------------------------------------------
+# Network workloads: the ResNet-style CNN and the transformer
+# ---------------------------------------------------------------------------------------------
+def network_workload(network: str, seed: int = 0):
+    """``(model, variables, inputs)`` of a network workload: ``'resnet'`` (``models.ResNet()``,
+    inputs [256, 32, 32, 3] uniform in [0, 1)) or ``'transformer'`` (``models.Transformer()``,
+    256 sequences of 16 one-hot tokens of a vocabulary of 12); random weights from ``seed``."""
+    key = jax.random.key(seed)
+    if network == "resnet":
+        model = models_mod.ResNet()
+        x = jax.random.uniform(jax.random.fold_in(key, 1), (NETWORK_BATCH, 32, 32, 3))
+    elif network == "transformer":
+        model = models_mod.Transformer()
+        tokens = jax.random.randint(jax.random.fold_in(key, 1), (NETWORK_BATCH, 16), 0, 12)
+        x = jax.nn.one_hot(tokens, 12)
+    else:
+        raise ValueError(f"network must be 'resnet' or 'transformer', got {network!r}")
+    return model, model.init(key, x), x
+
+
+def _forward_flops(model, variables, x) -> float:
+    """FLOPs of one software forward pass (XLA's cost analysis; multiply-adds count 2)."""
+    cost = jax.jit(lambda v, a: model.apply(v, a)).lower(variables, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def network_rate(name: str, instances: int, *, chunk_size: Optional[int] = None,
+                 generator: str = "threefry", repeat: int = 1,
+                 t_matmul: Optional[float] = None) -> Dict[str, float]:
+    """A network workload (a key of :data:`NETWORK_WORKLOADS`): nvjax instances/s (compile
+    excluded, best of ``repeat``), one chip forward pass against the software forward pass, and
+    the machine's limit.
+
+    Returns:
+        ``instances_per_s``, ``compile_s``, ``chip_forward_s``, ``software_forward_s``,
+        ``chip_over_software``, ``forward_flops``, ``weights``, ``normals_per_instance``,
+        ``t_matmul_s`` (the forward's FLOPs at the measured matmul rate), ``t_normals_s``
+        (the weights' normal draws; output-noise draws are left out, so the limit is generous),
+        ``limit_instances_per_s`` = 1 / (t_matmul + t_normals), ``fraction_of_limit``.
+    """
+    if name not in NETWORK_WORKLOADS:
+        raise ValueError(f"unknown network workload {name!r}; valid: {sorted(NETWORK_WORKLOADS)}")
+    network, io = NETWORK_WORKLOADS[name]
+    config = WORKLOADS[io]
+    chunk = min(chunk_size or NETWORK_CHUNK_SIZES[network], instances)
+    model, v, x = network_workload(network)
+    device = dev_mod.pcm()
+    software = _timeit(jax.jit(lambda v_, a: model.apply(v_, a)), v, x)
+    prog = jax.jit(lambda k: chip_mod.deploy(k, model, v, device, config=config))
+    c = prog(jax.random.key(1))
+    fwd = jax.jit(lambda k, c_, a: chip_mod.apply(k, c_, a, T_READ))
+    chip_fwd = _timeit(fwd, jax.random.key(2), c, x, repeat=3)
+    fn = workload_instance(model, config)
+    compiled = sweep.compile_chunk(fn, vmap_width=None)
+    key = prng.key(0, generator)
+    t = time.perf_counter()
+    sweep.run_instances(fn, key, chunk, v, x, chunk_size=chunk, compiled=compiled)
+    compile_s = time.perf_counter() - t
+    best = np.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        sweep.run_instances(fn, key, instances, v, x, chunk_size=chunk, compiled=compiled)
+        best = min(best, time.perf_counter() - t)
+    flops = _forward_flops(model, v, x)
+    if t_matmul is None:
+        t_matmul = matmul_time()
+    # the MLP workload's matmul rate, applied to this network's FLOPs
+    mlp_flops = 2 * BATCH * sum(a * b for a, b in zip(LAYERS[:-1], LAYERS[1:]))
+    t_mm = flops * t_matmul / mlp_flops
+    # crossbar weights (every kernel; biases and BatchNorm are digital): 2 devices × (programming,
+    # drift exponent, read) normals each
+    weights = sum(int(np.prod(k.shape))
+                  for k in layers.kernels(layers.strip_params(v)).values())
+    n_norm = 6 * weights
+    t_rng = normals_time(n_norm, generator, chunks=(chunk,))
+    limit = 1.0 / (t_mm + t_rng)
+    rate = instances / best
+    return {"instances_per_s": rate, "compile_s": compile_s, "run_s": best,
+            "chunk_size": chunk, "chip_forward_s": chip_fwd, "software_forward_s": software,
+            "chip_over_software": chip_fwd / software, "forward_flops": flops,
+            "weights": weights, "normals_per_instance": n_norm, "t_matmul_s": t_mm,
+            "t_normals_s": t_rng, "limit_instances_per_s": limit,
+            "fraction_of_limit": rate / limit, "generator": generator}
+
+
+# ---------------------------------------------------------------------------------------------
 # NumPy baseline: the same computation, written straightforwardly.
 # ---------------------------------------------------------------------------------------------
 def numpy_instance(rng: np.random.Generator, weights: Sequence[np.ndarray], biases, x: np.ndarray,
@@ -333,6 +440,13 @@ def numpy_rate(config: xb.TileConfig, instances: int = 6) -> float:
 def _aihwkit_script() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     return os.path.normpath(os.path.join(here, "..", "..", "shared", "tools", "aihwkit_mc.py"))
+
+
+def _aihwkit_network_script() -> str:
+    """The aihwkit side of the network workloads: ``experiments/aihwkit_workloads.py`` of the
+    repository this package was installed from (editable install)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.normpath(os.path.join(here, "..", "experiments", "aihwkit_workloads.py"))
 
 
 def aihwkit_rates(python: str, threads: Sequence[int] = (1, 2), *,
@@ -480,14 +594,16 @@ def run(*, instances: int = 64, chunk_size: Optional[int] = None,
         generators: Sequence[str] = GENERATORS, repeat: int = 3, counts: Sequence[int] = (),
         num_devices: Sequence[int] = (), numpy_baseline: bool = True,
         aihwkit_python: Optional[str] = None, aihwkit_threads: Sequence[int] = (1, 2),
-        log=print) -> dict:
+        network_instances: int = 8, log=print) -> dict:
     """Benchmark the workloads; returns ``{workload: {...}}`` (the JSON printed by ``nvjax bench``).
 
     Args:
         instances: timed instances per workload and generator (best of ``repeat`` runs).
         chunk_size: instances per compiled chunk (None: :data:`CHUNK_SIZES` of the workload).
         vmap_width: the chunked execution (:func:`nvjax.sweep.compile_chunk`).
-        workloads: names of :data:`WORKLOADS`.
+        workloads: names of :data:`WORKLOADS` (the MLP) and of :data:`NETWORK_WORKLOADS`
+            (timed by :func:`network_rate` with the fastest generator, ``network_instances``
+            instances, one timed run; no NumPy baseline, counts or device scaling).
         generators: generators to time (:data:`nvjax.prng.IMPLS`); the headline numbers use the
             one with the highest measured normal throughput.
         counts: instance counts for rate and peak memory vs count (fresh processes); () skips.
@@ -495,6 +611,7 @@ def run(*, instances: int = 64, chunk_size: Optional[int] = None,
         numpy_baseline: time the NumPy implementation.
         aihwkit_python: a Python with aihwkit to run beside (same run), or None.
         aihwkit_threads: torch thread counts tried for aihwkit (its fastest is kept).
+        network_instances: timed instances per network workload.
 
     Returns:
         Per workload: ``instances_per_s``, ``limit_instances_per_s``, ``fraction_of_limit`` and
@@ -503,8 +620,11 @@ def run(*, instances: int = 64, chunk_size: Optional[int] = None,
         ``vs_count`` / ``devices`` rows when asked for.
     """
     for name in workloads:
-        if name not in WORKLOADS:
-            raise ValueError(f"unknown workload {name!r}; valid: {sorted(WORKLOADS)}")
+        if name not in WORKLOADS and name not in NETWORK_WORKLOADS:
+            raise ValueError(f"unknown workload {name!r}; valid: "
+                             f"{sorted(WORKLOADS) + sorted(NETWORK_WORKLOADS)}")
+    networks = [w for w in workloads if w in NETWORK_WORKLOADS]
+    workloads = [w for w in workloads if w in WORKLOADS]
     for g in generators:
         if g not in prng.IMPLS:
             raise ValueError(f"unknown generator {g!r}; valid: {list(prng.IMPLS)}")
@@ -513,7 +633,14 @@ def run(*, instances: int = 64, chunk_size: Optional[int] = None,
     aihw = None
     if aihwkit_python:
         log(f"aihwkit ({aihwkit_python}, torch threads {list(aihwkit_threads)}) ...")
-        aihw = aihwkit_rates(aihwkit_python, aihwkit_threads)
+        aihw = aihwkit_rates(aihwkit_python, aihwkit_threads) if workloads else {}
+        if networks:
+            net = aihwkit_rates(aihwkit_python, aihwkit_threads,
+                                script=_aihwkit_network_script())
+            if net and "error" not in net:
+                aihw = {**(aihw or {}), **net}
+            elif net:
+                aihw = {**(aihw or {}), "network_error": net["error"]}
     log("machine: matmul time ...")
     t_mm = matmul_time()
     res = {}
@@ -562,6 +689,23 @@ def run(*, instances: int = 64, chunk_size: Optional[int] = None,
                                           chunk_size=chunk, vmap_width=vmap_width,
                                           generator=fastest, log=log)
         res[name] = r
+    # the generator that draws normals fastest (10^6 at a time) here
+    fastest = min(generators, key=lambda g: normals_time(10 ** 6, g, chunks=(1,))) \
+        if networks and len(generators) > 1 else generators[0]
+    for name in networks:
+        log(f"[{name}] nvjax ({fastest}): {network_instances} instances ...")
+        r = network_rate(name, network_instances, generator=fastest, t_matmul=t_mm)
+        r.update(instances=network_instances, backend=jax.default_backend(),
+                 cpu_count=os.cpu_count())
+        if aihw and name in aihw:
+            a = aihw[name]
+            r.update(aihwkit_instances_per_s=a["instances_per_s"],
+                     aihwkit_backend=a.get("backend"), aihwkit_threads=a.get("threads"),
+                     aihwkit_all=a.get("all"),
+                     speedup_vs_aihwkit=r["instances_per_s"] / a["instances_per_s"])
+        elif aihw and "network_error" in aihw:
+            r["aihwkit_error"] = aihw["network_error"]
+        res[name] = r
     return res
 
 
@@ -571,8 +715,26 @@ def _f(v, fmt=".1f"):
 
 def format_report(res: dict) -> str:
     """A plain-text report of :func:`run`'s result."""
-    lines = [f"{'workload':<16} {'generator':<9} {'inst/s':>8} {'limit':>8} {'frac':>6} "
-             f"{'numpy':>7} {'aihwkit':>8} {'x aihw':>7}"]
+    mlp = {k: v for k, v in res.items() if k in WORKLOADS}
+    nets = {k: v for k, v in res.items() if k in NETWORK_WORKLOADS}
+    lines = []
+    if nets:
+        lines.append(f"{'network workload':<26} {'inst/s':>8} {'limit':>8} {'frac':>6} "
+                     f"{'aihwkit':>8} {'x aihw':>7} {'chip fwd s':>10} {'sw fwd s':>9} "
+                     f"{'chip/sw':>7}")
+        for name, r in nets.items():
+            lines.append(
+                f"{name:<26} {r['instances_per_s']:>8.2f} {r['limit_instances_per_s']:>8.2f} "
+                f"{r['fraction_of_limit']:>6.0%} {_f(r.get('aihwkit_instances_per_s'), '.2f'):>8} "
+                f"{_f(r.get('speedup_vs_aihwkit'), '.2f'):>7} {r['chip_forward_s']:>10.3f} "
+                f"{r['software_forward_s']:>9.3f} {r['chip_over_software']:>7.2f}")
+            if r.get("aihwkit_error"):
+                lines.append(f"  aihwkit error: {r['aihwkit_error']}")
+        if not mlp:
+            return "\n".join(lines)
+    res = mlp
+    lines.append(f"{'workload':<16} {'generator':<9} {'inst/s':>8} {'limit':>8} {'frac':>6} "
+                 f"{'numpy':>7} {'aihwkit':>8} {'x aihw':>7}")
     for name, r in res.items():
         for g, rg in r["generators"].items():
             head = g == r["generator"]

@@ -247,9 +247,10 @@ def _cmd_bench(args) -> int:
     from . import bench
     from . import prng
     from ._checks import UserError
-    bad = [w for w in args.workloads if w not in bench.WORKLOADS]
+    valid = sorted(bench.WORKLOADS) + sorted(bench.NETWORK_WORKLOADS)
+    bad = [w for w in args.workloads if w not in valid]
     if bad:
-        raise UserError(f"--workloads: unknown workload(s) {bad}; valid: {sorted(bench.WORKLOADS)}")
+        raise UserError(f"--workloads: unknown workload(s) {bad}; valid: {valid}")
     bad = [g for g in args.generators or () if g not in prng.IMPLS]
     if bad:
         raise UserError(f"--generators: unknown generator(s) {bad}; valid: {list(prng.IMPLS)}")
@@ -259,6 +260,7 @@ def _cmd_bench(args) -> int:
                     repeat=args.repeat, counts=args.counts,
                     num_devices=args.devices, numpy_baseline=not args.no_numpy,
                     aihwkit_python=args.aihwkit_python, aihwkit_threads=args.aihwkit_threads,
+                    network_instances=args.network_instances,
                     log=lambda s: print(s, file=sys.stderr, flush=True))
     if not args.json:
         print(bench.format_report(res))
@@ -300,7 +302,13 @@ def main(argv=None) -> int:
     b.add_argument("--vmap-width", type=_vmap_width, default=None,
                    help="instances vmapped together inside a chunk, or 'none' for the whole chunk "
                         "(default: bench.VMAP_WIDTH)")
-    b.add_argument("--workloads", nargs="+", default=["pcm-ideal-io", "pcm-default-io"])
+    b.add_argument("--workloads", nargs="+", default=["pcm-ideal-io", "pcm-default-io"],
+                   help="MLP workloads pcm-ideal-io, pcm-default-io (default: both) and network "
+                        "workloads resnet-pcm-ideal-io, resnet-pcm-default-io, "
+                        "transformer-pcm-ideal-io, transformer-pcm-default-io (ResNet-20-style "
+                        "CNN and transformer encoder, batch 256)")
+    b.add_argument("--network-instances", type=_positive_int, default=8,
+                   help="timed instances per network workload (default 8)")
     b.add_argument("--generators", nargs="+", default=None,
                    help="generators to time (default: all of nvjax.prng.IMPLS); the fastest one "
                         "gives the headline numbers")

@@ -290,3 +290,50 @@ def test_child_entry_point(monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out) == {"instances_per_s": 1.0, "instances": 3}
     assert seen["config"] == bench.WORKLOADS["pcm-default-io"]
     assert (seen["instances"], seen["chunk_size"], seen["generator"]) == (3, 1, "philox")
+
+
+def test_network_workloads_are_routed_with_aihwkit_beside(monkeypatch):
+    """Network workloads: timed by network_rate with the generator that draws fastest, aihwkit's
+    network script beside them, a table of their own in the report."""
+    _stub_measurements(monkeypatch)
+    calls = []
+
+    def net_rate(name, instances, *, generator, t_matmul, **kw):
+        calls.append((name, instances, generator, t_matmul))
+        return {"instances_per_s": 3.0, "limit_instances_per_s": 12.0, "fraction_of_limit": 0.25,
+                "chip_forward_s": 0.5, "software_forward_s": 0.25, "chip_over_software": 2.0}
+    monkeypatch.setattr(bench, "network_rate", net_rate)
+    monkeypatch.setattr(bench, "normals_time",
+                        lambda n, g, **kw: {"philox": 1.0, "threefry": 2.0}[g] * n)
+
+    def aihwkit(python, threads, script=None):
+        if script is None:
+            return {"pcm-ideal-io": {"instances_per_s": 10.0, "backend": "x", "threads": 1}}
+        assert script.endswith("aihwkit_workloads.py")
+        return {"resnet-pcm-ideal-io": {"instances_per_s": 1.5, "backend": "torch",
+                                        "threads": 2}}
+    monkeypatch.setattr(bench, "aihwkit_rates", aihwkit)
+    res = bench.run(instances=8, workloads=("pcm-ideal-io", "resnet-pcm-ideal-io",
+                                            "transformer-pcm-default-io"),
+                    numpy_baseline=False, aihwkit_python=sys.executable, network_instances=5,
+                    log=lambda s: None)
+    assert [c[:3] for c in calls] == [("resnet-pcm-ideal-io", 5, "philox"),
+                                      ("transformer-pcm-default-io", 5, "philox")]
+    assert calls[0][3] == 2e-3                           # the run's one matmul measurement
+    assert res["resnet-pcm-ideal-io"]["speedup_vs_aihwkit"] == pytest.approx(2.0)
+    assert "aihwkit_instances_per_s" not in res["transformer-pcm-default-io"]
+    assert res["pcm-ideal-io"]["speedup_vs_aihwkit"] == pytest.approx(5.0)
+    text = bench.format_report(res)
+    assert "network workload" in text and "transformer-pcm-default-io" in text
+    assert "pcm-ideal-io" in text.split("network workload")[1]      # the MLP table follows
+
+
+def test_network_workload_inputs():
+    model, variables, x = bench.network_workload("transformer")
+    assert x.shape == (bench.NETWORK_BATCH, 16, 12)
+    np.testing.assert_array_equal(np.asarray(x).sum(-1), 1.0)          # one-hot tokens
+    assert set(variables) == {"params"}
+    with pytest.raises(ValueError, match="network"):
+        bench.network_workload("vgg")
+    with pytest.raises(ValueError, match="unknown network workload"):
+        bench.network_rate("mlp-pcm-ideal-io", 1)

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Every public module of the package and the names it exports.
 PUBLIC = {
-    "bench": {"GENERATORS", "WORKLOADS", "aihwkit_rates", "device_scaling", "draw_shapes",
+    "bench": {"GENERATORS", "WORKLOADS", "NETWORK_WORKLOADS", "network_workload",
+              "network_rate", "aihwkit_rates", "device_scaling", "draw_shapes",
               "format_report", "machine_limit", "main", "measure_in_subprocess",
               "normals_per_instance", "numpy_instance", "numpy_rate", "nvjax_rate",
               "rate_vs_count", "run", "workload_instance", "workload_model"},
