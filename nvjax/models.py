@@ -335,7 +335,8 @@ def dataset(name: str, *, seed: int = 0) -> Dataset:
 
     ``'mlp'``: the 8x8 digits, flat ``[N, 64]``; ``'lenet'``, ``'lstm'``: the digits as images
     ``[N, 8, 8, 1]``; ``'resnet'``: :func:`nvjax.data.procedural_images` (6000 images 32x32x3,
-    10 classes; 4800 train, 1200 test); ``'transformer'``: :func:`nvjax.data.procedural_sequences`
+    10 classes, pixel noise 0.4; 4800 train, 1200 test; ResNet-20 reaches 95.7 % test accuracy
+    after its 3 default epochs, seed 0); ``'transformer'``: :func:`nvjax.data.procedural_sequences`
     (6000 one-hot sequences of 16 tokens, vocabulary 12, 12 classes given by the order of 4
     markers; 4800 train, 1200 test).
     All are split (and generated) by ``seed``.
@@ -345,8 +346,8 @@ def dataset(name: str, *, seed: int = 0) -> Dataset:
     kind = MODELS[name][1]
     if kind in ("digits", "digits-images"):
         return data_mod.digits(seed=seed, flatten=kind == "digits")
-    if kind == "images":
-        return data_mod.procedural_images(seed, num_samples=6000)
+    if kind == "images":   # pixel noise 0.4: ResNet-20 reaches 95-96 %, not 100 % (at 0.25)
+        return data_mod.procedural_images(seed, num_samples=6000, noise=0.4)
     return data_mod.procedural_sequences(seed, num_samples=6000, num_markers=4, num_classes=12)
 
 
