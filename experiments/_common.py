@@ -14,7 +14,7 @@ import csv
 import json
 import os
 import time
-from typing import Callable, Mapping, NamedTuple, Optional, Tuple
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -186,6 +186,41 @@ def bootstrap(statistic: Callable, samples, n: int, seed: int, *, ignore_nan: bo
         [float(v) for v in percentile(resampled, [2.5, 97.5])]
 
 
+def bootstrap_chips_images(statistic: Callable, correct, n: int, seed: int):
+    """A statistic of accuracies and its bootstrap over chips *and* test images.
+
+    An accuracy measured on a fixed test set has two sources of noise: the chips (each draws
+    its own programming noise) and the images (the test set is a sample of the task). Each
+    resample draws the chips with replacement and, independently, the images with replacement
+    (``np.random.default_rng(seed)``), the same chips and images for every arm (paired), and
+    evaluates ``statistic`` on each arm's accuracy over the resampled chips and images. For an
+    additive ``correct = a[chip] + b[image]`` the variance of the mean is
+    ``var(a)/chips + var(b)/images`` (tested).
+
+    Args:
+        statistic: ``(*accuracies) -> value``, elementwise on arrays of resampled accuracies.
+        correct: arrays [chips, images] of 0/1 (or scores), one per arm, same shape.
+        n: bootstrap resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        ``(value, bootstrap std, [2.5th, 97.5th percentile])`` as Python floats; NaN resamples
+        (e.g. a ratio over a zero) are left out of the spread.
+    """
+    rng = np.random.default_rng(seed)
+    chips, images = np.shape(correct[0])
+    # resampling with replacement = multinomial counts; accuracy = w_chips^T M w_images / (C I)
+    wc = rng.multinomial(chips, np.full(chips, 1.0 / chips), size=n).astype(np.float64)
+    wi = rng.multinomial(images, np.full(images, 1.0 / images), size=n).astype(np.float64)
+    accs = [np.einsum("nc,ci,ni->n", wc, np.asarray(a, np.float64), wi) / (chips * images)
+            for a in correct]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        resampled = np.asarray(statistic(*accs), np.float64)
+        value = float(statistic(*(np.mean(a) for a in correct)))
+    return value, float(np.nanstd(resampled)), \
+        [float(v) for v in np.nanpercentile(resampled, [2.5, 97.5])]
+
+
 def run_models(run_model: Callable, cfg, out_dir: str):
     """``run_model(name, cfg, out_dir) -> (result, csv rows)`` for every name of
     ``cfg.models``, in order.
@@ -223,6 +258,45 @@ def write_results(out_dir: str, cfg, *, claim: Optional[str] = None, **fields) -
     doc = {} if claim is None else {"experiment": cfg.experiment, "claim": claim}
     doc.update(config=to_dict(cfg), versions=jobs.versions(), **fields)
     write_json(os.path.join(out_dir, RESULTS_JSON), doc)
+
+
+VERDICTS = ("reproduced", "partly", "not reproduced")
+
+
+def claim(claim: str, paper: str, ours: str, verdict: str, why: str, *,
+          value: Optional[float] = None, ci: Optional[Sequence[float]] = None) -> dict:
+    """One claim of a paper and our verdict on it: a row of ``summary.md``'s claim table, of
+    ``results.json``'s ``claims`` and of ``experiments/README.md``.
+
+    Args:
+        claim: the claim in one line (what the paper says).
+        paper: the paper's number or statement (e.g. "R ~ 0.95").
+        ours: our number with its 95 % CI, as it should read in the table.
+        verdict: one of :data:`VERDICTS`.
+        why: one line.
+        value: our number, machine-readable (optional).
+        ci: its 95 % CI ``[low, high]`` (optional).
+
+    Returns:
+        The row as a dict (``claim, paper, ours, verdict, why, value, ci``).
+    """
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    if ci is not None and len(ci) != 2:
+        raise ValueError(f"ci must be [low, high], got {ci!r}")
+    return {"claim": claim, "paper": paper, "ours": ours, "verdict": verdict, "why": why,
+            "value": None if value is None else float(value),
+            "ci": None if ci is None else [float(c) for c in ci]}
+
+
+def claims_table(claims: Sequence[dict]) -> str:
+    """The markdown table of :func:`claim` rows (claim | paper | ours | verdict | why)."""
+    def cell(text):
+        return str(text).replace("|", "\\|").replace("\n", " ")
+    lines = ["| claim | paper | ours (95 % CI) | verdict | why |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(cell(c[k]) for k in ("claim", "paper", "ours", "verdict", "why"))
+              + " |" for c in claims]
+    return "\n".join(lines) + "\n"
 
 
 def write_csv(path, header, rows) -> None:
