@@ -22,6 +22,7 @@ import numpy as np
 from nvjax import data as data_mod
 from nvjax import jobs
 from nvjax import models as models_mod
+from nvjax import stats
 from nvjax.config import to_dict
 
 RESULTS_JSON = "results.json"
@@ -192,9 +193,9 @@ def bootstrap_chips_images(statistic: Callable, correct, n: int, seed: int):
     An accuracy measured on a fixed test set has two sources of noise: the chips (each draws
     its own programming noise) and the images (the test set is a sample of the task). Each
     resample draws the chips with replacement and, independently, the images with replacement
-    (``np.random.default_rng(seed)``), the same chips and images for every arm (paired), and
-    evaluates ``statistic`` on each arm's accuracy over the resampled chips and images. For an
-    additive ``correct = a[chip] + b[image]`` the variance of the mean is
+    (:func:`nvjax.stats.two_way_bootstrap`), the same chips and images for every arm (paired),
+    and evaluates ``statistic`` on each arm's accuracy over the resampled chips and images. For
+    an additive ``correct = a[chip] + b[image]`` the variance of the mean is
     ``var(a)/chips + var(b)/images`` (tested).
 
     Args:
@@ -207,18 +208,8 @@ def bootstrap_chips_images(statistic: Callable, correct, n: int, seed: int):
         ``(value, bootstrap std, [2.5th, 97.5th percentile])`` as Python floats; NaN resamples
         (e.g. a ratio over a zero) are left out of the spread.
     """
-    rng = np.random.default_rng(seed)
-    chips, images = np.shape(correct[0])
-    # resampling with replacement = multinomial counts; accuracy = w_chips^T M w_images / (C I)
-    wc = rng.multinomial(chips, np.full(chips, 1.0 / chips), size=n).astype(np.float64)
-    wi = rng.multinomial(images, np.full(images, 1.0 / images), size=n).astype(np.float64)
-    accs = [np.einsum("nc,ci,ni->n", wc, np.asarray(a, np.float64), wi) / (chips * images)
-            for a in correct]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        resampled = np.asarray(statistic(*accs), np.float64)
-        value = float(statistic(*(np.mean(a) for a in correct)))
-    return value, float(np.nanstd(resampled)), \
-        [float(v) for v in np.nanpercentile(resampled, [2.5, 97.5])]
+    r = stats.two_way_bootstrap(statistic, list(correct), seed=seed, num_resamples=n)
+    return r["estimate"], r["std"], r["ci95"]
 
 
 def run_models(run_model: Callable, cfg, out_dir: str):

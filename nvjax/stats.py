@@ -10,6 +10,8 @@ simulated horizon. This module holds the few estimators it needs:
   signed-rank p-value;
 * :func:`two_way_bootstrap_ci` -- CI of a grand mean over chips x evaluation items resampling
   both (which chips *and* which test images), by multinomial count weights;
+* :func:`two_way_bootstrap` -- the same resampling applied to several paired arms at once, for
+  a statistic that combines them (a difference, a ratio, a recovered fraction);
 * :func:`kaplan_meier` -- product-limit survival curve of right-censored times (e.g. reads until
   a chip's accuracy first drops below a threshold; chips that never drop are censored);
 * :func:`km_median_difference` -- paired bootstrap of the difference of two KM medians.
@@ -24,13 +26,13 @@ starting an accelerator runtime.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 import scipy.stats
 
-__all__ = ["bootstrap_ci", "paired_difference", "two_way_bootstrap_ci", "kaplan_meier",
-           "km_median_difference"]
+__all__ = ["bootstrap_ci", "paired_difference", "two_way_bootstrap_ci", "two_way_bootstrap",
+           "kaplan_meier", "km_median_difference"]
 
 #: Resamples per chunk (the index / weight matrices are [chunk, n]).
 _CHUNK = 1000
@@ -266,25 +268,84 @@ def two_way_bootstrap_ci(matrix, *, seed: int = 0, num_resamples: int = 2000,
         True
     """
     M = _real_array("matrix", matrix, 2)
-    n_c, n_i = M.shape
-    if n_c < 2 or n_i < 2:
-        raise ValueError(f"matrix must have at least 2 chips (rows) and 2 items (columns), got "
-                         f"shape {M.shape}")
     seed = _check_int("seed", seed, 0)
     num_resamples = _check_int("num_resamples", num_resamples, 1)
     level = _check_level(level)
+    stats = _two_way_means([M], seed, num_resamples)[0]
+    lo, hi = _percentiles(stats, level)
+    return float(M.mean()), lo, hi
+
+
+def _two_way_means(matrices, seed: int, num_resamples: int) -> np.ndarray:
+    """[arms, num_resamples] grand means of each matrix over the same resampled chips and items
+    (multinomial count weights, chunked: no resampled matrix is materialized)."""
+    n_c, n_i = matrices[0].shape
+    if n_c < 2 or n_i < 2:
+        raise ValueError(f"matrix must have at least 2 chips (rows) and 2 items (columns), got "
+                         f"shape {matrices[0].shape}")
     rng = np.random.default_rng(seed)
     p_c = np.full(n_c, 1.0 / n_c)
     p_i = np.full(n_i, 1.0 / n_i)
-    stats = np.empty(num_resamples)
+    out = np.empty((len(matrices), num_resamples))
     done = 0
     for m in _chunks(num_resamples, n_c + 2 * n_i):
         w_c = rng.multinomial(n_c, p_c, size=m).astype(np.float64)   # [m, n_c]
         w_i = rng.multinomial(n_i, p_i, size=m).astype(np.float64)   # [m, n_i]
-        stats[done:done + m] = np.einsum("ri,ri->r", w_c @ M, w_i) / (n_c * n_i)
+        for a, M in enumerate(matrices):
+            out[a, done:done + m] = np.einsum("ri,ri->r", w_c @ M, w_i) / (n_c * n_i)
         done += m
-    lo, hi = _percentiles(stats, level)
-    return float(M.mean()), lo, hi
+    return out
+
+
+def two_way_bootstrap(statistic: Callable, matrices, *, seed: int = 0,
+                      num_resamples: int = 2000, level: float = 0.95) -> Dict[str, Any]:
+    """A statistic of several paired arms' grand means, bootstrapped over chips *and* items.
+
+    The arms (e.g. a non-ideal chip, a corrected chip and software) were evaluated on the same
+    chips and the same test images, so each resample draws one set of chips and one set of
+    items (as in :func:`two_way_bootstrap_ci`) and applies it to every arm; ``statistic`` then
+    combines the arms' resampled grand means (a difference, a ratio, a recovered fraction).
+
+    Args:
+        statistic: ``(*means) -> value``, elementwise on numpy arrays of means (one per arm).
+        matrices: sequence of [num_chips, num_items] arrays (both >= 2), one per arm, all the
+            same shape (an arm without chips, like software, repeats its row on every chip).
+        seed, num_resamples, level: as in :func:`bootstrap_ci`.
+
+    Returns:
+        dict with ``estimate`` (``statistic`` of the full grand means), ``std`` and ``ci95``
+        (``[lo, hi]``, percentile interval at ``level``) over the resamples; resamples where the
+        statistic is NaN or infinite (a ratio over zero) are left out, ``num_valid`` says how
+        many remain (the interval is NaN when none does).
+
+    Example:
+        >>> m = np.array([[1, 1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]])
+        >>> r = two_way_bootstrap(lambda a, b: a - b, [m, m - 0.25], num_resamples=100)
+        >>> r["estimate"], [round(v, 12) for v in r["ci95"]]
+        (0.25, [0.25, 0.25])
+    """
+    if not callable(statistic):
+        raise TypeError(f"statistic must be callable, got {type(statistic).__name__}")
+    if isinstance(matrices, np.ndarray) or len(matrices) < 1:
+        raise TypeError("matrices must be a non-empty sequence of 2-D arrays (one per arm)")
+    mats = [_real_array(f"matrices[{i}]", m, 2) for i, m in enumerate(matrices)]
+    if any(m.shape != mats[0].shape for m in mats):
+        raise ValueError(f"matrices must all have the same shape, got "
+                         f"{[m.shape for m in mats]}")
+    seed = _check_int("seed", seed, 0)
+    num_resamples = _check_int("num_resamples", num_resamples, 1)
+    level = _check_level(level)
+    means = _two_way_means(mats, seed, num_resamples)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = float(statistic(*(m.mean() for m in mats)))
+        values = np.asarray(statistic(*means), np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"estimate": estimate, "std": float("nan"), "ci95": [float("nan")] * 2,
+                "num_valid": 0}
+    lo, hi = _percentiles(values, level)
+    return {"estimate": estimate, "std": float(np.std(values)), "ci95": [lo, hi],
+            "num_valid": int(values.size)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ PUBLIC = {
     "sensitivity": {"activation_stats", "criticality_mc", "fisher_diag", "hessian_diag", "importance",
                     "kernel_criticality", "loss_fn", "saliency", "swim_sensitivity"},
     "stats": {"bootstrap_ci", "kaplan_meier", "km_median_difference", "paired_difference",
-              "two_way_bootstrap_ci"},
+              "two_way_bootstrap_ci", "two_way_bootstrap"},
     "sweep": {"ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "Staged", "broadcast",
               "compile_chunk", "init_distributed", "instance_keys", "instance_mesh",
               "limit_malloc_arenas", "open_checkpoint", "run_instances", "summarize"},

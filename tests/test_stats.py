@@ -156,6 +156,51 @@ def test_two_way_bootstrap_binary_matrix():
     assert 0.0 <= lo < est < hi <= 1.0
 
 
+def test_two_way_bootstrap_additive_variance_closed_form():
+    # correct[c, i] = a[c] + b[i]: the grand mean over resampled chips and items has variance
+    # var(a)/C + var(b)/I (population variances: the bootstrap resamples the empirical law)
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.0, 0.05, 40)
+    b = rng.normal(0.0, 0.2, 300)
+    m = 0.8 + a[:, None] + b[None, :]
+    expected = np.sqrt(a.var() / 40 + b.var() / 300)
+    r = stats.two_way_bootstrap(lambda x: x, [m], seed=0, num_resamples=4000)
+    assert r["estimate"] == pytest.approx(m.mean())
+    assert r["std"] == pytest.approx(expected, rel=0.06)
+    assert r["ci95"][1] - r["ci95"][0] == pytest.approx(2 * 1.96 * expected, rel=0.1)
+    assert r["num_valid"] == 4000
+    # one arm: the same interval as two_way_bootstrap_ci with the same seed
+    _, lo, hi = stats.two_way_bootstrap_ci(m, seed=0, num_resamples=4000)
+    assert r["ci95"] == pytest.approx([lo, hi])
+
+
+def test_two_way_bootstrap_pairs_the_arms():
+    rng = np.random.default_rng(2)
+    m = (rng.random((20, 50)) < 0.7).astype(float)
+    # arms that differ by a constant everywhere: the difference never varies
+    r = stats.two_way_bootstrap(lambda x, y: x - y, [m, m - 0.1], num_resamples=300, seed=3)
+    assert r["estimate"] == pytest.approx(0.1)
+    assert r["std"] == pytest.approx(0.0, abs=1e-12)
+    assert r["ci95"] == pytest.approx([0.1, 0.1])
+    # a ratio over an arm that is zero in some resamples: those resamples are left out
+    z = np.zeros((20, 50))
+    z[0, 0] = 1.0
+    r2 = stats.two_way_bootstrap(lambda x, y: x / y, [m, z], num_resamples=300, seed=3)
+    assert 0 < r2["num_valid"] < 300
+
+
+def test_two_way_bootstrap_bad_input():
+    m = np.ones((3, 4))
+    with pytest.raises(TypeError, match="statistic"):
+        stats.two_way_bootstrap(None, [m])
+    with pytest.raises(ValueError, match="same shape"):
+        stats.two_way_bootstrap(lambda x, y: x - y, [m, np.ones((3, 5))])
+    with pytest.raises(TypeError, match="matrices"):
+        stats.two_way_bootstrap(lambda x: x, m)
+    with pytest.raises(ValueError, match="matrices\\[0\\]"):
+        stats.two_way_bootstrap(lambda x: x, [np.full((3, 4), np.nan)])
+
+
 # ------------------------------------------------------------------------------------------------
 # km_median_difference
 # ------------------------------------------------------------------------------------------------
