@@ -3,6 +3,8 @@ and its claim rows and table."""
 import numpy as np
 import pytest
 
+from nvjax import stats
+
 
 @pytest.fixture(scope="module")
 def common(load_script):
@@ -11,7 +13,6 @@ def common(load_script):
 
 def test_chips_images_bootstrap_is_the_library_one(common):
     # the closed-form checks live in tests/test_stats.py; here: the same numbers come back
-    from nvjax import stats
     rng = np.random.default_rng(2)
     m = (rng.random((20, 50)) < 0.7).astype(float)
     s = (rng.random((20, 50)) < 0.9).astype(float)
