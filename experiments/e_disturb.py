@@ -418,6 +418,78 @@ def _fmt(d, scale=100.0, unit=""):
     return f"{scale * d['mean']:+.2f}{unit} [{scale * lo:+.2f}, {scale * hi:+.2f}]{p}"
 
 
+def claims(results, cfg: EDisturbConfig):
+    """The claim rows (:func:`_common.claim`) of paper A (Paul et al., arXiv 2201.11527):
+    read-disturb-aware placement postpones reprogramming against identity and random placement,
+    and the relaxed (gradient) search matches the exact solver; plus the IR-off control.
+    Evidence: the first model's paired per-chip differences (bootstrap 95 % CIs over chips; the
+    evaluation images are the same for every placement, so they cancel in the differences)."""
+    res = next(iter(results.values()))
+    pl_ = res["placements"]
+    ex = pl_["exact"]
+    chips = res["chips"]
+    n = len(chips["exact"]["reprogram_count"])
+
+    def ci(d, scale=1.0):
+        return [scale * d["ci95"][0], scale * d["ci95"][1]]
+
+    def excludes_zero(d):
+        return d["ci95"][0] > 0 or d["ci95"][1] < 0
+    # exact - random, paired on the same chips
+    vs_rand = stats.paired_difference(np.asarray(chips["exact"]["reprogram_count"], float),
+                                      np.asarray(chips["random"]["reprogram_count"], float),
+                                      seed=cfg.base.seed)
+    c_id, a_id = ex["reprogram_count_diff"], ex["horizon_mean_accuracy_diff"]
+    rows = [
+        _common.claim(
+            "optimised placement postpones reprogramming vs identity",
+            "longer reprogramming interval than the unoptimised mapping",
+            f"exact − identity: {c_id['mean']:+.2f} reprogrammings per chip "
+            f"[{c_id['ci95'][0]:+.2f}, {c_id['ci95'][1]:+.2f}]; horizon-mean accuracy (points) "
+            f"{_fmt(a_id)}; {n} chips",
+            "reproduced" if c_id["ci95"][1] < 0 else "not reproduced",
+            "fewer reprogrammings, CI excludes 0" if c_id["ci95"][1] < 0 else
+            f"CI includes 0: identity itself reprograms only "
+            f"{pl_['identity']['reprogram_count_mean']:.2f} times per chip over the horizon, "
+            "leaving little to postpone",
+            value=c_id["mean"], ci=ci(c_id)),
+        _common.claim(
+            "optimised placement postpones reprogramming vs random",
+            "longer reprogramming interval than a random mapping",
+            f"exact − random: {vs_rand['mean']:+.2f} reprogrammings per chip "
+            f"[{vs_rand['ci95'][0]:+.2f}, {vs_rand['ci95'][1]:+.2f}], Wilcoxon p = "
+            f"{vs_rand['p']:.2g}",
+            "reproduced" if vs_rand["ci95"][1] < 0 else "not reproduced",
+            f"CI excludes 0 (reprogrammings per chip: random "
+            f"{pl_['random']['reprogram_count_mean']:.2f}, identity "
+            f"{pl_['identity']['reprogram_count_mean']:.2f}, exact "
+            f"{ex['reprogram_count_mean']:.2f})" if vs_rand["ci95"][1] < 0 else "CI includes 0",
+            value=vs_rand["mean"], ci=[vs_rand["ci95"][0], vs_rand["ci95"][1]]),
+    ]
+    rve = res["relaxed_vs_exact"]["horizon_mean_accuracy_diff"]
+    rows.append(_common.claim(
+        "relaxed (gradient) search reaches the exact solver's quality",
+        "DESIGN.md §7.3: relaxed search started from exact, on the simulator's MC objective",
+        f"relaxed − exact horizon-mean accuracy (points): {_fmt(rve)}",
+        "not reproduced" if rve["ci95"][1] < 0 else "reproduced",
+        "it lowers its own Monte Carlo objective (a few fixed chips) below exact's, yet loses "
+        "accuracy on the simulated chips: over-fitting those chips is the likely cause, not "
+        "tested" if rve["ci95"][1] < 0 else
+        "no loss against exact within the CI",
+        value=100 * rve["mean"], ci=ci(rve, 100.0)))
+    ir = res["ir_off_control"]
+    by = ir.get("by_placement") or {"exact": ir["horizon_mean_accuracy_diff"]}
+    moved = [k for k, d in by.items() if excludes_zero(d)]
+    rows.append(_common.claim(
+        "control: without wire resistance placement has no effect",
+        "(our control, not a paper claim)",
+        "− identity (points): " + "; ".join(f"{k} {_fmt(d)}" for k, d in by.items()),
+        "reproduced" if not moved else "not reproduced",
+        "every CI includes 0" if not moved else f"an effect without IR drop: {moved}",
+        value=100 * by.get("exact", next(iter(by.values())))["mean"]))
+    return rows
+
+
 def markdown(results, cfg: EDisturbConfig):
     b = cfg.base
     lc = b.lifetime
@@ -431,7 +503,8 @@ def markdown(results, cfg: EDisturbConfig):
              f"{lc.inferences_per_step:.3g} inferences, reprogram when the accuracy is "
              f"{100 * lc.accuracy_drop:g} % below fresh for {lc.patience} evaluations. "
              "Differences are against identity on the same chips: mean [bootstrap 95 % CI], "
-             "Wilcoxon signed-rank p.", ""]
+             "Wilcoxon signed-rank p.", "", "## Claims", "",
+             _common.claims_table(claims(results, cfg))]
     for mname, res in results.items():
         s = res["search"]
         lines += [f"## {mname} (software accuracy {100 * res['software_accuracy']:.2f} % on "
@@ -493,7 +566,8 @@ def run(cfg: EDisturbConfig, args):
 
 def write_all(out, cfg, results, total_s):
     """results.json, chips.csv, e_disturb.png and summary.md; returns the summary's text."""
-    _common.write_results(out, cfg, models=results, total_s=total_s)
+    _common.write_results(out, cfg, claims=claims(results, cfg), models=results,
+                          total_s=total_s)
     rows = []
     for m, res in results.items():
         for pname, c in res["chips"].items():

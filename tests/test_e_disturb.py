@@ -1,5 +1,6 @@
 """E-disturb v2 end to end on a tiny config (the shipped config takes an hour on 2 cores)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -40,3 +41,38 @@ def test_e_disturb_tiny(tmp_path, load_script):
     assert len(res["chips"]["exact"]["horizon_mean_accuracy"]) == 3
     # exact never has a higher self-consistent linear cost than identity (its start)
     assert p["exact"]["linear_cost"] <= p["identity"]["linear_cost"] + 1e-12
+    claims = json.loads((out / "results.json").read_text())["claims"]
+    assert len(claims) == 4 and all(c["verdict"] for c in claims)
+
+
+def _diff(mean, lo, hi, p=0.5):
+    return {"mean": mean, "ci95": [lo, hi], "p": p}
+
+
+def test_e_disturb_claims_by_hand(load_script):
+    # exact reprograms 1 time fewer than random on every chip; identity vs exact undecided;
+    # relaxed loses to exact; the IR-off control shows nothing
+    mod = load_script("e_disturb")
+    cfg = mod.load_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                       "e_disturb.yaml"))
+    chips = {"exact": {"reprogram_count": [0, 1, 0, 2]},
+             "random": {"reprogram_count": [1, 2, 1, 3]}}
+    placements = {
+        "identity": {"reprogram_count_mean": 0.5},
+        "random": {"reprogram_count_mean": 1.75},
+        "exact": {"reprogram_count_mean": 0.75,
+                  "reprogram_count_diff": _diff(0.25, -0.5, 1.0),
+                  "horizon_mean_accuracy_diff": _diff(0.001, -0.002, 0.004)}}
+    res = {"mlp": {"placements": placements, "chips": chips,
+                   "relaxed_vs_exact": {"horizon_mean_accuracy_diff": _diff(-0.001, -0.002,
+                                                                            -0.0005)},
+                   "ir_off_control": {"horizon_mean_accuracy_diff": _diff(0.0, -0.001, 0.001),
+                                      "by_placement": {"exact": _diff(0.0, -0.001, 0.001)}}}}
+    rows = mod.claims(res, cfg)
+    assert [r["verdict"] for r in rows] == ["not reproduced", "reproduced", "not reproduced",
+                                            "reproduced"]
+    # exact - random = -1 on every chip: mean -1 and a degenerate CI
+    assert rows[1]["value"] == pytest.approx(-1.0)
+    assert rows[1]["ci"] == pytest.approx([-1.0, -1.0])
+    # relaxed - exact in points
+    assert rows[2]["value"] == pytest.approx(-0.1)
