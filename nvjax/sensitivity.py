@@ -112,8 +112,11 @@ def _check_sigma(sigma, tree, tree_name: str):
     return sig_tree
 
 
-def _variables(params):
-    return params if isinstance(params, dict) and set(params) == {"params"} else {"params": params}
+def _variables(params, state=None):
+    """``{'params': inner, **collections}`` from parameters in either form (a whole variables
+    dict included) and the fixed collections ``state``."""
+    inner, rest = layers.split_variables(params)
+    return {"params": inner, **rest, **(state or {})}
 
 
 def _sum_over_indices(fn, num: int, batch: int):
@@ -148,17 +151,21 @@ def _draw_like(sample, key, params):
 
 # ----------------------------------------------------------------------------- public functions
 
-def loss_fn(model: nn.Module, x, y) -> Loss:
+def loss_fn(model: nn.Module, x, y, *, state=None) -> Loss:
     """Mean softmax cross-entropy of a Flax classifier on a fixed batch, as a function of params.
 
     Args:
-        model: a Flax module mapping inputs ``[N, ...]`` to logits ``[N, C]``.
+        model: a Flax module mapping inputs ``[N, ...]`` to logits ``[N, C]`` (a model with
+            BatchNorm runs in inference mode, on its running statistics).
         x: inputs ``[N, ...]``.
         y: integer labels ``[N]`` in ``0..C-1``.
+        state: the model's other variable collections, held fixed (e.g. ``{'batch_stats':
+            ...}`` of a BatchNorm model: ``nvjax.layers.split_variables(variables)[1]``); None:
+            none.
 
     Returns:
-        ``loss(params) -> scalar``; ``params`` may be the variables ``{'params': ...}`` or the
-        inner dict (the sensitivity trees then have the same form).
+        ``loss(params) -> scalar``; ``params`` may be ``{'params': ...}`` or the inner dict (the
+        sensitivity trees then have the same form).
 
     Raises:
         ValueError: when ``x``/``y`` have bad shapes.
@@ -179,8 +186,10 @@ def loss_fn(model: nn.Module, x, y) -> Loss:
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
 
+    state = {} if state is None else dict(state)
+
     def loss(params):
-        logits = model.apply(_variables(params), x)
+        logits = model.apply(_variables(params, state), x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     return loss
@@ -394,19 +403,20 @@ def fisher_diag(model: nn.Module, params: Params, x, *, batch: int = 64) -> Para
         raise ValueError(f"fisher_diag: x must be a non-empty batch [N, ...], got shape "
                          f"{tuple(x.shape)}")
     batch = check_int("batch", batch, 1)
-    _check_float_tree("params", layers.strip_params(params))
-    return _fisher(model, min(batch, x.shape[0]), params, x)
+    params, state = layers.split_variables(params)
+    _check_float_tree("params", params)
+    return _fisher(model, min(batch, x.shape[0]), params, state, x)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _fisher(model, batch, params, x):
+def _fisher(model, batch, params, state, x):
     n = x.shape[0]
 
     def one(i):
         xi = jax.lax.dynamic_index_in_dim(x, jnp.minimum(i, n - 1).astype(jnp.int32), 0, True)
 
         def logp(p):
-            return jax.nn.log_softmax(model.apply(_variables(p), xi)[0])
+            return jax.nn.log_softmax(model.apply(_variables(p, state), xi)[0])
         jac = jax.jacrev(logp)(params)                       # leaves [K, *shape]
         prob = jnp.exp(logp(params))
         return jax.tree.map(lambda j: jnp.tensordot(prob, jnp.square(j), axes=1), jac)
@@ -460,16 +470,16 @@ def importance(key, model: nn.Module, params: Params, x, y, *, method: str = "sa
         raise ValueError(f"importance: method must be one of {_IMPORTANCE_METHODS}, got "
                          f"{method!r}")
     num_probes = check_int("num_probes", num_probes, 1)
-    inner = layers.strip_params(params)
+    inner, state = layers.split_variables(params)
     _check_float_tree("params", inner)
     if method == "magnitude":
         tree = jax.tree.map(jnp.abs, inner)
     elif method == "saliency":
-        tree = saliency(loss_fn(model, x, y), inner)
+        tree = saliency(loss_fn(model, x, y, state=state), inner)
     elif method == "fisher":
-        tree = fisher_diag(model, inner, x)
+        tree = fisher_diag(model, {"params": inner, **state}, x)
     else:
-        h = hessian_diag(key, loss_fn(model, x, y), inner, num_probes=num_probes)
+        h = hessian_diag(key, loss_fn(model, x, y, state=state), inner, num_probes=num_probes)
         tree = jax.tree.map(lambda hh, w: 0.5 * jnp.abs(hh) * jnp.square(w), h, inner)
     flat = flatten_dict(tree)
     out = {"/".join(path[:-1]): flat[path] for path in flatten_dict(inner) if path[-1] == "kernel"}
@@ -515,7 +525,7 @@ def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str,
     if x.ndim < 2 or x.shape[0] < 1:
         raise ValueError(f"x must be a non-empty batch of inputs [N, ...] with ndim >= 2, got "
                          f"shape {tuple(x.shape)}")
-    inner = layers.strip_params(params)
+    inner, state = layers.split_variables(params)
     acc: Dict[str, list] = {}
 
     def record(next_fun, args, kwargs, context):
@@ -534,7 +544,7 @@ def activation_stats(model: nn.Module, params: Params, x) -> Dict[str, Dict[str,
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        model.apply({"params": inner}, x)
+        model.apply({"params": inner, **state}, x)
     if not acc:
         raise ValueError("activation_stats: the model called no nn.Dense/nn.Conv layer")
     n = x.shape[0]

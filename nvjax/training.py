@@ -142,7 +142,9 @@ def noisy_forward(key, model: nn.Module, params, x, noise=None):
         key: PRNG key of this forward pass (:class:`ChipNoise`: programming draw
             ``split(key, 3)[0]``, read and output noise ``[1]``, calibration reads ``[2]``).
         model: a Flax module whose parametrized layers are ``nn.Dense``/``nn.Conv``.
-        params: its parameters (``{'params': ...}`` or the inner dict).
+        params: its parameters (``{'params': ...}`` or the inner dict), or its whole variables
+            dict (``{'params': ..., 'batch_stats': ...}``: BatchNorm runs on its running
+            statistics).
         x: inputs [B, ...].
         noise: None (the ideal forward), :class:`WeightNoise` or :class:`ChipNoise`.
 
@@ -151,13 +153,14 @@ def noisy_forward(key, model: nn.Module, params, x, noise=None):
         rounding); with zero noise and an ideal periphery it equals ``model.apply``.
     """
     _check_noise(noise)
-    inner = layers.strip_params(params)
+    inner, state = layers.split_variables(params)
     if noise is None:
-        return model.apply({"params": inner}, x)
+        return model.apply({"params": inner, **state}, x)
     if isinstance(noise, WeightNoise):
-        return model.apply({"params": perturb(key, inner, noise)}, x)
+        return model.apply({"params": perturb(key, inner, noise), **state}, x)
     k_prog, k_read, k_cal = jax.random.split(key, 3)
-    chip = chip_mod.deploy(k_prog, model, inner, noise.device, config=noise.config)
+    chip = chip_mod.deploy(k_prog, model, {"params": inner, **state}, noise.device,
+                           config=noise.config)
     if noise.calibration is not None:
         chip = calibrate(k_cal, chip, noise.calibration, noise.t)
     return chip_mod.apply(k_read, chip, x, noise.t)
@@ -182,7 +185,9 @@ def train(key, model: nn.Module, data, *, params=None, noise=None,
         key: PRNG key (or int seed): init (when ``params`` is None), shuffling and noise.
         model: the Flax module.
         data: a :class:`nvjax.data.Dataset`.
-        params: starting parameters (fine-tuning); None initializes the model.
+        params: starting parameters (fine-tuning), or the model's whole variables dict: other
+            collections (a BatchNorm model's ``'batch_stats'``) are held fixed — the model runs
+            in inference mode on them — and returned unchanged; None initializes the model.
         noise: None, :class:`WeightNoise` or :class:`ChipNoise`.
         transform: optional straight-through weight transform applied in the forward pass, e.g.
             ``lambda p: quantize(p, bits=8, mask=m, codebook=cb)[0]`` (biased training) or
@@ -192,7 +197,8 @@ def train(key, model: nn.Module, data, *, params=None, noise=None,
         progress: print one line per epoch.
 
     Returns:
-        ``(params, history)``: the latent parameters (``{'params': ...}``; deploy
+        ``(params, history)``: the latent parameters (``{'params': ...}``, plus the fixed
+        collections of ``params``; deploy
         ``transform(params)`` when a transform was used) and per-epoch lists ``train_loss``,
         ``test_accuracy`` (software accuracy of ``transform(params)``), ``time_s``.
     """
@@ -208,18 +214,24 @@ def train(key, model: nn.Module, data, *, params=None, noise=None,
     k_init, k_shuffle, k_noise = jax.random.split(key, 3)
     if params is None:
         params = init_variables(model, k_init, x_train[:1])
-    variables = {"params": layers.strip_params(params)}
+    inner, state = layers.split_variables(params)     # state (batch_stats) is held fixed
+    variables = {"params": inner}
     tform = transform if transform is not None else (lambda p: p)
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)
 
+    def forward_vars(v):
+        return {"params": layers.strip_params(tform(v)), **state}
+
     def loss_fn(v, t, xb_, yb, noise_):
-        logits = noisy_forward(jax.random.fold_in(k_noise, t), model, tform(v), xb_, noise_)
+        logits = noisy_forward(jax.random.fold_in(k_noise, t), model, forward_vars(v), xb_,
+                               noise_)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-    return fit(
+    trained, history = fit(
         loss_fn, variables, tx, x_train, y_train, steps=steps, batch_size=batch_size,
         epochs=epochs, shuffle_key=k_shuffle, progress=progress, extra=(noise,),
-        evaluate=lambda v: models_mod.accuracy(model, tform(v), data.x_test, data.y_test),
+        evaluate=lambda v: models_mod.accuracy(model, forward_vars(v), data.x_test, data.y_test),
         what="software test accuracy")
+    return {**trained, **state}, history
 
 
 # --------------------------------------------------------------------------------------------
