@@ -384,7 +384,9 @@ def fisher_diag(model: nn.Module, params: Params, x, *, batch: int = 64) -> Para
         batch: samples per vmapped chunk (memory: ``batch·K`` gradients at a time).
 
     Returns:
-        A tree like ``params`` (loss units per weight unit squared).
+        A tree like ``params`` (loss units per weight unit squared); for a whole variables dict
+        (``{'params': ..., 'batch_stats': ...}``: BatchNorm on its running statistics) the tree
+        holds ``'params'`` only.
 
     References:
         S. Amari, "Natural gradient works efficiently in learning", Neural Comput. 10 (1998);
@@ -403,9 +405,10 @@ def fisher_diag(model: nn.Module, params: Params, x, *, batch: int = 64) -> Para
         raise ValueError(f"fisher_diag: x must be a non-empty batch [N, ...], got shape "
                          f"{tuple(x.shape)}")
     batch = check_int("batch", batch, 1)
-    params, state = layers.split_variables(params)
-    _check_float_tree("params", params)
-    return _fisher(model, min(batch, x.shape[0]), params, state, x)
+    inner, state = layers.split_variables(params)
+    _check_float_tree("params", inner)
+    tree = _fisher(model, min(batch, x.shape[0]), inner, state, x)
+    return {"params": tree} if isinstance(params, dict) and "params" in params else tree
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -477,7 +480,7 @@ def importance(key, model: nn.Module, params: Params, x, y, *, method: str = "sa
     elif method == "saliency":
         tree = saliency(loss_fn(model, x, y, state=state), inner)
     elif method == "fisher":
-        tree = fisher_diag(model, {"params": inner, **state}, x)
+        tree = layers.strip_params(fisher_diag(model, {"params": inner, **state}, x))
     else:
         h = hessian_diag(key, loss_fn(model, x, y, state=state), inner, num_probes=num_probes)
         tree = jax.tree.map(lambda hh, w: 0.5 * jnp.abs(hh) * jnp.square(w), h, inner)
