@@ -343,13 +343,16 @@ def normalized_cycles(cycles_selective, cycles_full) -> Array:
 class RowProgramConfig:
     """Options of row-parallel pulse programming (a frozen, validated, hashable dataclass).
 
-    The defaults are tuned *(our tuning)* for targets with max|W*| = 20 µS-equivalent
-    (:func:`weight_scale`) and the default :class:`nvjax.devices.PulsePCM`: ε = 0.25 µS (1.25 %
-    of the full scale) is reached by 98.7–99.3 % of the weights for Gaussian, uniform and
-    Laplacian targets (Mackin et al. report 98–99 %), with 5–12 SET pulses per weight on average
-    and 28–48 pulses per 256-weight row (mean of the slowest weight). Larger budgets or a looser ε
-    trade time for Pfail (:func:`pareto_sweep`). The numbers are passed to the kernel as traced
-    arrays, so one compilation serves every configuration.
+    The defaults are derived from the default :class:`nvjax.devices.PulsePCM` (D4: mean SET step
+    ``a·G + b``, step spread ``c·G + d``), not tuned to a success rate (E-rowprog,
+    ``configs/e_rowprog.yaml``, states each derivation): ε = 0.442 µS-equivalent is half the mean
+    LSP step from RESET, the finest move of the scheme (2.2 % of the full scale max|W*| = 20
+    µS-equivalent, :func:`weight_scale`); each phase's budget is twice the pulses the mean device
+    needs for it (coarse 32, overshoot correction 4, fine 14). With them 99.45–99.88 % of the
+    weights of Gaussian, uniform and Laplacian targets land within ε (10 seeds; Mackin et al.
+    2019 report 98–99 %). Larger budgets or a looser ε trade time for Pfail
+    (:func:`pareto_sweep`). The numbers are passed to the kernel as traced arrays, so one
+    compilation serves every configuration.
 
     Attributes:
         factor: F, significance of the MSP pair (W = F·(G⁺ − G⁻) + (g⁺ − g⁻)).
@@ -363,11 +366,11 @@ class RowProgramConfig:
     """
     factor: float = 2.0
     msp_share: float = 0.8
-    eps: float = 0.25
+    eps: float = 0.442
     step_scale: float = 1.0
-    n_coarse: int = 30
-    n_correct: int = 10
-    n_fine: int = 25
+    n_coarse: int = 32
+    n_correct: int = 4
+    n_fine: int = 14
     t_pulse: float = 1.0
 
     def __post_init__(self):

@@ -288,11 +288,12 @@ def test_row_program_identities():
 @pytest.mark.parametrize("kind", ["gaussian", "uniform", "laplacian"])
 def test_row_program_success_rate_defaults(kind):
     # Mackin et al. 2019: 98–99 % of weights reach target, largely independent of the
-    # distribution. Measured with the defaults (64×256 weights, seed 41): Gaussian 99.1 %,
-    # uniform 98.9 %, Laplacian 99.2 %.
+    # distribution. The defaults are derived from the D4 device (not tuned to this); over 10
+    # seeds × 8 chips of 64×256 weights (E-rowprog, experiments/results/e_rowprog) they give
+    # 99.45 % (uniform) to 99.88 % (Laplacian): one chip at a fresh seed lands above 99 %.
     r = P.row_program(jax.random.key(41), D.pulse_pcm(), _weights(kind))
     success = 1.0 - float(r.pfail)
-    assert 0.975 <= success < 1.0, success
+    assert 0.99 <= success < 1.0, success
     assert 2.0 < float(jnp.mean(r.pulses)) < 20.0
 
 
