@@ -96,3 +96,8 @@ def test_tiny_run_equals_chips_computed_one_by_one(escale, tmp_path):
         float(models.accuracy(model, variables, np.asarray(x), y)), abs=1e-9)
     assert res["num_chips"] == 6 and res["peak_rss_mb_after"] > 0 and res["chips_per_s"] > 0
     assert "transformer" in (out / "summary.md").read_text()
+
+
+def test_input_sampling_error_closed_form(escale):
+    assert escale.image_se(0.75, 400) == pytest.approx(np.sqrt(0.75 * 0.25 / 400))
+    assert escale.image_se(1.0, 256) == 0.0
