@@ -1,0 +1,37 @@
+"""experiments/README.md gathers a verdict row for every experiment of DESIGN.md §11, and is up
+to date with the shipped results folders."""
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def verdicts(load_script):
+    return load_script("verdicts")
+
+
+def test_readme_is_up_to_date_with_every_experiment(verdicts):
+    collected = verdicts.collect()
+    assert [c[0] for c in collected] == ["e_disturb", "e_hwmodel", "e_swim", "e_biased",
+                                         "e_rowprog"]
+    assert verdicts.main(["--check"]) == 0
+
+
+def test_markdown_counts_and_links(verdicts, tmp_path):
+    row = {"claim": "c", "paper": "p", "ours": "1 [0, 2]", "verdict": "partly", "why": "a|b"}
+    control = dict(row, paper="(our control, not a paper claim)", verdict="reproduced")
+    collected = [("e_x", "E-x", "X: paper", [row, dict(row, verdict="reproduced"), control])]
+    text = verdicts.markdown(collected)
+    assert ("Verdicts on the papers' claims: 1 reproduced, 1 partly, 0 not reproduced (and 1 "
+            "control of our own, not counted).") in text
+    assert ("| [E-x](results/e_x/summary.md) ([json](results/e_x/results.json)) | c | p | "
+            "1 [0, 2] | partly | a\\|b |") in text
+
+
+def test_missing_claims_are_refused(verdicts, tmp_path):
+    for name, *_ in verdicts.EXPERIMENTS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"claims": [{"x": 1}]}))
+    (tmp_path / "e_swim" / "results.json").write_text(json.dumps({"models": {}}))
+    with pytest.raises(ValueError, match="e_swim"):
+        verdicts.collect(str(tmp_path))
