@@ -252,10 +252,16 @@ def write_results(out_dir: str, cfg, *, claim: Optional[str] = None, **fields) -
 
 
 VERDICTS = ("reproduced", "partly", "not reproduced")
+#: What a claim row tests: ``paper`` (a claim the source paper makes: counted in the verdict
+#: tally), ``extension`` (a question the paper does not claim, e.g. a worst case or another
+#: cell type), ``control`` (a check of our own set-up), ``construction`` (holds by construction
+#: of the simulator, reported but not evidence).
+KINDS = ("paper", "extension", "control", "construction")
 
 
 def claim(claim: str, paper: str, ours: str, verdict: str, why: str, *,
-          value: Optional[float] = None, ci: Optional[Sequence[float]] = None) -> dict:
+          value: Optional[float] = None, ci: Optional[Sequence[float]] = None,
+          kind: str = "paper") -> dict:
     """One claim of a paper and our verdict on it: a row of ``summary.md``'s claim table, of
     ``results.json``'s ``claims`` and of ``experiments/README.md``.
 
@@ -267,26 +273,34 @@ def claim(claim: str, paper: str, ours: str, verdict: str, why: str, *,
         why: one line.
         value: our number, machine-readable (optional).
         ci: its 95 % CI ``[low, high]`` (optional).
+        kind: one of :data:`KINDS` (only ``paper`` rows count in the verdict tally).
 
     Returns:
-        The row as a dict (``claim, paper, ours, verdict, why, value, ci``).
+        The row as a dict (``claim, paper, ours, verdict, why, value, ci, kind``).
     """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if ci is not None and len(ci) != 2:
         raise ValueError(f"ci must be [low, high], got {ci!r}")
     return {"claim": claim, "paper": paper, "ours": ours, "verdict": verdict, "why": why,
             "value": None if value is None else float(value),
-            "ci": None if ci is None else [float(c) for c in ci]}
+            "ci": None if ci is None else [float(c) for c in ci], "kind": kind}
 
 
 def claims_table(claims: Sequence[dict]) -> str:
-    """The markdown table of :func:`claim` rows (claim | paper | ours | verdict | why)."""
+    """The markdown table of :func:`claim` rows (claim | paper | ours | verdict | why); a row
+    that is not a paper claim says its kind after the verdict, e.g. "reproduced (control)"."""
     def cell(text):
         return str(text).replace("|", "\\|").replace("\n", " ")
+
+    def verdict(c):
+        kind = c.get("kind", "paper")
+        return c["verdict"] if kind == "paper" else f"{c['verdict']} ({kind})"
     lines = ["| claim | paper | ours (95 % CI) | verdict | why |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(cell(c[k]) for k in ("claim", "paper", "ours", "verdict", "why"))
-              + " |" for c in claims]
+    lines += ["| " + " | ".join(cell(c[k]) for k in ("claim", "paper", "ours")) + " | "
+              + cell(verdict(c)) + " | " + cell(c["why"]) + " |" for c in claims]
     return "\n".join(lines) + "\n"
 
 

@@ -194,6 +194,26 @@ def test_fit_gain_offset_exact():
     np.testing.assert_allclose(b, o, atol=1e-5)
 
 
+def test_fit_gain_offset_is_not_shrunk_by_measurement_noise():
+    # y_hw = g·y_ref + o + noise with noise as large as the signal: the inverse regression
+    # recovers gain 1/g (the direct regression of y_ref on y_hw would give 1/(2g): attenuation
+    # var(g y)/(var(g y) + var(noise)) = 1/2)
+    rng = np.random.default_rng(1)
+    n, c = 20000, 5
+    y_ref = rng.normal(size=(n, c))
+    g = np.array([0.5, 0.8, 1.0, 1.3, 2.0])
+    o = np.array([0.1, -0.2, 0.0, 0.3, 1.0])
+    y_hw = g * y_ref + o + rng.normal(size=(n, c)) * g
+    a, b = corr.fit_gain_offset(jnp.asarray(y_hw, jnp.float32), jnp.asarray(y_ref, jnp.float32))
+    np.testing.assert_allclose(a, 1.0 / g, rtol=0.03)        # s.e. of 1/g ≈ 0.7 %
+    np.testing.assert_allclose(b, -o / g, atol=0.03)
+    # a column that does not follow y_ref: gain 1, the mean difference as offset
+    y_flat = rng.normal(size=(n, 1)) + 3.0
+    a1, b1 = corr.fit_gain_offset(jnp.asarray(y_flat), jnp.asarray(y_ref[:, :1]))
+    assert float(a1[0]) == 1.0
+    assert float(b1[0]) == pytest.approx(float(y_ref[:, 0].mean() - y_flat.mean()), abs=1e-4)
+
+
 @pytest.mark.slow
 def test_calibrate_recovers_synthetic_gain_offset_on_chip():
     """A Dense layer programmed with W' = W·diag(s) + e0⊗o on inputs whose feature 0 is 1:
