@@ -34,6 +34,7 @@ SUMMARY_MD = "summary.md"
 # --------------------------------------------------------------------------------------------
 def main(argv, doc: str, load_config: Callable, run: Callable, *,
          from_results: Optional[Tuple[Callable, Callable]] = None,
+         claims: Optional[Callable] = None,
          add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> int:
     """The command line of an experiment script: ``CONFIG --out DIR`` (+ its own options).
 
@@ -51,6 +52,8 @@ def main(argv, doc: str, load_config: Callable, run: Callable, *,
             which rewrites the figure and summary (:func:`write_report`, footer
             :func:`run_time`) from the ``models`` and ``total_s`` of ``DIR/results.json``
             without simulating.
+        claims: ``(results, cfg) -> claim rows`` of the script: with ``--from-results`` the
+            ``claims`` of ``DIR/results.json`` are recomputed from its ``models`` too.
         add_arguments: adds the script's own options to the parser.
 
     Returns:
@@ -68,7 +71,11 @@ def main(argv, doc: str, load_config: Callable, run: Callable, *,
     cfg = load_config(args.config)
     os.makedirs(args.out, exist_ok=True)
     if from_results is not None and args.from_results:
-        saved = read_json(os.path.join(args.out, RESULTS_JSON))
+        path = os.path.join(args.out, RESULTS_JSON)
+        saved = read_json(path)
+        if claims is not None:
+            saved["claims"] = claims(saved["models"], cfg)
+            write_json(path, saved)
         text = write_report(args.out, cfg, saved["models"], *from_results,
                             footer=run_time(saved["total_s"]))
     else:

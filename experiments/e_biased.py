@@ -672,7 +672,8 @@ def run(cfg: EBiasedConfig, args):
 
 
 def main(argv=None):
-    return _common.main(argv, __doc__, load_config, run, from_results=(plot, markdown))
+    return _common.main(argv, __doc__, load_config, run, from_results=(plot, markdown),
+                        claims=lambda results, cfg: claims(results))
 
 
 if __name__ == "__main__":

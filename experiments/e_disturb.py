@@ -422,8 +422,11 @@ def claims(results, cfg: EDisturbConfig):
     """The claim rows (:func:`_common.claim`) of paper A (Paul et al., arXiv 2201.11527):
     read-disturb-aware placement postpones reprogramming against identity and random placement,
     and the relaxed (gradient) search matches the exact solver; plus the IR-off control.
-    Evidence: the first model's paired per-chip differences (bootstrap 95 % CIs over chips; the
-    evaluation images are the same for every placement, so they cancel in the differences)."""
+    Evidence: the first model's paired per-chip differences, with bootstrap 95 % CIs over
+    chips only: the evaluation images (the 1797 digits, the 256 cost images among them) are the
+    same for every placement but their sampling error does not cancel in the differences, and
+    it is not in these CIs (the lifetime runs keep per-chip accuracies, not per-image
+    correctness)."""
     res = next(iter(results.values()))
     pl_ = res["placements"]
     ex = pl_["exact"]
@@ -449,9 +452,9 @@ def claims(results, cfg: EDisturbConfig):
             f"{_fmt(a_id)}; {n} chips",
             "reproduced" if c_id["ci95"][1] < 0 else "not reproduced",
             "fewer reprogrammings, CI excludes 0" if c_id["ci95"][1] < 0 else
-            f"CI includes 0: identity itself reprograms only "
+            f"inconclusive, CI includes 0: identity itself reprograms only "
             f"{pl_['identity']['reprogram_count_mean']:.2f} times per chip over the horizon, "
-            "leaving little to postpone",
+            "too few to detect a difference on these chips",
             value=c_id["mean"], ci=ci(c_id)),
         _common.claim(
             "optimised placement postpones reprogramming vs random",
@@ -460,7 +463,8 @@ def claims(results, cfg: EDisturbConfig):
             f"[{vs_rand['ci95'][0]:+.2f}, {vs_rand['ci95'][1]:+.2f}], Wilcoxon p = "
             f"{vs_rand['p']:.2g}",
             "reproduced" if vs_rand["ci95"][1] < 0 else "not reproduced",
-            f"CI excludes 0 (reprogrammings per chip: random "
+            f"CI excludes 0, but random is the weaker baseline: it reprograms more than "
+            f"identity too (reprogrammings per chip: random "
             f"{pl_['random']['reprogram_count_mean']:.2f}, identity "
             f"{pl_['identity']['reprogram_count_mean']:.2f}, exact "
             f"{ex['reprogram_count_mean']:.2f})" if vs_rand["ci95"][1] < 0 else "CI includes 0",
@@ -469,14 +473,16 @@ def claims(results, cfg: EDisturbConfig):
     rve = res["relaxed_vs_exact"]["horizon_mean_accuracy_diff"]
     rows.append(_common.claim(
         "relaxed (gradient) search reaches the exact solver's quality",
-        "DESIGN.md §7.3: relaxed search started from exact, on the simulator's MC objective",
+        "not the paper's (DESIGN.md §7.3): relaxed search started from exact, on the "
+        "simulator's MC objective",
         f"relaxed − exact horizon-mean accuracy (points): {_fmt(rve)}",
-        "not reproduced" if rve["ci95"][1] < 0 else "reproduced",
-        "it lowers its own Monte Carlo objective (a few fixed chips) below exact's, yet loses "
-        "accuracy on the simulated chips: over-fitting those chips is the likely cause, not "
-        "tested" if rve["ci95"][1] < 0 else
-        "no loss against exact within the CI",
-        value=100 * rve["mean"], ci=ci(rve, 100.0)))
+        "partly" if rve["ci95"][1] < 0 and rve["ci95"][0] > -0.5 / 100 else
+        ("not reproduced" if rve["ci95"][1] < 0 else "reproduced"),
+        "a small but significant loss (CI within 0.5 points): it lowers its own Monte Carlo "
+        "objective (a few fixed chips) below exact's yet loses accuracy on the simulated "
+        "chips; over-fitting those chips is a likely cause, not tested" if rve["ci95"][1] < 0
+        else "no loss against exact within the CI",
+        value=100 * rve["mean"], ci=ci(rve, 100.0), kind="extension"))
     ir = res["ir_off_control"]
     by = ir.get("by_placement") or {"exact": ir["horizon_mean_accuracy_diff"]}
     moved = [k for k, d in by.items() if excludes_zero(d)]
@@ -486,7 +492,7 @@ def claims(results, cfg: EDisturbConfig):
         "− identity (points): " + "; ".join(f"{k} {_fmt(d)}" for k, d in by.items()),
         "reproduced" if not moved else "not reproduced",
         "every CI includes 0" if not moved else f"an effect without IR drop: {moved}",
-        value=100 * by.get("exact", next(iter(by.values())))["mean"]))
+        value=100 * by.get("exact", next(iter(by.values())))["mean"], kind="control"))
     return rows
 
 
@@ -590,7 +596,7 @@ def _add_arguments(ap):
 
 def main(argv=None):
     return _common.main(argv, __doc__, load_config, run, add_arguments=_add_arguments,
-                        from_results=(plot, markdown))
+                        from_results=(plot, markdown), claims=claims)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,13 @@ Rerun one with `python experiments/<experiment>.py configs/<experiment>.yaml --o
 (each takes at most 30 minutes on 2 CPU cores); this file is rebuilt from the results folders by
 `python experiments/verdicts.py`.
 
+Rows are of four kinds, and only the first is tallied: a claim the paper makes; an *extension*
+(a question the paper does not claim, e.g. the worst chip or another cell type); a *control* of
+our own set-up; a result that holds *by construction* of the simulator (reported, not evidence).
+A verdict is "reproduced" when the 95 % CI lies on the claim's side of its bound, "partly" when
+the point estimate does (or the direction holds and the size does not), "not reproduced"
+otherwise; each experiment's summary states its bound.
+
 """
 
 
@@ -64,31 +71,38 @@ def collect(results_dir: str = RESULTS):
     return out
 
 
-def is_control(claim: dict) -> bool:
-    """A row that checks our own set-up (its ``paper`` cell says "(our control ...")."""
-    return str(claim["paper"]).startswith("(our control")
+def kind(claim: dict) -> str:
+    """The row's kind (``_common.KINDS``); rows written before kinds existed count as ``paper``
+    unless their ``paper`` cell says "(our control"."""
+    if "kind" in claim:
+        return claim["kind"]
+    return "control" if str(claim["paper"]).startswith("(our control") else "paper"
 
 
 def markdown(collected) -> str:
     """The text of experiments/README.md: a count of verdicts, then one table row per claim."""
     counts = {v: 0 for v in _common.VERDICTS}
-    controls = 0
+    others = {k: 0 for k in _common.KINDS if k != "paper"}
     for *_, claims in collected:
         for c in claims:
-            if is_control(c):
-                controls += 1
-            else:
+            k = kind(c)
+            if k == "paper":
                 counts[c["verdict"]] += 1
+            else:
+                others[k] += 1
     lines = [HEADER.rstrip("\n"), "",
              "Verdicts on the papers' claims: " + ", ".join(f"{n} {v}" for v, n in counts.items())
-             + f" (and {controls} control{'s' * (controls != 1)} of our own, not counted).", "",
+             + ". Not counted: " + ", ".join(f"{n} {k}" for k, n in others.items()) + " rows.",
+             "",
              "| experiment | claim | paper | ours (95 % CI) | verdict | why |",
              "|---|---|---|---|---|---|"]
     for name, label, _, claims in collected:
         link = (f"[{label}](results/{name}/{_common.SUMMARY_MD}) "
                 f"([json](results/{name}/{_common.RESULTS_JSON}))")
         for c in claims:
-            cells = [str(c[k]).replace("|", "\\|").replace("\n", " ")
+            row = dict(c, verdict=c["verdict"] if kind(c) == "paper"
+                       else f"{c['verdict']} ({kind(c)})")
+            cells = [str(row[k]).replace("|", "\\|").replace("\n", " ")
                      for k in ("claim", "paper", "ours", "verdict", "why")]
             lines.append(f"| {link} | " + " | ".join(cells) + " |")
     lines += ["", "Papers:", ""]

@@ -69,8 +69,10 @@ def test_e_disturb_claims_by_hand(load_script):
                    "ir_off_control": {"horizon_mean_accuracy_diff": _diff(0.0, -0.001, 0.001),
                                       "by_placement": {"exact": _diff(0.0, -0.001, 0.001)}}}}
     rows = mod.claims(res, cfg)
-    assert [r["verdict"] for r in rows] == ["not reproduced", "reproduced", "not reproduced",
+    # relaxed − exact −0.1 points [−0.2, −0.05]: a significant loss within 0.5 points: partly
+    assert [r["verdict"] for r in rows] == ["not reproduced", "reproduced", "partly",
                                             "reproduced"]
+    assert [r["kind"] for r in rows] == ["paper", "paper", "extension", "control"]
     # exact - random = -1 on every chip: mean -1 and a degenerate CI
     assert rows[1]["value"] == pytest.approx(-1.0)
     assert rows[1]["ci"] == pytest.approx([-1.0, -1.0])

@@ -20,10 +20,13 @@ def test_readme_is_up_to_date_with_every_experiment(verdicts):
 def test_markdown_counts_and_links(verdicts, tmp_path):
     row = {"claim": "c", "paper": "p", "ours": "1 [0, 2]", "verdict": "partly", "why": "a|b"}
     control = dict(row, paper="(our control, not a paper claim)", verdict="reproduced")
-    collected = [("e_x", "E-x", "X: paper", [row, dict(row, verdict="reproduced"), control])]
+    ext = dict(row, kind="extension", verdict="not reproduced")
+    collected = [("e_x", "E-x", "X: paper", [row, dict(row, verdict="reproduced"), control,
+                                             ext, dict(ext, kind="construction")])]
     text = verdicts.markdown(collected)
-    assert ("Verdicts on the papers' claims: 1 reproduced, 1 partly, 0 not reproduced (and 1 "
-            "control of our own, not counted).") in text
+    assert ("Verdicts on the papers' claims: 1 reproduced, 1 partly, 0 not reproduced. Not "
+            "counted: 1 extension, 1 control, 1 construction rows.") in text
+    assert "| not reproduced (extension) |" in text
     assert ("| [E-x](results/e_x/summary.md) ([json](results/e_x/results.json)) | c | p | "
             "1 [0, 2] | partly | a\\|b |") in text
 
