@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import time
+import warnings
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -213,9 +214,13 @@ def bootstrap_chips_images(statistic: Callable, correct, n: int, seed: int):
 
     Returns:
         ``(value, bootstrap std, [2.5th, 97.5th percentile])`` as Python floats; NaN resamples
-        (e.g. a ratio over a zero) are left out of the spread.
+        (e.g. a ratio over a zero) are left out of the spread, with a warning saying how many.
     """
     r = stats.two_way_bootstrap(statistic, list(correct), seed=seed, num_resamples=n)
+    if r["num_valid"] < n:
+        warnings.warn(f"bootstrap_chips_images: {n - r['num_valid']} of {n} resamples gave a "
+                      "NaN or infinite statistic and were left out of the interval",
+                      stacklevel=2)
     return r["estimate"], r["std"], r["ci95"]
 
 

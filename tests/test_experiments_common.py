@@ -22,6 +22,14 @@ def test_chips_images_bootstrap_is_the_library_one(common):
     assert value == pytest.approx(m.mean() / s.mean())
 
 
+def test_chips_images_bootstrap_warns_about_dropped_resamples(common):
+    m = np.ones((4, 6))
+    z = np.zeros((4, 6))
+    z[0, 0] = 1.0          # the denominator is 0 in resamples that miss chip 0 or image 0
+    with pytest.warns(UserWarning, match="resamples gave a NaN or infinite"):
+        common.bootstrap_chips_images(lambda a, b: a / b, [m, z], 200, 1)
+
+
 def test_claim_rows_and_table(common):
     row = common.claim("R ~ 0.95", "0.95", "0.74 [0.70, 0.78]", "partly", "quantization | no",
                        value=0.74, ci=(0.70, 0.78))
