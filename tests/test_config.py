@@ -71,13 +71,21 @@ def test_cli_rejects_bad_config(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_run_small(tmp_path):
     path = _write(tmp_path, "model: {epochs: 5}\nsweep: {num_instances: 10, chunk_size: 5, t_read_s: [1.0]}\nprogress: false\n")
-    out = tmp_path / "o"
-    r = subprocess.run([sys.executable, "-m", "nvjax.cli", "run", path, "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "mean %" in r.stdout
-    summary = json.loads((out / "summary.json").read_text())
+    # the command's own compilation cache (not the test suite's): a rerun loads the compiled
+    # chunks and gives the same bytes
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["NVJAX_CACHE_DIR"] = str(tmp_path / "cache")
+    outs = [tmp_path / "o", tmp_path / "o2"]
+    for out in outs:
+        r = subprocess.run([sys.executable, "-m", "nvjax.cli", "run", path, "--out", str(out)],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "mean %" in r.stdout
+        if out == outs[0]:
+            assert os.listdir(tmp_path / "cache" / "xla"), "no compiled program cached"
+    summary = json.loads((outs[0] / "summary.json").read_text())
     assert summary["points"][0]["n"] == 10
+    assert (outs[0] / "results.csv").read_bytes() == (outs[1] / "results.csv").read_bytes()
 
 
 
