@@ -82,6 +82,43 @@ def test_r_hand_computed_and_paired(load_script):
     assert not none["ci_includes_1"]
 
 
+def _rows(n_img, correct_upto):
+    """A 0/1 row of ``n_img`` images, correct on the first ``correct_upto``."""
+    return (np.arange(n_img) < correct_upto).astype(float)
+
+
+def test_r_uses_the_stronger_software_reference(load_script):
+    """Hand-computed: 30 images; plain software right on images 0-23 (0.8), the fine-tuned
+    model's own software on 0-26 (0.9), the non-ideal chips on 0-14 (chips 0, 1) or 0-8
+    (chips 2, 3): 0.4 on average; the mitigated chips right on 0-23 (0.8).
+    Against plain software R = (0.8 - 0.4)/(0.8 - 0.4) = 1; against the stronger reference
+    R = (0.8 - 0.4)/(0.9 - 0.4) = 0.8."""
+    mod = load_script("e_hwmodel")
+    sw, ft = _rows(30, 24), _rows(30, 27)
+    non = np.stack([_rows(30, 15), _rows(30, 15), _rows(30, 9), _rows(30, 9)])
+    mit = np.tile(_rows(30, 24), (4, 1))
+    assert mod.r_stats(sw, non, mit, 200, 0)["R"] == pytest.approx(1.0)
+    assert mod.r_stats(sw, non, mit, 200, 0, [ft])["R"] == pytest.approx(0.8)
+    # the reference is the stronger whichever order the software arms come in
+    assert mod.r_stats(ft, non, mit, 200, 0, [sw])["R"] == pytest.approx(0.8)
+    # a mitigated chip that equals the fine-tuned model's software on every image: R = 1 in
+    # every paired resample (images 24-26 always count for both), where plain software gives
+    # (0.9 - 0.4)/(0.8 - 0.4) = 1.25
+    same = np.tile(ft, (4, 1))
+    full = mod.r_stats(sw, non, same, 200, 0, [ft])
+    assert full["R"] == pytest.approx(1.0) and full["ci95"] == pytest.approx([1.0, 1.0])
+    assert mod.r_stats(sw, non, same, 200, 0)["R"] == pytest.approx(1.25)
+    # a weaker fine-tuned model (right on 0-19 only, a subset of the software's images) is
+    # below the software in every resample: R and its CI are those of plain software
+    weak = mod.r_stats(sw, non, mit, 200, 0, [_rows(30, 20)])
+    plain = mod.r_stats(sw, non, mit, 200, 0)
+    assert weak["R"] == pytest.approx(1.0)
+    assert weak["ci95"] == pytest.approx(plain["ci95"])
+    # mean over cells with the same rule: cells R = 0.8 (stronger reference) and 1.25 (plain)
+    m = mod.mean_r_stats([([sw, ft], non, mit), (sw, non, same)], 200, 0)
+    assert m["R"] == pytest.approx((0.8 + 1.25) / 2)
+
+
 def test_accuracy_ci_includes_the_images_sampling_error(load_script):
     """Identical chips: the spread is the test set's alone, sqrt(p(1-p)/N) (binomial)."""
     mod = load_script("e_hwmodel")
@@ -143,6 +180,22 @@ def test_shipped_config_loads(load_script):
     groups = {n.name: (n.group, n.evidence) for n in cfg.nonidealities}
     assert groups["ir-drop"] == ("analog", False)
     assert groups["levels-1bit"][0] == groups["adc-4bit"][0] == "quantization"
+    # HW-aware training alone runs in the quantization cells only
+    assert [n.name for n in cfg.nonidealities if mod.runs_alone(cfg, n)] == \
+        ["levels-1bit", "adc-4bit"]
+
+
+def test_variants_per_cell(load_script):
+    mod = load_script("e_hwmodel")
+    a = mod.NonIdeality(name="a", group="analog")
+    q = mod.NonIdeality(name="q", group="quantization", hwaware_alone=True)
+    off = mod.NonIdeality(name="o", group="analog", hwaware_alone=False)
+    cfg = mod.EHwmodelConfig(nonidealities=(a, q), hwaware=mod.HWAwareOptions(alone=False))
+    assert mod.variants(cfg, a) == ("nonideal", "corrected", "hwaware_corrected")
+    assert mod.variants(cfg, q) == ("nonideal", "corrected", "hwaware", "hwaware_corrected")
+    assert mod.variants(cfg) == mod.variants(cfg, q)                   # measured in some cell
+    cfg_on = mod.EHwmodelConfig(nonidealities=(a, off), hwaware=mod.HWAwareOptions(alone=True))
+    assert mod.runs_alone(cfg_on, a) and not mod.runs_alone(cfg_on, off)
 
 
 @pytest.mark.slow
@@ -167,6 +220,9 @@ def test_hwmodel_main_tiny(tmp_path, load_script):
     # IR drop is deterministic and pre-distortion + calibration undo it
     assert abs(ir["corrected"]["mean"] - sw) <= abs(ir["nonideal"]["mean"] - sw) + 1e-9
     assert [c["claim"] for c in res["claims"]] == ["... and to IR drop"]
+    assert [c["kind"] for c in res["claims"]] == ["construction"]     # reported, not evidence
+    ref = e["reference"]
+    assert ref["accuracy"] == max(ref["software"], *ref["finetuned"].values())
     assert "## Claims" in (out / "summary.md").read_text()
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

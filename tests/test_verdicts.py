@@ -1,6 +1,8 @@
 """experiments/README.md gathers a verdict row for every experiment of DESIGN.md §11, and is up
 to date with the shipped results folders."""
 import json
+import os
+import re
 
 import pytest
 
@@ -38,3 +40,13 @@ def test_missing_claims_are_refused(verdicts, tmp_path):
     (tmp_path / "e_swim" / "results.json").write_text(json.dumps({"models": {}}))
     with pytest.raises(ValueError, match="e_swim"):
         verdicts.collect(str(tmp_path))
+
+
+def test_main_readme_quotes_the_current_tally(verdicts):
+    """The README's reproduction section quotes the tally of experiments/README.md."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tally = re.search(r"Verdicts on the papers' claims: (\d+) reproduced, (\d+) partly, (\d+) "
+                      r"not reproduced", verdicts.markdown(verdicts.collect())).groups()
+    text = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
+    assert (f"claims: {tally[0]} reproduced, {tally[1]} partly, {tally[2]} not reproduced"
+            in text)
