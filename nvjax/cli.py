@@ -152,7 +152,7 @@ ENV_COMPILATION_CACHE = "NVJAX_COMPILATION_CACHE"
 def _compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache for this command: a rerun of the same config
     (same programs) loads its compiled chunks instead of compiling them again (the quickstart:
-    about 4 s of its 11). The folder is ``$NVJAX_CACHE_DIR/xla`` (default
+    11 s, then 6 s). The folder is ``$NVJAX_CACHE_DIR/xla`` (default
     ``$XDG_CACHE_HOME/nvjax/xla``, else ``~/.cache/nvjax/xla``); ``NVJAX_COMPILATION_CACHE=0``
     turns it off, and a cache already chosen with JAX's own ``JAX_COMPILATION_CACHE_DIR`` is
     left as it is. Only compiled programs are stored, so results are the same with and without
