@@ -141,6 +141,74 @@ def test_verdicts_ignore_unphysical_points(load_script):
     assert mod.ratio_verdict({"ci95": [0.9, 1.5]}) == "not reproduced"
 
 
+def test_selection_aware_max_by_hand(load_script):
+    """Two cells on 2 chips × 2 images, both baselines right on image 0 only (accuracy w_i0/2
+    under weights w); cell A's biased arm right on chip 0 (w_c0/2), cell B's on chip 1 and on
+    (chip 0, image 1): (w_c0·w_i1 + 2·w_c1)/4. Full data: A 1/2 → ratio 1, B 3/4 → 1.5 (B is
+    selected). Three fixed resamples: identity → (1, 1.5); chip 0 twice → (2, 1); chip 1 twice →
+    (0, 2). The re-selected max is (1.5, 2, 2) (A wins the second), B's own is (1.5, 1, 2)."""
+    mod = load_script("e_biased")
+    base = np.array([[1, 0], [1, 0]])
+    a = np.array([[1, 1], [0, 0]])
+    b = np.array([[0, 1], [1, 1]])
+    w_c = np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
+    w_i = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    labels = ["QAT", "noise-aware QAT", "biased"]
+    cands = []
+    for name, arm in (("A", a), ("B", b)):
+        rr = mod.resampled_ratios(np.stack([base, base, arm], 1), labels, w_c, w_i)
+        cands.append((name, *rr["biased"]["vs_strongest"]))
+    np.testing.assert_allclose(cands[0][2], [1.0, 2.0, 0.0])
+    np.testing.assert_allclose(cands[1][2], [1.5, 1.0, 2.0])
+    sel = mod.select_max(cands)
+    assert sel["cell"] == "B" and sel["value"] == pytest.approx(1.5)
+    np.testing.assert_allclose(sel["resamples"], [1.5, 2.0, 2.0])
+    assert sel["selected_wins"] == pytest.approx(2 / 3)
+    # numpy's linear quantiles of 3 values: position 0.05 and 1.95 of the sorted values: the
+    # percentile interval [1.525, 2] sits above the estimate 1.5 (the resampled max is biased up)
+    assert sel["ci95_percentile"] == pytest.approx([1.5 + 0.05 * 0.5, 2.0])
+    # the basic interval reflects it about the estimate: [2·1.5 − 2, 2·1.5 − 1.525]
+    assert sel["ci95"] == pytest.approx([1.0, 1.475])
+    own = np.quantile(cands[1][2], [0.025, 0.975])          # B alone: [1.025, 1.975]
+    assert own == pytest.approx([1.025, 1.975]) and sel["ci95_percentile"][0] > own[0]
+
+    # across models: the per-resample max of each model's max, on one shared resampling
+    def model(value, resamples, seed=7):
+        return {"test_images": 2, "selection": {
+            "seed": seed, "num_chips": 2, "resamples": 3,
+            "strongest": {"value": value, "cell": "K = 2, s=2, biased p=1",
+                          "resamples": resamples, "cells": 4}}}
+    res = {"mlp": model(1.5, [1.5, 2.0, 2.0]), "lenet": model(1.2, [3.0, 1.0, 1.0])}
+    m = mod.selected_max(res, "strongest")
+    assert m["model"] == "mlp" and m["value"] == 1.5 and m["cells"] == 8
+    q = np.quantile([3.0, 2.0, 2.0], [0.025, 0.975])        # max of the two per resample
+    assert m["ci95_percentile"] == pytest.approx(list(q))
+    assert m["ci95"] == pytest.approx([3.0 - q[1], 3.0 - q[0]])
+    res["lenet"]["selection"]["seed"] = 8                    # different resamplings: no max
+    assert mod.selected_max(res, "strongest") is None
+    assert mod.selected_max({"mlp": {"test_images": 2}}, "strongest") is None
+
+
+def test_claim_rows_use_the_selection_aware_interval(load_script):
+    mod = load_script("e_biased")
+    r = lambda v, lo, hi: {"vs_strongest": (v, lo, hi), "vs_qat": (v, lo, hi)}  # noqa: E731
+    res = _results({"s=2": (True, "s", r(1.3, 1.2, 1.4)),
+                    "D2 t=86400s": (True, "d2", r(1.0, 0.98, 1.01))})
+    res["mlp"]["test_images"] = 10
+    sel = {"value": 1.3, "cell": "K = 2, s=2, biased p=1", "resamples": [1.35, 1.45, 1.5],
+           "cells": 2}
+    res["mlp"]["selection"] = {"seed": 1, "num_chips": 5, "resamples": 3, "strongest": sel,
+                               "qat": sel}
+    rows = mod.claims(res)
+    assert rows[0]["value"] == 1.3
+    q = np.quantile([1.35, 1.45, 1.5], [0.025, 0.975])
+    assert rows[0]["ci"] == pytest.approx([2.6 - q[1], 2.6 - q[0]])     # basic: 2·1.3 − q
+    assert "re-selects the best cell in every resample" in rows[0]["why"]
+    assert "own CI is [1.200, 1.400]" in rows[0]["why"]
+    assert rows[2]["ci"] == [0.98, 1.01]                     # no d2 selection data: fallback
+    assert "without the selection" in rows[2]["why"]
+
+
 @pytest.mark.parametrize("text,needle", [
     ("strengths: [0.5]", "strengths"),
     ("stress_strengths: [0.0]", "stress_strengths"),
