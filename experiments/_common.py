@@ -361,6 +361,15 @@ def write_report(out_dir: str, cfg, results, plot: Callable, markdown: Callable,
     return text
 
 
+def time_label(t: float, units=(("y", 365 * 86400.0), ("d", 86400.0), ("h", 3600.0),
+                                ("s", 1.0))) -> str:
+    """A read time in seconds as a tick label in the largest unit it reaches ("1 d", "30 d")."""
+    for unit, s in units:
+        if t >= s:
+            return f"{t / s:g} {unit}"
+    return f"{t:g} s"
+
+
 def run_time(total_s: float) -> str:
     """The footer of a summary that states the run's wall time."""
     return f"\nTotal run time {total_s:.1f} s.\n"

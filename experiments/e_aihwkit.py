@@ -237,10 +237,8 @@ def _diff(res, side, ref, j):
 
 
 def _time_label(t):
-    for unit, s in (("year", 365 * 86400.0), ("day", 86400.0), ("h", 3600.0), ("s", 1.0)):
-        if t >= s:
-            return f"{t / s:g} {unit}"
-    return f"{t:g} s"
+    return _common.time_label(t, (("year", 365 * 86400.0), ("day", 86400.0), ("h", 3600.0),
+                                  ("s", 1.0)))
 
 
 def plot(path, results, cfg: EAihwkitConfig):

@@ -110,14 +110,15 @@ class ProgramOptions:
 
     The defaults are derived from the D4 device (:func:`derive_defaults`, module docstring), not
     tuned to a Pfail."""
-    factor: float = 2.0
-    msp_share: float = 0.8
-    eps: float = 0.442
-    step_scale: float = 1.0
-    n_coarse: int = 32
-    n_correct: int = 4
-    n_fine: int = 14
-    t_pulse: float = 1.0
+    # the library's defaults, which are these derived values (one source)
+    factor: float = pr.RowProgramConfig.factor
+    msp_share: float = pr.RowProgramConfig.msp_share
+    eps: float = pr.RowProgramConfig.eps
+    step_scale: float = pr.RowProgramConfig.step_scale
+    n_coarse: int = pr.RowProgramConfig.n_coarse
+    n_correct: int = pr.RowProgramConfig.n_correct
+    n_fine: int = pr.RowProgramConfig.n_fine
+    t_pulse: float = pr.RowProgramConfig.t_pulse
 
     def validate(self):
         self.make()          # RowProgramConfig's own checks, reported with this section's path

@@ -199,13 +199,6 @@ def image_se(accuracy: float, num_inputs: int) -> float:
     return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / num_inputs)
 
 
-def _label(t):
-    for unit, s in (("y", 365 * DAY_S), ("d", DAY_S), ("h", 3600.0), ("s", 1.0)):
-        if t >= s:
-            return f"{t / s:g} {unit}"
-    return f"{t:g} s"
-
-
 def plot(path, results, cfg: EScaleConfig):
     plt = _common.pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4), squeeze=False)
@@ -220,7 +213,7 @@ def plot(path, results, cfg: EScaleConfig):
         ax.axhline(100 * r["software_accuracy"], color="k", lw=0.8, label="software")
         ax.set_xscale("log")
         ax.set_xticks(t)
-        ax.set_xticklabels([_label(v) for v in t])
+        ax.set_xticklabels([_common.time_label(v) for v in t])
         ax.set_xlabel("time after programming")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{name}: {r['weights']:,} weights, {r['num_chips']} PCM chips")
@@ -249,8 +242,8 @@ def markdown(results, cfg: EScaleConfig):
                 lo, hi = p[f"{k}_ci95"]
                 return f"{100 * p[k]:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
             se = image_se(p["mean"], r["evaluation_images"])
-            lines.append(f"| {_label(p['t_read_s'])} | {f('mean')} | {f('p50')} | {f('p1')} | "
-                         f"{100 * se:.1f} |")
+            lines.append(f"| {_common.time_label(p['t_read_s'])} | {f('mean')} | {f('p50')} | "
+                         f"{f('p1')} | {100 * se:.1f} |")
         mem = ("" if r["memory_estimate_mb"] is None
                else f"; XLA's estimate for one chunk {r['memory_estimate_mb']:.0f} MB")
         lines += ["", f"Sweep: {r['num_chips']} chips in {r['sweep_s']:.0f} s "

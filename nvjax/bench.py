@@ -269,21 +269,31 @@ def nvjax_rate(config: xb.TileConfig, instances: int, chunk_size: int = CHUNK_SI
     """
     model, params, x = workload_model()
     fn = workload_instance(model, config)
+    compile_s, best, rss_warm = _time_sweep(fn, prng.key(0, generator), instances,
+                                            (params, x), chunk_size, vmap_width, repeat)
+    return {"instances_per_s": instances / best, "compile_s": compile_s, "run_s": best,
+            "rss_after_compile_mb": rss_warm, "peak_rss_mb": _peak_rss_mb(),
+            "num_devices": jax.device_count()}
+
+
+def _time_sweep(fn, key, instances: int, args, chunk_size: int, vmap_width, repeat: int):
+    """Compile ``fn``'s chunk (one chunk run, timed as the compile) and time ``repeat`` sweeps
+    of ``instances`` through :func:`nvjax.sweep.run_instances`.
+
+    Returns:
+        ``(compile_s, best run_s, peak RSS in MB after compiling)``.
+    """
     compiled = sweep.compile_chunk(fn, vmap_width=vmap_width)
-    key = prng.key(0, generator)
     t = time.perf_counter()
-    sweep.run_instances(fn, key, chunk_size, params, x, chunk_size=chunk_size, compiled=compiled)
+    sweep.run_instances(fn, key, chunk_size, *args, chunk_size=chunk_size, compiled=compiled)
     compile_s = time.perf_counter() - t
     rss_warm = _peak_rss_mb()
     best = np.inf
     for _ in range(repeat):
         t = time.perf_counter()
-        sweep.run_instances(fn, key, instances, params, x, chunk_size=chunk_size,
-                            compiled=compiled)
+        sweep.run_instances(fn, key, instances, *args, chunk_size=chunk_size, compiled=compiled)
         best = min(best, time.perf_counter() - t)
-    return {"instances_per_s": instances / best, "compile_s": compile_s, "run_s": best,
-            "rss_after_compile_mb": rss_warm, "peak_rss_mb": _peak_rss_mb(),
-            "num_devices": jax.device_count()}
+    return compile_s, best, rss_warm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,16 +350,8 @@ def network_rate(name: str, instances: int, *, chunk_size: Optional[int] = None,
     fwd = jax.jit(lambda k, c_, a: chip_mod.apply(k, c_, a, T_READ))
     chip_fwd = _timeit(fwd, jax.random.key(2), c, x, repeat=3)
     fn = workload_instance(model, config)
-    compiled = sweep.compile_chunk(fn, vmap_width=None)
-    key = prng.key(0, generator)
-    t = time.perf_counter()
-    sweep.run_instances(fn, key, chunk, v, x, chunk_size=chunk, compiled=compiled)
-    compile_s = time.perf_counter() - t
-    best = np.inf
-    for _ in range(repeat):
-        t = time.perf_counter()
-        sweep.run_instances(fn, key, instances, v, x, chunk_size=chunk, compiled=compiled)
-        best = min(best, time.perf_counter() - t)
+    compile_s, best, _ = _time_sweep(fn, prng.key(0, generator), instances, (v, x), chunk,
+                                     None, repeat)
     flops = _forward_flops(model, v, x)
     if t_matmul is None:
         t_matmul = matmul_time()
