@@ -63,16 +63,21 @@ ENV_STARTUP_TIMEOUT = "NVJAX_STARTUP_TIMEOUT_S"
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 
 
-def limit_malloc_arenas(n: int = 1) -> bool:
+def limit_malloc_arenas(n: int = 4) -> bool:
     """Cap glibc malloc at ``n`` arenas (``mallopt(M_ARENA_MAX, n)``) for this process.
 
-    Why: XLA:CPU's worker threads allocate and free every chunk's temporaries; with glibc's
-    default of up to 8 arenas per core these spread over several arenas, each keeping its own
-    free memory. One arena lowers a sweep's resident set (benchmark workload, with the heap
-    trimming of :func:`nvjax.sweep.run_instances`: peak ≈ 470 MB instead of ≈ 495 MB) at the same speed
-    (measured on the 2-core development machine). ``nvjax`` (the command line) calls this at
-    start; in your own scripts call it before JAX's first computation (arenas already handed to
-    running threads stay).
+    Why: glibc allows up to 8 arenas per core, and XLA:CPU's worker threads allocate and free
+    every chunk's temporaries across them, each arena keeping its own free memory, so over very
+    long sweeps (~10⁵ chunks) the resident set creeps up although nothing leaks. A few arenas
+    keep it flat, together with the heap trimming of :func:`nvjax.sweep.run_instances`.
+    Why not one: threads that allocate at the same time (the job's main thread training while
+    :func:`nvjax.sweep.compile_ahead` compiles, and XLA's own threads) then queue on one lock;
+    the quickstart took 8.4-9.3 s with one arena against 6.5-7.9 s with 4 and 6.5-7.1 s with
+    glibc's default (2-core machine, 4 runs each), while a 10 M-weight sweep's peak resident
+    memory was the same with 1, 4 and 16 arenas (1602, 1635, 1603 MB, 100 instances,
+    ``experiments/bench_memory.py``). ``nvjax`` (the command line) calls this at start; in your
+    own scripts call it before JAX's first computation (arenas already handed to running
+    threads stay).
 
     A ``MALLOC_ARENA_MAX`` set in the environment wins (nothing is changed).
 

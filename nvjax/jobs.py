@@ -33,6 +33,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from typing import Any, Dict, Optional
@@ -306,6 +307,13 @@ def _stats(acc) -> Dict[str, Any]:
     return s
 
 
+def _import_pyplot() -> None:
+    """Import matplotlib's pyplot with the Agg backend (what the figures of the jobs use)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
                 mesh: Optional[Mesh] = None) -> Dict[str, Any]:
     """The main job: accuracy distribution of a trained network on NVM chips over read times.
@@ -316,6 +324,10 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
     ``accuracy_vs_time.png`` into ``out_dir`` when given.
 
     Scaling (results are bit-identical in every case):
+
+    * in a single-process run the sweep's chunk is compiled in a background thread from the
+      parameters' shapes while the model trains or loads (:func:`nvjax.sweep.compile_ahead`);
+      ``timings.compiled_during_training`` in the summary says whether the sweep used it;
 
     * chunks are sharded over all devices (or ``mesh``), see :func:`nvjax.sweep.compile_chunk`;
       before the first chunk, its memory is estimated and a ``sweep.chunk_size`` that would not
@@ -372,7 +384,31 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
     timings = {}
     t0 = time.perf_counter()
     ds = data_mod.digits(seed=cfg.seed, flatten=cfg.model.name == "mlp")
+    x, y = ds.x_test, ds.y_test
+    if cfg.sweep.eval_samples is not None:
+        x, y = x[: cfg.sweep.eval_samples], y[: cfg.sweep.eval_samples]
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    points = cfg_mod.device_points(cfg)
+    fn = accuracy_instance(make_model(cfg.model))
+    n_all = cfg.sweep.num_instances * len(points)
+    optimize = (cfg.sweep.compile == "optimized" or
+                (cfg.sweep.compile == "auto" and n_all >= cfg_mod.AUTO_OPTIMIZE_INSTANCES))
+    compiled = sweep.compile_chunk(fn, mesh=mesh, optimize=optimize)
+    key = prng_mod.key(cfg.seed, cfg.prng)          # the sweep's generator (config 'prng')
+    times = jnp.asarray(cfg.sweep.t_read_s, jnp.float32)
+    ahead = None
     if jax.process_count() == 1:
+        # The sweep's chunk compiles (it needs only the parameters' shapes) while the model
+        # trains or loads: compilation dominates a short run (the quickstart: ~2.5 s of chunk
+        # compilation, ~0.7 s hidden this way on 2 cores). Results are the same.
+        shapes = layers.strip_params(jax.eval_shape(make_model(cfg.model).init,
+                                                    jax.random.key(0), x[:1]))
+        ahead = sweep.compile_ahead(compiled, key, cfg.sweep.num_instances, points[0][1],
+                                    shapes, cfg.tile, x, y, times,
+                                    chunk_size=cfg.sweep.chunk_size)
+        if out_dir is not None:  # the figure's library loads meanwhile too (~0.4 s)
+            threading.Thread(target=_import_pyplot, name="nvjax-import-pyplot",
+                             daemon=True).start()
         model, params, trained = get_model(cfg, ds, out_dir, log=log)
     else:  # process 0 trains or loads; the others receive its weights
         got = _on_process0(lambda: get_model(cfg, ds, out_dir, log=log))
@@ -384,9 +420,6 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
             params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
         params = sweep.broadcast(jax.tree_util.tree_map(np.asarray, params))
     timings["model_s"] = time.perf_counter() - t0
-    x, y = ds.x_test, ds.y_test
-    if cfg.sweep.eval_samples is not None:
-        x, y = x[: cfg.sweep.eval_samples], y[: cfg.sweep.eval_samples]
     ideal_acc = float(models_mod.accuracy(model, params, x, y))
     log(f"model {cfg.model.name}: software test accuracy {ideal_acc:.4f} "
         f"({'trained' if trained else 'loaded'} in {timings['model_s']:.1f} s)")
@@ -399,17 +432,14 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
         if resumed:
             log(f"resuming the run in {out_dir}: finished chunks are loaded from {chunk_dir}")
 
-    points = cfg_mod.device_points(cfg)
     if main:  # the first-order form's validity cannot be checked inside the jitted sweep
         _check_first_order(params, [d for _, d in points], cfg.tile, "nvjax run")
-    fn = accuracy_instance(model)
-    data = (layers.strip_params(params), cfg.tile, jnp.asarray(x), jnp.asarray(y),
-            jnp.asarray(cfg.sweep.t_read_s, jnp.float32))
-    n_all = cfg.sweep.num_instances * len(points)
-    optimize = (cfg.sweep.compile == "optimized" or
-                (cfg.sweep.compile == "auto" and n_all >= cfg_mod.AUTO_OPTIMIZE_INSTANCES))
-    compiled = sweep.compile_chunk(fn, mesh=mesh, optimize=optimize)
-    key = prng_mod.key(cfg.seed, cfg.prng)          # the sweep's generator (config 'prng')
+    data = (layers.strip_params(params), cfg.tile, x, y, times)
+    # the trained parameters have the shapes compiled for: the same compilation (else this
+    # starts the right one, which the sweep then waits for)
+    timings["compiled_during_training"] = ahead is not None and sweep.compile_ahead(
+        compiled, key, cfg.sweep.num_instances, points[0][1], *data,
+        chunk_size=cfg.sweep.chunk_size) is ahead
     results = []
     n_loaded, n_chunks, memory = 0, 0, {}
     t_run = time.perf_counter()

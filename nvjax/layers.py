@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Any, Callable, Dict, NamedTuple, Tuple
 
 import flax.linen as nn
@@ -198,12 +199,12 @@ def _to_physical(w, row_perm, col_perm):
 # ---------------------------------------------------------------------------------------------
 
 def is_nnx(model) -> bool:
-    """Whether ``model`` is a Flax NNX module (``flax.nnx.Module``)."""
-    try:
-        from flax import nnx
-    except ImportError:        # pragma: no cover - flax without nnx
-        return False
-    return isinstance(model, nnx.Module)
+    """Whether ``model`` is a Flax NNX module (``flax.nnx.Module``).
+
+    Does not import ``flax.nnx`` (about 0.3 s): an NNX module exists only once it is imported.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(model, nnx.Module)
 
 
 def _einsum_axes(einsum_str: str, name: str):

@@ -49,7 +49,9 @@ import math
 import os
 import re
 import sys
+import threading
 import weakref
+from concurrent.futures import Future
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
@@ -66,7 +68,7 @@ from ._runtime import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID,
                        available_device_memory, available_host_memory, first_error,
                        heap_trimmer, init_distributed, limit_malloc_arenas)
 
-__all__ = ["instance_keys", "run_instances", "compile_chunk", "Staged", "limit_malloc_arenas",
+__all__ = ["instance_keys", "run_instances", "compile_chunk", "compile_ahead", "Staged", "limit_malloc_arenas",
            "instance_mesh", "init_distributed", "broadcast", "open_checkpoint", "summarize",
            "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
 
@@ -160,6 +162,8 @@ class _ChunkFn:
     def __init__(self, stages: Sequence[Callable], mesh: Optional[Mesh], optimize: bool = True):
         self.mesh = mesh
         self.optimize = optimize
+        self._lock = threading.Lock()
+        self._ahead: Dict[Any, Future] = {}  # signature -> Future of an _Executable
         opts = None if optimize else dict(FAST_COMPILE_OPTIONS)
         if mesh is None:
             self._jits = [jax.jit(g, compiler_options=opts) for g in stages]
@@ -210,7 +214,47 @@ class _ChunkFn:
 
     def executable(self, sweep_key, indices, *args) -> "_Executable":
         """The chunk compiled ahead of time for these argument shapes (JAX caches the lowering
-        and the executable, so asking again is cheap), with XLA's memory analysis of it."""
+        and the executable, so asking again is cheap), with XLA's memory analysis of it.
+
+        When :meth:`compile_ahead` was called for the same shapes, its result is used (waiting
+        for it if it is still compiling; if it failed, the chunk is compiled here)."""
+        fut = self._ahead.get(_signature(sweep_key, indices, args))
+        if fut is not None:
+            try:
+                return fut.result()
+            except Exception:  # noqa: BLE001 (compiled again here, where the error surfaces)
+                pass
+        return self._compile(sweep_key, indices, args)
+
+    def compile_ahead(self, sweep_key, indices, *args) -> Future:
+        """Start compiling the chunk for these argument shapes in a background thread.
+
+        Arguments may be ``jax.ShapeDtypeStruct`` where only the shape is known yet (e.g. the
+        parameters of a network still training). A later :meth:`executable` (hence
+        :func:`run_instances`) with arguments of the same shapes, dtypes, weak types and static
+        structure uses the result. XLA compiles without Python's GIL, so the caller's own work
+        (training, data loading) goes on meanwhile.
+
+        Returns:
+            A ``concurrent.futures.Future`` of the compiled chunk (the same one for a repeated
+            call with the same shapes).
+        """
+        sig = _signature(sweep_key, indices, args)
+        with self._lock:
+            fut = self._ahead.get(sig)
+            if fut is not None:
+                return fut
+            fut = self._ahead[sig] = Future()
+
+        def work():
+            try:
+                fut.set_result(self._compile(sweep_key, indices, args))
+            except BaseException as e:  # noqa: BLE001 (handed to whoever waits)
+                fut.set_exception(e)
+        threading.Thread(target=work, name="nvjax-compile-ahead", daemon=True).start()
+        return fut
+
+    def _compile(self, sweep_key, indices, args) -> "_Executable":
         inputs = self._inputs(sweep_key, indices, args)
         compiled, state = [], None
         for f in self._jits:
@@ -231,6 +275,21 @@ class _ChunkFn:
                 and x.sharding.device_set != self._inst.device_set):
             return np.asarray(x)
         return x
+
+
+def _signature(sweep_key, indices, args):
+    """What a compiled chunk depends on: the static structure of the arguments and each leaf's
+    shape, dtype, weak type and (for an array committed to a device) sharding; concrete arrays
+    and ``jax.ShapeDtypeStruct`` of the same shape and dtype agree."""
+    leaves, treedef = jax.tree_util.tree_flatten((sweep_key, args))
+
+    def leaf(x):
+        if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
+            committed = isinstance(x, jax.Array) and x.committed
+            return (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)),
+                    x.sharding if committed or isinstance(x, jax.ShapeDtypeStruct) else None)
+        return (type(x),)  # a Python scalar: weakly typed, its value is traced
+    return treedef, tuple(np.shape(indices)), tuple(leaf(x) for x in leaves)
 
 
 class _Executable:
@@ -320,6 +379,51 @@ def compile_chunk(instance_fn: Callable, *, vmap_width: Optional[int] = None,
     if cache_key not in per_fn:
         per_fn[cache_key] = _build_chunk(fn_ref, instance_fn, vmap_width, mesh, bool(optimize))
     return per_fn[cache_key]
+
+
+def compile_ahead(compiled: Callable, sweep_key, num_instances: int, *args,
+                  chunk_size: int = 256, start: int = 0) -> Future:
+    """Start compiling the chunk that :func:`run_instances` will run, in a background thread.
+
+    Compilation, not Monte Carlo, dominates short sweeps; it needs only the shapes of the
+    arguments, so it can go on while the caller computes their values (e.g. trains the network
+    whose parameters are an argument). ``run_instances(..., compiled=compiled)`` with the same
+    ``num_instances``, ``chunk_size``, ``start`` and argument shapes then waits for this result
+    instead of compiling again. The results of the sweep do not change.
+
+    Args:
+        compiled: a function made by :func:`compile_chunk`.
+        sweep_key: the sweep's root key (or a ``jax.ShapeDtypeStruct`` of it).
+        num_instances, chunk_size, start: as for :func:`run_instances` (they set the compiled
+            batch).
+        *args: the arguments of the instance function, or ``jax.ShapeDtypeStruct`` leaves
+            where only shapes are known yet (a pytree such as
+            ``jax.eval_shape(model.init, key, x)``).
+
+    Returns:
+        A ``concurrent.futures.Future`` of the compiled chunk; its exception (if compiling
+        failed) is raised again by the ``run_instances`` that needs it.
+
+    Example:
+        >>> g = lambda key, w: jax.random.normal(key, (3,)) @ w
+        >>> f = compile_chunk(g)
+        >>> ahead = compile_ahead(f, jax.random.key(0), 10,
+        ...                       jax.ShapeDtypeStruct((3, 2), jnp.float32), chunk_size=4)
+        >>> run_instances(g, jax.random.key(0), 10, jnp.ones((3, 2)), chunk_size=4,
+        ...               compiled=f).shape   # waits for the compilation started above
+        (10, 2)
+    """
+    if not isinstance(compiled, _ChunkFn):
+        raise TypeError(f"compiled must be a function made by compile_chunk, got "
+                        f"{type(compiled).__name__}")
+    if num_instances < 1:
+        raise ValueError(f"num_instances must be >= 1, got {num_instances}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    width = compiled.mesh.size if compiled.mesh is not None else 1
+    batch = math.ceil(min(chunk_size, num_instances) / width) * width
+    idx = np.arange(start, start + batch, dtype=np.uint32)
+    return compiled.compile_ahead(sweep_key, idx, *args)
 
 
 def _build_chunk(fn_ref, instance_fn, vmap_width, mesh, optimize) -> "_ChunkFn":

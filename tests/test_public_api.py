@@ -84,7 +84,7 @@ PUBLIC = {
     "stats": {"bootstrap_ci", "kaplan_meier", "km_median_difference", "paired_difference",
               "two_way_bootstrap_ci", "two_way_bootstrap"},
     "sweep": {"ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "Staged", "broadcast",
-              "compile_chunk", "init_distributed", "instance_keys", "instance_mesh",
+              "compile_ahead", "compile_chunk", "init_distributed", "instance_keys", "instance_mesh",
               "limit_malloc_arenas", "open_checkpoint", "run_instances", "summarize"},
     "training": {"ChipNoise", "WeightNoise", "favorable_codebook", "favorable_levels",
                  "noisy_forward", "perturb", "quantize", "round_ste", "sliced_read",

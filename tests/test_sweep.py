@@ -61,6 +61,47 @@ def test_results_do_not_depend_on_chunk_size_and_instance_alone():
     assert not np.array_equal(sweep.run_instances(_toy, jax.random.key(1), 50, w), ref[:50])
 
 
+def test_compile_ahead_from_shapes_is_used_by_run_instances():
+    """A chunk compiled ahead from ShapeDtypeStructs is the one run_instances uses with arrays of
+    those shapes (the instance function is traced once, not again), the results are the
+    independent fold_in computation, and other shapes compile their own chunk."""
+    traces = []
+
+    def fn(key, w):
+        traces.append(1)
+        return _toy(key, w)
+    f = sweep.compile_chunk(fn)
+    key = jax.random.key(7)
+    ahead = sweep.compile_ahead(f, key, 10, jax.ShapeDtypeStruct((3, 2), jnp.float32),
+                                chunk_size=4)
+    assert sweep.compile_ahead(f, key, 10, jax.ShapeDtypeStruct((3, 2), jnp.float32),
+                               chunk_size=4) is ahead   # the same shapes: the same compilation
+    ahead.result(timeout=60)
+    assert len(traces) == 1
+    w = jnp.arange(6.0).reshape(3, 2)
+    got = sweep.run_instances(fn, key, 10, w, chunk_size=4, compiled=f)
+    assert len(traces) == 1                                 # nothing traced again
+    want = np.stack([np.asarray(_toy(jax.random.fold_in(key, i), w)) for i in range(10)])
+    np.testing.assert_array_equal(got, want)
+    w5 = jnp.ones((3, 5))                                   # other shapes: compiled here
+    assert sweep.run_instances(fn, key, 3, w5, chunk_size=4, compiled=f).shape == (3, 5)
+    assert len(traces) == 2
+    with pytest.raises(TypeError, match="compile_chunk"):
+        sweep.compile_ahead(fn, key, 10, w)
+
+
+def test_compile_ahead_failure_surfaces_in_run_instances():
+    """A function that cannot be compiled fails in the background; run_instances then compiles
+    it where the error reaches the caller."""
+    def bad(key, w):
+        raise ValueError("no such physics")
+    f = sweep.compile_chunk(bad)
+    ahead = sweep.compile_ahead(f, jax.random.key(0), 4, jnp.ones(3), chunk_size=4)
+    assert isinstance(ahead.exception(timeout=60), ValueError)
+    with pytest.raises(ValueError, match="no such physics"):
+        sweep.run_instances(bad, jax.random.key(0), 4, jnp.ones(3), chunk_size=4, compiled=f)
+
+
 @pytest.mark.slow
 def test_accuracy_sweep_does_not_depend_on_chunk_size(small_sweep):
     fn, args = small_sweep
@@ -204,6 +245,9 @@ def test_reliability_end_to_end(tmp_path):
     }, cfg_mod.RunConfig)
     out = str(tmp_path / "run")
     summary = jobs.reliability(cfg, out, log=lambda s: None)
+    # the chunk compiled beside the training (from the parameters' shapes) is the one the sweep
+    # runs with the trained parameters
+    assert summary["timings"]["compiled_during_training"] is True
     assert os.path.exists(os.path.join(out, "accuracy_vs_time.png"))
     with open(os.path.join(out, "summary.json")) as f:
         disk = json.load(f)
@@ -226,6 +270,7 @@ def test_reliability_end_to_end(tmp_path):
     # a rerun reloads the saved weights and gives identical results
     again = jobs.reliability(cfg, out, log=lambda s: None)
     assert again["points"] == summary["points"]
+    assert again["timings"]["compiled_during_training"] is True   # loaded weights match too
 
 
 @pytest.mark.parametrize("device", [
