@@ -6,9 +6,12 @@ onto differential-pair tiles (conv kernels [kh, kw, C_in, C_out] are unrolled to
 t)`` runs the Flax model with every ``nn.Dense``/``nn.Conv`` call intercepted and replaced by the
 crossbar MVM of its tiles read at time ``t``; biases and everything else stay digital.
 
-Conv layers: inputs are turned into patches with ``lax.conv_general_dilated_patches`` and sent
-through the tiles as one batch of vectors. Supported: any strides and padding, no input/kernel
-dilation, feature_group_count 1.
+Conv layers: without IR drop or a placement, a conv runs on the tiles without im2col patches
+(:func:`nvjax.crossbar.conv_mvm`: a convolution with the effective kernel, or one matmul per
+window offset where the DAC, a per-tile ADC or output noise act per patch); otherwise its inputs
+are turned into im2col patches (:func:`nvjax.layers.im2col`) and sent through the tiles as one
+batch of vectors. Both agree to float rounding. Supported: any strides and padding, no
+input/kernel dilation, feature_group_count 1.
 
 Placement (``deploy(..., placement=...)``): a layer's logical rows and columns can be sent to any
 physical rows and columns of its tile grid, which may have more of them than the layer needs
@@ -19,8 +22,7 @@ to the IR drop of its tile).
 
 Models may be any Flax linen model with its whole variables dict (collections besides
 ``'params'``, e.g. BatchNorm statistics, stay digital) or a Flax NNX module (converted by
-:func:`nvjax.layers.from_nnx`). Conv layers run as a convolution with the tiles' effective
-kernel (:func:`nvjax.crossbar.conv_mvm`) where that is exact, else as im2col patches.
+:func:`nvjax.layers.from_nnx`).
 
 This module imports ``devices``, ``crossbar``, ``layers``, ``_checks``, ``_ops`` and flax.
 """

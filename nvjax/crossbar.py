@@ -23,7 +23,6 @@ This module imports ``devices``, ``encoding``, ``irdrop``, ``_checks``, ``_ops``
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Literal, Optional
 
 import jax
@@ -789,36 +788,39 @@ def mvm(key: Array, device, tiles: Tiles, x: Array, t, *, config: TileConfig = T
 
 def conv_supported(config: TileConfig, window: int, *, placed: bool = False) -> bool:
     """Whether :func:`conv_mvm` can run a conv layer's tiles read with ``config`` (otherwise
-    its inputs go through :func:`mvm` as im2col patches): no IR drop, no placement, no DAC
-    quantization scaled per input vector (``dac_range='absmax'`` with ``dac_bits``), and, with
-    a per-tile ADC or output noise, row tiles of whole input channels (``rows`` a multiple of
-    the window size ``window`` = kh·kw)."""
-    if placed or config.ir_drop != "none":
-        return False
-    if config.dac_bits is not None and config.dac_range == "absmax":
-        return False
-    if config.adc_bits is not None or config.output_noise:
-        return config.rows % window == 0
-    return True
+    its inputs go through :func:`mvm` as im2col patches): no IR drop and no placement. (Every
+    DAC, ADC and output-noise setting is supported; ``window`` = kh·kw is kept for callers.)"""
+    del window
+    return not placed and config.ir_drop == "none"
 
 
 def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, strides, padding,
              config: TileConfig = TileConfig()):
     """A convolution through crossbar tiles, without materializing im2col patches.
 
-    Equal in distribution to :func:`mvm` on the layer's im2col patches (the rows of
-    :func:`nvjax.layers.as_rows`, channel-major) with the same key: the conductances are read
-    once (the same draws as :func:`mvm`), the effective kernel ``(G⁺ − G⁻)/κ`` is applied as a
-    convolution, and each row tile's partial sum is a feature group of a grouped convolution
-    (row tiles must hold whole input channels when a per-tile ADC or output noise acts), so the
-    cost is that of one convolution instead of a matmul on kh·kw-times larger inputs. The
-    per-row read counters advance by the nonzero entries of each patch row, as with patches.
-    Output noise draws have the shape of :func:`mvm`'s but a different order, so they are
-    other draws of the same distribution.
+    Equal to :func:`mvm` on the layer's im2col patches (the rows of
+    :func:`nvjax.layers.as_rows`, channel-major) with the same key, to float rounding: the
+    conductances are read once (the same draws as :func:`mvm`) and the effective matrix
+    ``(G⁺ − G⁻)/κ`` is applied in one of two ways.
+
+    * An ideal periphery after the DAC, with no DAC or a fixed DAC range: one convolution with
+      the effective kernel (inputs quantized first where a DAC acts).
+    * Otherwise (a DAC range per input vector, a per-tile ADC, output noise): one strided slice
+      of the padded input per window offset ``o``, the rows ``c·K + o`` of every channel; the
+      DAC scales each slice by its patch's max|x| (a max over channels, then over the window:
+      ``reduce_window``), so every element is quantized exactly as in its patch; a matmul per
+      offset with the offset's rows, masked per row tile, gives each row tile's partial sums
+      ``[N, Ti, C_out]`` (tiles may split a channel's window). Output noise then has
+      :func:`mvm`'s shape and order, so the draws are the same, and the ADC acts per tile as
+      there. The cost is K matmuls on input-sized slices instead of one on K-times larger
+      patches, which XLA:CPU builds slowly.
+
+    The per-row read counters advance by the nonzero entries of each patch row, as with
+    patches.
 
     Args:
         key, device, tiles, t, config: as :func:`mvm` (``config`` must pass
-            :func:`conv_supported`).
+            :func:`conv_supported`: no IR drop).
         x: inputs [B, *spatial, C_in] (channels last).
         kernel_shape: the conv kernel's shape ``(*window, C_in, C_out)``.
         strides: one stride per spatial axis.
@@ -834,8 +836,7 @@ def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, str
     c_in, c_out = kernel_shape[-2:]
     if not conv_supported(config, window):
         raise UserError("conv_mvm: this TileConfig needs the im2col path (mvm on patches): "
-                        "IR drop, a per-input DAC range, or row tiles that split a channel's "
-                        "window under a per-tile ADC/output noise")
+                        "IR drop is simulated on the tiles' rows")
     if tiles.n_in != c_in * window or tiles.n_out != c_out or x.ndim != nd + 2 \
             or x.shape[-1] != c_in:
         raise ValueError(f"conv_mvm: kernel {kernel_shape} and inputs {tuple(x.shape)} do not "
@@ -846,46 +847,59 @@ def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, str
     dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
     k_read, k_out = jax.random.split(key)
     gp, gm, alpha = _read_pair(k_read, device, tiles, t, config)
+
+    def slices(a):
+        """The padded ``a``'s strided slice per window offset (row-major): [B, *out, C] each."""
+        ap = jnp.pad(a, ((0, 0),) + padding + ((0, 0),))
+        out_sp = [(ap.shape[1 + d] - kernel_shape[d]) // strides[d] + 1 for d in range(nd)]
+        return [jax.lax.slice(ap, (0,) + off + (0,),
+                              (ap.shape[0],) + tuple(off[d] + strides[d] * (out_sp[d] - 1) + 1
+                                                     for d in range(nd)) + (a.shape[-1],),
+                              (1,) + strides + (1,))
+                for off in np.ndindex(*kernel_shape[:nd])]
+
     # read counters: patch row (c, offset) is nonzero wherever the padded input at that
-    # offset of a window is, summed over the output positions (a strided slice per offset)
-    nz = jnp.pad((x != 0).astype(jnp.int32), ((0, 0),) + padding + ((0, 0),))
-    out_sp = [(nz.shape[1 + a] - kernel_shape[a]) // strides[a] + 1 for a in range(nd)]
-    counts = []
-    for off in np.ndindex(*kernel_shape[:nd]):
-        start = (0,) + off + (0,)
-        limit = (nz.shape[0],) + tuple(off[a] + strides[a] * (out_sp[a] - 1) + 1
-                                       for a in range(nd)) + (c_in,)
-        sl = jax.lax.slice(nz, start, limit, (1,) + strides + (1,))
-        counts.append(jnp.sum(sl, axis=tuple(range(nd + 1))))        # [C_in]
+    # offset of a window is, summed over the output positions
+    counts = [jnp.sum(sl, axis=tuple(range(nd + 1))) for sl in slices((x != 0).astype(jnp.int32))]
     reads = jnp.stack(counts, axis=1).reshape(-1)                     # channel-major
     tiles = tiles.replace(reads=tiles.reads + reads.astype(tiles.reads.dtype))
-    if config.dac_bits is not None:       # 'fixed' range: the same scale for every input
-        x = quantize_symmetric(x, jnp.asarray(config.dac_bound, x.dtype), config.dac_bits)
     w_eff = (gp - gm) / tiles.kappa                                   # [C_in·window, C_out]
-    kern = jnp.transpose(w_eff.reshape((c_in,) + kernel_shape[:nd] + (c_out,)),
-                         tuple(range(1, nd + 1)) + (0, nd + 1))       # [*window, C_in, C_out]
-    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=strides,
-                             padding=padding, dimension_numbers=dn)
-    if config.adc_bits is None and not config.output_noise:
-        return conv(x, kern) * alpha, tiles
-    per_tile = config.rows // window                                  # whole channels per tile
-    n_tiles = -(-c_in // per_tile)
-    pad_c = n_tiles * per_tile - c_in
-    xg = jnp.pad(x, ((0, 0),) * (nd + 1) + ((0, pad_c),))
-    kg = jnp.pad(kern, ((0, 0),) * nd + ((0, pad_c), (0, 0)))
-    kg = kg.reshape(kernel_shape[:nd] + (n_tiles, per_tile, c_out))
-    kg = jnp.moveaxis(kg, nd, nd + 1).reshape(kernel_shape[:nd] + (per_tile, n_tiles * c_out))
-    part = conv(xg, kg, feature_group_count=n_tiles)                  # [B, *out, Ti·C_out]
-    out_shape = part.shape[:-1]
-    part = part.reshape(-1, n_tiles, c_out)
-    if config.dac_bits is not None:
-        s_x = jnp.full((part.shape[0], 1), config.dac_bound, x.dtype)
-    else:                                  # max|patch|: a max over channels, then the window
-        m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-        s_x = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1,) + kernel_shape[:nd] + (1,),
-                                    (1,) + strides + (1,), ((0, 0),) + padding + ((0, 0),))
-        s_x = s_x.reshape(-1, 1)
-    y = _periphery_tail(k_out, device, tiles.kappa, tiles.adc_scale, part, s_x, config)
+    per_vector = config.dac_bits is not None and config.dac_range == "absmax"
+    if config.dac_bits is not None and not per_vector:  # 'fixed': one scale for every input
+        x = quantize_symmetric(x, jnp.asarray(config.dac_bound, x.dtype), config.dac_bits)
+    tail = config.adc_bits is not None or config.output_noise
+    if not per_vector and not tail:
+        kern = jnp.transpose(w_eff.reshape((c_in,) + kernel_shape[:nd] + (c_out,)),
+                             tuple(range(1, nd + 1)) + (0, nd + 1))   # [*window, C_in, C_out]
+        y = jax.lax.conv_general_dilated(x, kern, window_strides=strides, padding=padding,
+                                         dimension_numbers=dn)
+        return y * alpha, tiles
+    # the DAC's full scale per patch: max|patch|, a max over channels then over the window
+    m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    s_x = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1,) + kernel_shape[:nd] + (1,),
+                                (1,) + strides + (1,), ((0, 0),) + padding + ((0, 0),))
+    if per_vector:
+        s_x = jnp.where(s_x > 0, s_x, 1.0)                            # as input_scale
+    elif config.dac_bits is not None:
+        s_x = jnp.full_like(s_x, config.dac_bound)
+    out_shape = s_x.shape[:-1]
+    n_tiles = num_row_tiles(c_in * window, config)
+    rows = np.arange(c_in * window)
+    acc = None
+    for o, sl in enumerate(slices(x)):
+        if per_vector:
+            sl = quantize_symmetric(sl, s_x, config.dac_bits)
+        w_o = w_eff[o::window]                                        # rows c·K + o: [C_in, C_out]
+        if tail:                                                      # column block per row tile
+            onehot = np.eye(n_tiles, dtype=np.float32)[rows[o::window] // config.rows]
+            w_o = (w_o[:, None, :] * onehot[:, :, None]).reshape(c_in, n_tiles * c_out)
+        term = sl.reshape(-1, c_in) @ w_o
+        acc = term if acc is None else acc + term
+    if not tail:
+        return (acc * alpha).reshape(out_shape + (c_out,)), tiles
+    part = acc.reshape(-1, n_tiles, c_out)
+    y = _periphery_tail(k_out, device, tiles.kappa, tiles.adc_scale, part,
+                        s_x.reshape(-1, 1), config)
     return (y * alpha).reshape(out_shape + (c_out,)), tiles
 
 

@@ -53,6 +53,22 @@ def test_kernel_matrix_is_the_im2col_layout():
     np.testing.assert_allclose(p @ layers.kernel_matrix(k), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 9, 9, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 10, 7, 4), (3, 2), (2, 1), ((0, 1), (2, 0))),
+    ((1, 8, 5), (3,), (2,), ((1, 1),)),
+    ((2, 6, 6, 6, 2), (2, 2, 2), (1, 2, 1), ((0, 0), (1, 0), (0, 1))),
+    ((2, 9, 9, 3), (3, 3), (2, 2), ((-1, 1), (0, -1))),          # negative padding crops
+])
+def test_im2col_equals_lax_patches(shape, window, strides, padding):
+    # strided slices give exactly the patches of lax.conv_general_dilated_patches (reference)
+    x = jax.random.normal(jax.random.key(0), shape)
+    sp = "HWD"[:len(window)]
+    ref = jax.lax.conv_general_dilated_patches(
+        x, window, strides, padding, dimension_numbers=("N" + sp + "C", "OI" + sp, "N" + sp + "C"))
+    np.testing.assert_array_equal(layers.im2col(x, window, strides, padding), ref)
+
+
 @pytest.mark.slow
 def test_effective_params_equal_apply_for_ideal_periphery():
     model = Nested()
