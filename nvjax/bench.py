@@ -346,9 +346,10 @@ def network_rate(name: str, instances: int, *, chunk_size: Optional[int] = None,
     device = dev_mod.pcm()
     software = _timeit(jax.jit(lambda v_, a: model.apply(v_, a)), v, x)
     prog = jax.jit(lambda k: chip_mod.deploy(k, model, v, device, config=config))
-    c = prog(jax.random.key(1))
+    c = prog(prng.key(1, generator))
     fwd = jax.jit(lambda k, c_, a: chip_mod.apply(k, c_, a, T_READ))
-    chip_fwd = _timeit(fwd, jax.random.key(2), c, x, repeat=3)
+    # the forward's own draws (read and output noise) from the sweep's generator
+    chip_fwd = _timeit(fwd, prng.key(2, generator), c, x, repeat=3)
     fn = workload_instance(model, config)
     compile_s, best, _ = _time_sweep(fn, prng.key(0, generator), instances, (v, x), chunk,
                                      None, repeat)

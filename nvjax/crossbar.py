@@ -533,21 +533,18 @@ def read_weights(key: Array, device, tiles: Tiles, t, *, config: TileConfig = Ti
 
 
 def _pair_map(fn, key, pos, neg):
-    """``(fn(k_pos, pos), fn(k_neg, neg))`` with ``(k_pos, k_neg) = split(key)``, as one call of
-    ``fn`` vmapped over the two sides of the pair.
+    """``(fn(k_pos, pos), fn(k_neg, neg))`` with ``(k_pos, k_neg) = split(key)``: the two sides
+    of a differential pair, programmed or read with their own keys.
 
-    The values are those of the two separate calls (threefry and Philox draws under ``vmap`` over
-    keys equal the per-key draws), but the program holds one copy of ``fn`` and of its random
-    draws instead of two: every random call site costs XLA:CPU about 0.1 s of compilation (a
-    rolled threefry loop and its fusions), which dominated the compile time of chips and of
-    the lifetime loop. Checks that need concrete values (the device model's input checks) see
-    traced values inside ``vmap`` for what is mapped (the targets, which the callers derive
-    and so need no check); what ``fn`` closes over (``t``, the device) is checked as usual.
+    Two separate calls on purpose. One call ``vmap``-ed over the stacked pair (same values,
+    one random call site instead of two) compiled the lifetime job about 3 s faster (34.4 vs
+    37.2 s in all) and the quickstart's chunks no faster (2.3 s both), but ran every sweep 2-3×
+    slower: ``nvjax bench`` pcm-ideal-io 38 -> 125 instances/s (Philox; threefry 57 -> 101),
+    pcm-default-io 31 -> 77 (2-core machine, 2026-12-07), from stacking and unstacking every
+    state array of the pair.
     """
-    both = jax.vmap(fn)(jax.random.split(key), jax.tree_util.tree_map(
-        lambda a, b: jnp.stack([a, b]), pos, neg))
-    return (jax.tree_util.tree_map(lambda a: a[0], both),
-            jax.tree_util.tree_map(lambda a: a[1], both))
+    k_pos, k_neg = jax.random.split(key)
+    return fn(k_pos, pos), fn(k_neg, neg)
 
 
 def _read_pair(key, device, tiles: Tiles, t, config: TileConfig):
