@@ -339,8 +339,9 @@ def main(argv=None) -> int:
                         "workloads resnet-pcm-ideal-io, resnet-pcm-default-io, "
                         "transformer-pcm-ideal-io, transformer-pcm-default-io (ResNet-20-style "
                         "CNN and transformer encoder, batch 256)")
-    b.add_argument("--network-instances", type=_positive_int, default=8,
-                   help="timed instances per network workload (default 8)")
+    b.add_argument("--network-instances", type=_positive_int, default=None,
+                   help="timed instances per network workload (default 8 for the ResNet, 128 "
+                        "for the transformer: four of its chunks of 32)")
     b.add_argument("--generators", nargs="+", default=None,
                    help="generators to time (default: all of nvjax.prng.IMPLS); the fastest one "
                         "gives the headline numbers")

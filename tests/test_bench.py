@@ -293,15 +293,22 @@ def test_child_entry_point(monkeypatch, capsys):
 
 
 def test_network_workloads_are_routed_with_aihwkit_beside(monkeypatch):
-    """Network workloads: timed by network_rate with the generator that draws fastest, aihwkit's
-    network script beside them, a table of their own in the report."""
+    """Network workloads: timed by network_rate with every generator, the one with the most
+    instances/s in the headline (not the one drawing normals fastest), aihwkit's network
+    script beside them, a table of their own in the report."""
     _stub_measurements(monkeypatch)
     calls = []
+    # threefry runs the ResNet faster, philox the transformer
+    rate = {("resnet-pcm-ideal-io", "threefry"): 3.0, ("resnet-pcm-ideal-io", "philox"): 2.5,
+            ("transformer-pcm-default-io", "threefry"): 1.0,
+            ("transformer-pcm-default-io", "philox"): 4.0}
 
     def net_rate(name, instances, *, generator, t_matmul, **kw):
         calls.append((name, instances, generator, t_matmul))
-        return {"instances_per_s": 3.0, "limit_instances_per_s": 12.0, "fraction_of_limit": 0.25,
-                "chip_forward_s": 0.5, "software_forward_s": 0.25, "chip_over_software": 2.0}
+        r = rate[name, generator]
+        return {"instances_per_s": r, "limit_instances_per_s": 12.0, "fraction_of_limit": r / 12,
+                "chip_forward_s": 0.5, "software_forward_s": 0.25, "chip_over_software": 2.0,
+                "compile_s": 1.0, "generator": generator}
     monkeypatch.setattr(bench, "network_rate", net_rate)
     monkeypatch.setattr(bench, "normals_time",
                         lambda n, g, **kw: {"philox": 1.0, "threefry": 2.0}[g] * n)
@@ -317,15 +324,24 @@ def test_network_workloads_are_routed_with_aihwkit_beside(monkeypatch):
                                             "transformer-pcm-default-io"),
                     numpy_baseline=False, aihwkit_python=sys.executable, network_instances=5,
                     log=lambda s: None)
-    assert [c[:3] for c in calls] == [("resnet-pcm-ideal-io", 5, "philox"),
-                                      ("transformer-pcm-default-io", 5, "philox")]
+    assert sorted(c[:3] for c in calls) == sorted(
+        (n, 5, g) for n in ("resnet-pcm-ideal-io", "transformer-pcm-default-io")
+        for g in bench.GENERATORS)
     assert calls[0][3] == 2e-3                           # the run's one matmul measurement
+    assert res["resnet-pcm-ideal-io"]["generator"] == "threefry"
+    assert res["transformer-pcm-default-io"]["generator"] == "philox"
+    assert res["resnet-pcm-ideal-io"]["generators"]["philox"]["instances_per_s"] == 2.5
     assert res["resnet-pcm-ideal-io"]["speedup_vs_aihwkit"] == pytest.approx(2.0)
     assert "aihwkit_instances_per_s" not in res["transformer-pcm-default-io"]
     assert res["pcm-ideal-io"]["speedup_vs_aihwkit"] == pytest.approx(5.0)
     text = bench.format_report(res)
     assert "network workload" in text and "transformer-pcm-default-io" in text
     assert "pcm-ideal-io" in text.split("network workload")[1]      # the MLP table follows
+    # without network_instances, the transformer is timed on four of its chunks
+    calls.clear()
+    bench.run(instances=8, workloads=("transformer-pcm-default-io",), numpy_baseline=False,
+              generators=("philox",), log=lambda s: None)
+    assert calls[0][1] == 4 * bench.NETWORK_CHUNK_SIZES["transformer"]
 
 
 def test_network_workload_inputs():
