@@ -839,7 +839,11 @@ def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, str
         raise ValueError(f"conv_mvm: kernel {kernel_shape} and inputs {tuple(x.shape)} do not "
                          f"match tiles of {tiles.n_in} rows and {tiles.n_out} columns")
     x = jnp.asarray(x)
-    strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+    strides, padding = tuple(strides), tuple(tuple(int(v) for v in p) for p in padding)
+    if any(v < 0 for p in padding for v in p):   # negative padding crops: crop first
+        x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0),) + tuple(
+            (min(lo, 0), min(hi, 0), 0) for lo, hi in padding) + ((0, 0, 0),))
+        padding = tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
     spatial = "HWD"[:nd]
     dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
     k_read, k_out = jax.random.split(key)
@@ -872,8 +876,10 @@ def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, str
                                          dimension_numbers=dn)
         return y * alpha, tiles
     # the DAC's full scale per patch: max|patch|, a max over channels then over the window
+    # (from 0, the padding's value: a patch wholly in the padding has scale 0, as in mvm)
     m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    s_x = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1,) + kernel_shape[:nd] + (1,),
+    s_x = jax.lax.reduce_window(m, jnp.zeros((), m.dtype), jax.lax.max,
+                                (1,) + kernel_shape[:nd] + (1,),
                                 (1,) + strides + (1,), ((0, 0),) + padding + ((0, 0),))
     if per_vector:
         s_x = jnp.where(s_x > 0, s_x, 1.0)                            # as input_scale

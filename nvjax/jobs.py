@@ -400,7 +400,7 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
     if jax.process_count() == 1:
         # The sweep's chunk compiles (it needs only the parameters' shapes) while the model
         # trains or loads: compilation dominates a short run (the quickstart: ~2.5 s of chunk
-        # compilation, ~0.7 s hidden this way on 2 cores). Results are the same.
+        # compilation beside ~1.8 s of training, on 2 cores). Results are the same.
         shapes = layers.strip_params(jax.eval_shape(make_model(cfg.model).init,
                                                     jax.random.key(0), x[:1]))
         ahead = sweep.compile_ahead(compiled, key, cfg.sweep.num_instances, points[0][1],

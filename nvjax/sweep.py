@@ -230,15 +230,21 @@ class _ChunkFn:
         """Start compiling the chunk for these argument shapes in a background thread.
 
         Arguments may be ``jax.ShapeDtypeStruct`` where only the shape is known yet (e.g. the
-        parameters of a network still training). A later :meth:`executable` (hence
-        :func:`run_instances`) with arguments of the same shapes, dtypes, weak types and static
-        structure uses the result. XLA compiles without Python's GIL, so the caller's own work
-        (training, data loading) goes on meanwhile.
+        parameters of a network still training); the sweep key must be a key array. A later
+        :meth:`executable` (hence :func:`run_instances`) with arguments of the same shapes,
+        dtypes, weak types and static structure uses the result. XLA compiles without Python's
+        GIL, so the caller's own work (training, data loading) goes on meanwhile. The thread
+        compiles under JAX's global configuration: context managers of the calling thread
+        (``jax.default_device``, ``jax.default_matmul_precision``, ...) do not reach it. The
+        compiled chunk is kept as long as ``compiled`` is.
 
         Returns:
             A ``concurrent.futures.Future`` of the compiled chunk (the same one for a repeated
             call with the same shapes).
         """
+        if isinstance(sweep_key, jax.ShapeDtypeStruct):
+            raise TypeError("compile_ahead: sweep_key must be a key array (e.g. "
+                            "jax.random.key(seed)), not a ShapeDtypeStruct")
         sig = _signature(sweep_key, indices, args)
         with self._lock:
             fut = self._ahead.get(sig)
@@ -393,7 +399,7 @@ def compile_ahead(compiled: Callable, sweep_key, num_instances: int, *args,
 
     Args:
         compiled: a function made by :func:`compile_chunk`.
-        sweep_key: the sweep's root key (or a ``jax.ShapeDtypeStruct`` of it).
+        sweep_key: the sweep's root key (a key array).
         num_instances, chunk_size, start: as for :func:`run_instances` (they set the compiled
             batch).
         *args: the arguments of the instance function, or ``jax.ShapeDtypeStruct`` leaves

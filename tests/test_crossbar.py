@@ -355,6 +355,10 @@ def _conv_case(ks, c_in, c_out, strides, padding, cfg, seed=0):
     ((3,), 4, 3, (2,), "SAME", 5, dict(dac_bits=7, out_noise=0.1)),
     ((2, 2, 2), 3, 4, (1, 2, 1), "SAME", 7, dict(dac_bits=6, adc_bits=8, adc_range="fixed",
                                                  adc_bound=8.0)),
+    # patches wholly in the padding (scale 0, no NaN from the noise), and negative padding
+    ((2, 2), 3, 4, (1, 1), ((3, 3), (3, 3)), 7, dict(out_noise=0.05)),
+    ((3, 3), 4, 5, (1, 2), ((-1, 1), (0, -1)), 16, dict(dac_bits=7, adc_bits=9,
+                                                          adc_range="fixed", adc_bound=12.0)),
 ])
 def test_conv_mvm_equals_mvm_on_im2col_patches(ks, c_in, c_out, strides, padding, rows, extra):
     # the conv path and the patches path share the conductance read (same key) and the

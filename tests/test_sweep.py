@@ -88,6 +88,8 @@ def test_compile_ahead_from_shapes_is_used_by_run_instances():
     assert len(traces) == 2
     with pytest.raises(TypeError, match="compile_chunk"):
         sweep.compile_ahead(fn, key, 10, w)
+    with pytest.raises(TypeError, match="key array"):
+        sweep.compile_ahead(f, jax.ShapeDtypeStruct(key.shape, key.dtype), 10, w)
 
 
 def test_compile_ahead_failure_surfaces_in_run_instances():
