@@ -17,8 +17,8 @@ input vector (``dac_range='absmax'``) or ``dac_bound``; its weight scale is ``w_
 (g_max − g_min)/κ, the weight of a full-scale pair. ADC bounds and output noise are given in units
 of ``s_x·w_max``.
 
-This module imports ``devices``, ``encoding``, ``irdrop``, ``_checks``, ``_ops`` and
-``_struct``.
+This module imports ``devices``, ``encoding``, ``irdrop``, ``layers`` (``window_slices``),
+``_checks``, ``_ops`` and ``_struct``.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from . import irdrop
 from ._checks import UserError, check_real, check_time, is_concrete
 from ._ops import round_ste
 from ._struct import register_physics
+from .layers import window_slices
 
 __all__ = ["TileConfig", "PHYSICS_FIELDS", "Tiles", "tile", "program_tiles", "mvm", "conv_mvm",
            "conv_supported", "read_weights",
@@ -849,15 +850,8 @@ def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, str
     k_read, k_out = jax.random.split(key)
     gp, gm, alpha = _read_pair(k_read, device, tiles, t, config)
 
-    def slices(a):
-        """The padded ``a``'s strided slice per window offset (row-major): [B, *out, C] each."""
-        ap = jnp.pad(a, ((0, 0),) + padding + ((0, 0),))
-        out_sp = [(ap.shape[1 + d] - kernel_shape[d]) // strides[d] + 1 for d in range(nd)]
-        return [jax.lax.slice(ap, (0,) + off + (0,),
-                              (ap.shape[0],) + tuple(off[d] + strides[d] * (out_sp[d] - 1) + 1
-                                                     for d in range(nd)) + (a.shape[-1],),
-                              (1,) + strides + (1,))
-                for off in np.ndindex(*kernel_shape[:nd])]
+    def slices(a):  # the padded a's strided slice per window offset: [B, *out, C] each
+        return window_slices(a, kernel_shape[:nd], strides, padding)
 
     # read counters: patch row (c, offset) is nonzero wherever the padded input at that
     # offset of a window is, summed over the output positions

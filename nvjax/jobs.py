@@ -389,7 +389,8 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
         x, y = x[: cfg.sweep.eval_samples], y[: cfg.sweep.eval_samples]
     x, y = jnp.asarray(x), jnp.asarray(y)
     points = cfg_mod.device_points(cfg)
-    fn = accuracy_instance(make_model(cfg.model))
+    untrained = make_model(cfg.model)   # the module (equal to get_model's) and its shapes
+    fn = accuracy_instance(untrained)
     n_all = cfg.sweep.num_instances * len(points)
     optimize = (cfg.sweep.compile == "optimized" or
                 (cfg.sweep.compile == "auto" and n_all >= cfg_mod.AUTO_OPTIMIZE_INSTANCES))
@@ -401,8 +402,7 @@ def reliability(cfg, out_dir: Optional[str] = None, *, log=print,
         # The sweep's chunk compiles (it needs only the parameters' shapes) while the model
         # trains or loads: compilation dominates a short run (the quickstart: ~2.5 s of chunk
         # compilation beside ~1.8 s of training, on 2 cores). Results are the same.
-        shapes = layers.strip_params(jax.eval_shape(make_model(cfg.model).init,
-                                                    jax.random.key(0), x[:1]))
+        shapes = layers.strip_params(jax.eval_shape(untrained.init, jax.random.key(0), x[:1]))
         ahead = sweep.compile_ahead(compiled, key, cfg.sweep.num_instances, points[0][1],
                                     shapes, cfg.tile, x, y, times,
                                     chunk_size=cfg.sweep.chunk_size)

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 __all__ = ["strip_params", "split_variables", "variables", "kernel_matrix", "matrix_to_kernel",
-           "layer_names", "kernels", "module_name", "as_rows", "im2col", "conv_geometry",
+           "layer_names", "kernels", "module_name", "as_rows", "im2col", "window_slices",
+           "conv_geometry",
            "layer_inputs",
            "inverse_permutation", "CROSSBAR_LAYERS", "NNXModel", "from_nnx", "is_nnx"]
 
@@ -121,18 +122,12 @@ def as_rows(module: nn.Module, x) -> Tuple[jax.Array, Callable]:
     return patches.reshape(-1, patches.shape[-1]), back
 
 
-def im2col(x, window, strides, padding) -> jax.Array:
-    """im2col patches of ``x`` [B, *spatial, C]: [B, *out_spatial, C·prod(window)], channel-major
-    (feature ``c·prod(window) + k`` with ``k`` the row-major window offset), the layout of
-    ``lax.conv_general_dilated_patches`` (zero padding ``padding`` = ``(low, high)`` per
-    spatial axis, negative crops).
+def window_slices(x, window, strides, padding) -> list:
+    """For each window offset (row-major), the strided slice of the padded ``x``
+    [B, *spatial, C] that the offset sees at every output position: [B, *out_spatial, C] each.
 
-    Built from one strided slice per window offset: pure data movement.
-    ``conv_general_dilated_patches`` computes the same patches as a convolution with a one-hot
-    filter, C·prod(window) output features, i.e. C·prod(window)/C_out times the FLOPs of the
-    layer's own convolution (9× for a 3×3 conv with as many output as input channels; a
-    ResNet-20 chip forward through patches, batch 256, took 2.7 s with it and 1.7 s with this,
-    2 cores).
+    ``padding`` is one ``(low, high)`` pair per spatial axis, zeros (negative values crop).
+    The slabs of :func:`im2col`, and of :func:`nvjax.crossbar.conv_mvm`'s per-offset path.
     """
     nd = len(window)
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype),
@@ -144,7 +139,23 @@ def im2col(x, window, strides, padding) -> jax.Array:
         slabs.append(jax.lax.slice(xp, (0,) + off + (0,),
                                    (xp.shape[0],) + limit + (xp.shape[-1],),
                                    (1,) + tuple(strides) + (1,)))
-    p = jnp.stack(slabs, axis=-1)                     # [B, *out, C, K]
+    return slabs
+
+
+def im2col(x, window, strides, padding) -> jax.Array:
+    """im2col patches of ``x`` [B, *spatial, C]: [B, *out_spatial, C·prod(window)], channel-major
+    (feature ``c·prod(window) + k`` with ``k`` the row-major window offset), the layout of
+    ``lax.conv_general_dilated_patches`` (zero padding ``padding`` = ``(low, high)`` per
+    spatial axis, negative crops).
+
+    Built from one strided slice per window offset (:func:`window_slices`): pure data movement.
+    ``conv_general_dilated_patches`` computes the same patches as a convolution with a one-hot
+    filter, C·prod(window) output features, i.e. C·prod(window)/C_out times the FLOPs of the
+    layer's own convolution (9× for a 3×3 conv with as many output as input channels; a
+    ResNet-20 chip forward through patches, batch 256, took 2.7 s with it and 1.7 s with this,
+    2 cores).
+    """
+    p = jnp.stack(window_slices(x, window, strides, padding), axis=-1)   # [B, *out, C, K]
     return p.reshape(p.shape[:-2] + (p.shape[-2] * p.shape[-1],))
 
 

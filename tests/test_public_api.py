@@ -59,7 +59,7 @@ PUBLIC = {
     "layers": {"CROSSBAR_LAYERS", "as_rows", "inverse_permutation", "kernel_matrix", "kernels",
                "layer_inputs", "layer_names", "matrix_to_kernel", "module_name",
                "strip_params", "split_variables", "variables", "NNXModel", "from_nnx", "is_nnx",
-               "conv_geometry", "im2col"},
+               "conv_geometry", "im2col", "window_slices"},
     "lifetime": {"Lifetime", "LifetimeConfig", "LifetimeRecord", "LifetimeState",
                  "eval_inferences", "lifetime", "reprogram_events", "run", "summarize"},
     "mapping": {"RelaxedInfo", "assign", "assignment_cost", "bottleneck_assign",
