@@ -87,6 +87,103 @@ def test_dac_adc_match_independent_numpy_model():
     assert np.max(np.abs(np.asarray(y) - ref)) <= 3 * step + 1e-4
 
 
+def _numpy_bound_management(x, w, cfg, passes):
+    """Independent NumPy model of aihwkit's iterative bound management (noise-free), per input
+    vector and row × column tile: read at DAC full scale s_x·2^j, j = 0, 1, ..., until no
+    output of the tile exceeds the ADC range by more than half a step, or ``passes`` reads."""
+    n = 2 ** (cfg.dac_bits - 1) - 1
+    m = 2 ** (cfg.adc_bits - 1) - 1
+    w_max = np.abs(w).max()
+    y = np.zeros((x.shape[0], w.shape[1]))
+    reads = np.zeros(x.shape[0], int)
+    for b in range(x.shape[0]):
+        s_x = np.abs(x[b]).max() if cfg.dac_range == "absmax" else x.dtype.type(cfg.dac_bound)
+        for r0 in range(0, w.shape[0], cfg.rows):
+            for c0 in range(0, w.shape[1], cfg.cols):
+                wt = w[r0:r0 + cfg.rows, c0:c0 + cfg.cols]
+                for j in range(passes):
+                    s = s_x * x.dtype.type(2.0 ** j)
+                    xq = np.clip(np.round(x[b, r0:r0 + cfg.rows] / (s / n)), -n, n) * (s / n)
+                    part = xq @ wt
+                    step = cfg.adc_bound * s * w_max / m
+                    reads[b] = max(reads[b], j + 1)
+                    if np.all(np.abs(part) / step < m + 0.5):
+                        break
+                y[b, c0:c0 + cfg.cols] += np.clip(np.round(part / step), -m, m) * step
+    return y, reads
+
+
+def test_bound_management_passes_follow_aihwkits_stopping_rule():
+    cfg = xb.TileConfig(adc_bits=9, bound_management="iterative")
+    assert xb.bound_management_passes(cfg) == 11                     # factors 1..1024 (> 1000)
+    assert xb.bound_management_passes(cfg.replace(dac_bits=7)) == 5   # 1..16 (> 0.25·63)
+    assert xb.bound_management_passes(cfg.replace(dac_bits=5)) == 3   # 1..4 (> 0.25·15)
+    assert xb.bound_management_passes(xb.TileConfig(adc_bits=9)) == 1
+    for bad in (dict(), dict(adc_bits=8, adc_range="max"), dict(adc_bits=8, adc_range="percentile")):
+        with pytest.raises(ValueError, match="bound_management='iterative' needs an ADC"):
+            xb.TileConfig(bound_management="iterative", **bad)
+    with pytest.raises(ValueError, match="bound_management must be"):
+        xb.TileConfig(bound_management="shift")
+
+
+@pytest.mark.parametrize("dac_range", ["fixed", "absmax"])
+def test_bound_management_matches_an_independent_model_and_reads_only_saturated_tiles(dac_range):
+    # sums of up to 40 positive inputs on a 3-step-bound ADC: most vectors saturate some tile
+    # at full scale; each (vector, row tile, column tile) is re-read at 2, 4, 8, 16 × the scale
+    rng = np.random.default_rng(4)
+    w = np.abs(rng.normal(size=(70, 12))).astype(np.float32)
+    w[:, 6:] *= 0.05                                # the second column tile never saturates
+    x = rng.uniform(0, 1, size=(16, 70)).astype(np.float32)
+    x[3] *= 0.02
+    x[3, 0] = 1.0                                   # one vector that passes at once
+    cfg = xb.TileConfig(rows=40, cols=6, dac_bits=7, dac_range=dac_range, adc_bits=8,
+                        adc_bound=3.0, drift_compensation=False, bound_management="iterative")
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, config=cfg)
+    y = jax.jit(lambda k, tl, a: xb.mvm(k, D.ideal(), tl, a, 0.0, config=cfg)[0])(
+        jax.random.key(1), tiles, x)
+    ref, reads = _numpy_bound_management(x.astype(np.float64), w.astype(np.float64), cfg, 5)
+    assert reads[3] == 1 and reads.max() >= 3              # the case is not trivial
+    s_x = np.abs(x).max(1, keepdims=True) if dac_range == "absmax" else 1.0
+    step = 3.0 * s_x * np.abs(w).max() / 127                # the ADC step of the first read
+    if dac_range == "fixed":
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=float(np.max(step)) * 1e-3)
+    else:
+        # with a range per vector, its largest input sits on a DAC rounding tie at the second
+        # read (x_max / (2·x_max / 63) = 31.5), which float32 (XLA) and float64 break
+        # differently: those outputs may differ by one ADC step of that read
+        d = np.abs(np.asarray(y) - ref) / step
+        assert np.mean(d < 1e-3) > 0.9 and d.max() < 2 + 1e-3
+    # without bound management the saturated tiles clip: far from the exact product
+    clip = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0,
+                  config=cfg.replace(bound_management="none"))[0]
+    exact = x @ w
+    assert np.abs(np.asarray(clip) - exact)[:, :6].max() > 10 * np.abs(np.asarray(y) - exact)[:, :6].max()
+    np.testing.assert_array_equal(np.asarray(clip)[:, 6:], np.asarray(y)[:, 6:])
+    np.testing.assert_array_equal(np.asarray(clip)[3], np.asarray(y)[3])
+
+
+def test_bound_management_keeps_the_draws_where_nothing_saturates_and_vmaps():
+    # a wide ADC range: no output saturates, so the first read is the only one and its output
+    # noise draws are those of the run without bound management (bit-equal)
+    w, x = _w_x(n_in=100, n_out=20, batch=8)
+    cfg = xb.TileConfig(rows=64, cols=16, dac_bits=7, adc_bits=9, adc_bound=1000.0,
+                        out_noise=0.06, bound_management="iterative")
+    tiles = xb.program_tiles(jax.random.key(0), D.pcm(), w, config=cfg)
+    f = jax.jit(lambda k, c: xb.mvm(k, D.pcm(), tiles, x, 10.0, config=c)[0])
+    np.testing.assert_array_equal(f(jax.random.key(2), cfg),
+                                  f(jax.random.key(2), cfg.replace(bound_management="none")))
+    # a narrow range with noise: re-reads happen; vmapped over keys = one key at a time
+    narrow = cfg.replace(adc_bound=2.0)
+    keys = jax.random.split(jax.random.key(5), 3)
+    g = lambda k: xb.mvm(k, D.pcm(), tiles, x, 10.0, config=narrow)[0]  # noqa: E731
+    batched = jax.jit(jax.vmap(g))(keys)
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], jax.jit(g)(keys[i]), rtol=1e-6, atol=1e-6)
+    clipped = jax.jit(lambda k: xb.mvm(k, D.pcm(), tiles, x, 10.0,
+                                       config=narrow.replace(bound_management="none"))[0])(keys[0])
+    assert float(jnp.max(jnp.abs(clipped))) < float(jnp.max(jnp.abs(batched[0])))  # re-read
+
+
 def test_output_noise_statistics():
     # Ideal device, only output noise: y - x@W has σ = out_noise·s_x·w_max·sqrt(Ti).
     w, x = _w_x(n_in=200, n_out=50, batch=400)
@@ -359,6 +456,15 @@ def _conv_case(ks, c_in, c_out, strides, padding, cfg, seed=0):
     ((2, 2), 3, 4, (1, 1), ((3, 3), (3, 3)), 7, dict(out_noise=0.05)),
     ((3, 3), 4, 5, (1, 2), ((-1, 1), (0, -1)), 16, dict(dac_bits=7, adc_bits=9,
                                                           adc_range="fixed", adc_bound=12.0)),
+    # iterative bound management (a narrow ADC range: re-reads) on each conv path: a DAC range
+    # per patch, a fixed DAC range, no DAC
+    ((3, 3), 5, 7, (1, 1), "SAME", 16, dict(dac_bits=7, adc_bits=9, adc_bound=0.5,
+                                            out_noise=0.06, bound_management="iterative")),
+    ((3, 3), 5, 7, (2, 1), "SAME", 18, dict(dac_bits=6, dac_range="fixed", dac_bound=1.0,
+                                            adc_bits=8, adc_bound=0.5,
+                                            bound_management="iterative")),
+    ((3, 3), 6, 4, (1, 1), "VALID", 20, dict(adc_bits=8, adc_bound=0.5, out_noise=0.05,
+                                             bound_management="iterative")),
 ])
 def test_conv_mvm_equals_mvm_on_im2col_patches(ks, c_in, c_out, strides, padding, rows, extra):
     # the conv path and the patches path share the conductance read (same key) and the
