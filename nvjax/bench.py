@@ -8,7 +8,15 @@ of a :class:`nvjax.sweep.Staged` instance function under :func:`nvjax.sweep.run_
 
 * ``pcm-ideal-io``: the device model alone.
 * ``pcm-default-io``: adds a 7-bit DAC (absmax), a 9-bit ADC (bound 12) and output noise
-  σ = 0.06 (units of input-max × weight-max), per 256-row tile, like aihwkit's default periphery.
+  σ = 0.06 (units of input-max × weight-max), per 512-row tile, and iterative bound management
+  (a vector whose output saturates a tile's ADC is read again at twice the DAC full scale, up
+  to 5 reads), like aihwkit's default periphery and mapping. Bound management matters here: at
+  full scale 89 % of the input vectors saturate the first layer's 512-row tile (sums of up to
+  512 inputs in [0, 1) against a bound of 12 × input-max × weight-max); clipped instead, the
+  first layer's outputs would be cut at the bound. (Until 2026-12-08 nvjax's side clipped, on
+  256-row tiles.)
+
+Both workloads use 512 × 512 tiles (:data:`TILE`), aihwkit's default mapping.
 
 Each workload is timed with every generator of :mod:`nvjax.prng` and reported next to
 
@@ -71,10 +79,16 @@ __all__ = ["WORKLOADS", "NETWORK_WORKLOADS", "GENERATORS", "run", "network_workl
 LAYERS = (784, 256, 128, 10)
 BATCH = 1000
 T_READ = 86400.0
+#: Tile size of the workloads: aihwkit's default mapping (``MappingParameter.max_input_size =
+#: max_output_size = 512``, aihwkit 1.2), so that both tools split the layers alike (until
+#: 2026-12-08 nvjax's side used its own default, 256 × 256: twice the row tiles, ADCs and
+#: output-noise draws on the 784-row layer).
+TILE = 512
 WORKLOADS = {
-    "pcm-ideal-io": xb.TileConfig(),
-    "pcm-default-io": xb.TileConfig(dac_bits=7, adc_bits=9, adc_range="fixed", adc_bound=12.0,
-                                    out_noise=0.06),
+    "pcm-ideal-io": xb.TileConfig(rows=TILE, cols=TILE),
+    "pcm-default-io": xb.TileConfig(rows=TILE, cols=TILE, dac_bits=7, adc_bits=9,
+                                    adc_range="fixed", adc_bound=12.0, out_noise=0.06,
+                                    bound_management="iterative"),
 }
 #: Network workloads: name -> (network, periphery of :data:`WORKLOADS`).
 NETWORK_WORKLOADS = {f"{net}-{io}": (net, io) for net in ("resnet", "transformer")
@@ -117,7 +131,9 @@ def workload_model(seed: int = 0):
 def normals_per_instance(config: xb.TileConfig) -> int:
     """Normal draws of one instance of the workload (:func:`workload_instance`): 2 devices ×
     (programming + drift exponent + read) per weight, plus output noise per row tile and column
-    when the periphery has it. The random-number part of :func:`machine_limit`."""
+    when the periphery has it, for one read of every vector. Bound management's re-reads (as
+    many as the data need) draw the output noise again; they are left out, so the limit of
+    :func:`machine_limit` is generous where they happen. The random-number part of that limit."""
     n = sum(6 * a * b for a, b in zip(LAYERS[:-1], LAYERS[1:]))
     if config.out_noise > 0:
         n += sum(BATCH * xb.num_row_tiles(a, config) * b for a, b in zip(LAYERS[:-1], LAYERS[1:]))
@@ -411,15 +427,28 @@ def numpy_instance(rng: np.random.Generator, weights: Sequence[np.ndarray], bias
             s_x = np.abs(h).max(1, keepdims=True)
             s_x[s_x == 0] = 1.0
             n_in = 2 ** (config.dac_bits - 1) - 1
-            hq = np.clip(np.round(h / s_x * n_in), -n_in, n_in) * s_x / n_in
-            y = np.zeros((h.shape[0], w.shape[1]), np.float32)
-            unit = s_x * (g_max / kappa)
             n_out = 2 ** (config.adc_bits - 1) - 1
+            passes = xb.bound_management_passes(config)
+            y = np.zeros((h.shape[0], w.shape[1]), np.float32)
             for r0 in range(0, w.shape[0], config.rows):
-                part = hq[:, r0:r0 + config.rows] @ w_eff[r0:r0 + config.rows]
-                part = part + config.out_noise * unit * rng.standard_normal(part.shape, np.float32)
-                bound = config.adc_bound * unit
-                y += np.clip(np.round(part / bound * n_out), -n_out, n_out) * bound / n_out
+                for c0 in range(0, w.shape[1], config.cols):
+                    w_t = w_eff[r0:r0 + config.rows, c0:c0 + config.cols]
+                    out = np.zeros((h.shape[0], w_t.shape[1]), np.float32)
+                    todo = np.arange(h.shape[0])      # vectors read (again) on this tile
+                    for j in range(passes):           # bound management: full scale × 2^j
+                        s = s_x[todo] * np.float32(2 ** j)
+                        hq = np.clip(np.round(h[todo, r0:r0 + config.rows] / s * n_in),
+                                     -n_in, n_in) * s / n_in
+                        unit = s * (g_max / kappa)
+                        part = hq @ w_t + config.out_noise * unit * rng.standard_normal(
+                            (todo.size, w_t.shape[1]), np.float32)
+                        code = part / (config.adc_bound * unit) * n_out
+                        out[todo] = (np.clip(np.round(code), -n_out, n_out)
+                                     * config.adc_bound * unit / n_out)
+                        todo = todo[np.any(np.abs(code) >= n_out + 0.5, axis=1)]
+                        if not todo.size:
+                            break
+                    y[:, c0:c0 + config.cols] += out
         h = y * alpha + b
         if li < len(weights) - 1:
             h = np.maximum(h, 0.0)

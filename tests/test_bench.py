@@ -17,19 +17,22 @@ import pytest
 from nvjax import bench, cli, prng
 
 
-def _random_draws(jaxpr, out=None):
+def _random_draws(jaxpr, out=None, loops=None):
     """Shapes of the ``random_bits`` draws of a jaxpr and of its sub-jaxprs (jit, custom_jvp,
-    scan, cond, ...), each given in 32-bit words as ``(shape, bit_width)``."""
+    scan, cond, ...), each given in 32-bit words as ``(shape, bit_width)``; draws inside a
+    ``while`` loop (bound management's re-reads, as many as the data need) go to ``loops``
+    when it is given."""
     out = [] if out is None else out
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "random_bits":
             out.append((tuple(eqn.outvars[0].aval.shape), int(eqn.params["bit_width"])))
+        target = loops if (loops is not None and eqn.primitive.name == "while") else out
         for p in eqn.params.values():
             for sub in (p if isinstance(p, (list, tuple)) else (p,)):
                 if isinstance(sub, jex.core.ClosedJaxpr):
-                    _random_draws(sub.jaxpr, out)
+                    _random_draws(sub.jaxpr, target, loops)
                 elif isinstance(sub, jex.core.Jaxpr):
-                    _random_draws(sub, out)
+                    _random_draws(sub, target, loops)
     return out
 
 
@@ -46,12 +49,16 @@ def test_draw_count_is_what_the_instance_draws(workload, name):
     model, params, x = workload
     fn = bench.workload_instance(model, cfg)
     jaxpr = jax.make_jaxpr(lambda k, p, xs: fn(k, p, xs))(prng.key(0, "threefry"), params, x)
-    draws = _random_draws(jaxpr.jaxpr)
+    rereads = []
+    draws = _random_draws(jaxpr.jaxpr, loops=rereads)
     assert draws, "no random_bits in the traced instance"
-    assert all(bits == 32 for _, bits in draws)        # one 32-bit word per normal
+    assert all(bits == 32 for _, bits in draws + rereads)   # one 32-bit word per normal
     words = sum(int(np.prod(s)) for s, _ in draws)
     assert bench.normals_per_instance(cfg) == words
     assert sorted(bench.draw_shapes(cfg)) == sorted(s for s, _ in draws)
+    # bound management re-reads draw each layer's output noise again, nothing else
+    noise = sorted(s for s in bench.draw_shapes(cfg) if len(s) == 3)
+    assert sorted(s for s, _ in rereads) == (noise if cfg.bound_management != "none" else [])
 
 
 def test_numpy_instance_runs_and_is_finite(workload):
