@@ -11,10 +11,10 @@ of a :class:`nvjax.sweep.Staged` instance function under :func:`nvjax.sweep.run_
   σ = 0.06 (units of input-max × weight-max), per 512-row tile, and iterative bound management
   (a vector whose output saturates a tile's ADC is read again at twice the DAC full scale, up
   to 5 reads), like aihwkit's default periphery and mapping. Bound management matters here: at
-  full scale 89 % of the input vectors saturate the first layer's 512-row tile (sums of up to
-  512 inputs in [0, 1) against a bound of 12 × input-max × weight-max); clipped instead, the
-  first layer's outputs would be cut at the bound. (Until 2026-12-08 nvjax's side clipped, on
-  256-row tiles.)
+  full scale every input vector saturates the first layer's 512-row tile and 77 % its 272-row
+  tile (sums of hundreds of inputs in [0, 1) against a bound of 12 × input-max × weight-max;
+  counted noise-free on the workload's weights); clipped instead, the first layer's outputs
+  would be cut at the bound. (Until 2026-12-08 nvjax's side clipped, on 256-row tiles.)
 
 Both workloads use 512 × 512 tiles (:data:`TILE`), aihwkit's default mapping.
 
@@ -80,9 +80,11 @@ LAYERS = (784, 256, 128, 10)
 BATCH = 1000
 T_READ = 86400.0
 #: Tile size of the workloads: aihwkit's default mapping (``MappingParameter.max_input_size =
-#: max_output_size = 512``, aihwkit 1.2), so that both tools split the layers alike (until
-#: 2026-12-08 nvjax's side used its own default, 256 × 256: twice the row tiles, ADCs and
-#: output-noise draws on the 784-row layer).
+#: max_output_size = 512``, aihwkit 1.2), so that both tools give every layer as many tiles
+#: (until 2026-12-08 nvjax's side used its own default, 256 × 256: twice the row tiles, ADCs
+#: and output-noise draws on the 784-row layer). The split still differs: aihwkit divides a
+#: layer evenly (``TileModuleArray``: 784 rows as 392 + 392, a 576-row conv as 288 + 288),
+#: nvjax fills full tiles first (512 + 272, 512 + 64).
 TILE = 512
 WORKLOADS = {
     "pcm-ideal-io": xb.TileConfig(rows=TILE, cols=TILE),

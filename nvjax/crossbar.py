@@ -111,8 +111,9 @@ class TileConfig:
             saturates or the pass limit (:func:`bound_management_passes`: the scale factor
             exceeds 1000 or 0.25 × the DAC's steps per polarity, aihwkit's ``max_bm_factor``
             and ``max_bm_res``; 5 passes with a 7-bit DAC). Needs ``adc_range='fixed'``. Each
-            pass reads every vector (the slowest vector sets the cost), and it is forward only:
-            not reverse-differentiable (``lax.while_loop``), as in aihwkit.
+            pass reads every vector (the slowest vector sets the cost). Not
+            reverse-differentiable (``lax.while_loop``; :func:`nvjax.training.train` refuses
+            it), unlike aihwkit's torch tile, whose gradient flows through the last read.
 
     Example:
         >>> cfg = TileConfig(rows=64, cols=64, ir_drop="first_order")
@@ -956,6 +957,7 @@ def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, str
     batch, positions = x.shape[0], int(np.prod(out_shape[1:]))
     block = int(min(batch, max(1, round(CONV_BLOCK_OUTPUTS / (positions * cols)))))
     n_blocks = -(-batch // block)
+    block = -(-batch // n_blocks)                                     # the least padding
 
     def offsets_parts(mult):  # the sums at DAC full scale s_x·mult: [N·positions, cols]
         if n_blocks == 1:
@@ -1087,19 +1089,4 @@ def _periphery_tail(key, device, kappa, adc_scale, part_of, s_x, config: TileCon
 
     _, part, _ = jax.lax.while_loop(more, read_again,
                                     (jnp.asarray(1, jnp.int32), part, passed(saturated)))
-    return jnp.sum(part, axis=1)
-    g_min, g_max = dev_mod.g_range(device)
-    unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
-    if config.output_noise:
-        part = part + config.out_noise * unit * jax.random.normal(key, part.shape, part.dtype)
-    if config.adc_bits is not None:
-        if config.adc_range == "fixed":
-            bound = config.adc_bound * unit
-        elif adc_scale is not None:
-            bound = adc_scale[None]
-        elif config.adc_range == "max":
-            bound = jnp.max(jnp.abs(part), axis=0, keepdims=True)
-        else:
-            bound = jnp.percentile(jnp.abs(part), config.adc_percentile, axis=0, keepdims=True)
-        part = quantize_symmetric(part, jnp.maximum(bound, 1e-12), config.adc_bits)
     return jnp.sum(part, axis=1)

@@ -88,8 +88,9 @@ class ChipNoise:
     Attributes:
         device: a device model from :mod:`nvjax.devices` (pytree).
         t: read time since programming, s.
-        config: :class:`nvjax.crossbar.TileConfig` (static). ``ir_drop='solver'`` is not
-            reverse-differentiable (``while_loop``); train with 'first_order'.
+        config: :class:`nvjax.crossbar.TileConfig` (static). ``ir_drop='solver'`` and
+            ``bound_management='iterative'`` are not reverse-differentiable (``while_loop``);
+            train with 'first_order' and 'none'.
         calibration: None, or model inputs [N, ...]: every drawn chip is first calibrated on
             them (:func:`nvjax.correction.calibrate`, per-column gain/offset at ``t``; differentiable), so the
             model is trained for the chip as it will be corrected.
@@ -209,6 +210,10 @@ def train(key, model: nn.Module, data, *, params=None, noise=None,
     if isinstance(noise, ChipNoise) and noise.config.ir_drop == "solver":
         raise ValueError("train: ChipNoise with ir_drop='solver' is not reverse-differentiable "
                          "(while_loop); train with TileConfig(ir_drop='first_order')")
+    if isinstance(noise, ChipNoise) and noise.config.bound_management != "none":
+        raise ValueError("train: ChipNoise with bound_management='iterative' is not "
+                         "reverse-differentiable (its re-reads are a while_loop); train with "
+                         "TileConfig(bound_management='none') and read the trained model with it")
     x_train, y_train, steps = train_data(data, batch_size, prefix="train: ")
     key = as_key(key)
     k_init, k_shuffle, k_noise = jax.random.split(key, 3)

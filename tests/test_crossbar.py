@@ -93,7 +93,7 @@ def _numpy_bound_management(x, w, cfg, passes):
     output of the tile exceeds the ADC range by more than half a step, or ``passes`` reads."""
     n = 2 ** (cfg.dac_bits - 1) - 1
     m = 2 ** (cfg.adc_bits - 1) - 1
-    w_max = np.abs(w).max()
+    w_max = np.abs(w).max(0) if cfg.per_column_scale else np.full(w.shape[1], np.abs(w).max())
     y = np.zeros((x.shape[0], w.shape[1]))
     reads = np.zeros(x.shape[0], int)
     for b in range(x.shape[0]):
@@ -105,7 +105,7 @@ def _numpy_bound_management(x, w, cfg, passes):
                     s = s_x * x.dtype.type(2.0 ** j)
                     xq = np.clip(np.round(x[b, r0:r0 + cfg.rows] / (s / n)), -n, n) * (s / n)
                     part = xq @ wt
-                    step = cfg.adc_bound * s * w_max / m
+                    step = cfg.adc_bound * s * w_max[c0:c0 + cfg.cols] / m
                     reads[b] = max(reads[b], j + 1)
                     if np.all(np.abs(part) / step < m + 0.5):
                         break
@@ -133,20 +133,39 @@ def test_bound_management_matches_an_independent_model_and_reads_only_saturated_
     rng = np.random.default_rng(4)
     w = np.abs(rng.normal(size=(70, 12))).astype(np.float32)
     w[:, 6:] *= 0.05                                # the second column tile never saturates
+    _check_bound_management(w, rng, dac_range, per_column_scale=False)
+
+
+@pytest.mark.parametrize("per_column_scale", [False, True])
+def test_bound_management_on_a_partial_last_column_tile_and_per_column_scales(per_column_scale):
+    # 14 outputs on 6-column tiles (6 + 6 + 2): with one scale per layer only the partial last
+    # tile saturates; with one per column (ADC range ∝ the column's max) every tile does
+    rng = np.random.default_rng(5)
+    w = np.abs(rng.normal(size=(70, 14))).astype(np.float32)
+    w[:, :12] *= 0.05
+    _check_bound_management(w, rng, "fixed", per_column_scale=per_column_scale,
+                            saturating=slice(0, 14) if per_column_scale else slice(12, 14))
+
+
+def _check_bound_management(w, rng, dac_range, per_column_scale, saturating=slice(0, 6)):
+    quiet = np.ones(w.shape[1], bool)
+    quiet[saturating] = False
     x = rng.uniform(0, 1, size=(16, 70)).astype(np.float32)
     x[3] *= 0.02
     x[3, 0] = 1.0                                   # one vector that passes at once
     cfg = xb.TileConfig(rows=40, cols=6, dac_bits=7, dac_range=dac_range, adc_bits=8,
-                        adc_bound=3.0, drift_compensation=False, bound_management="iterative")
+                        adc_bound=3.0, drift_compensation=False, bound_management="iterative",
+                        per_column_scale=per_column_scale)
     tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, config=cfg)
     y = jax.jit(lambda k, tl, a: xb.mvm(k, D.ideal(), tl, a, 0.0, config=cfg)[0])(
         jax.random.key(1), tiles, x)
     ref, reads = _numpy_bound_management(x.astype(np.float64), w.astype(np.float64), cfg, 5)
     assert reads[3] == 1 and reads.max() >= 3              # the case is not trivial
     s_x = np.abs(x).max(1, keepdims=True) if dac_range == "absmax" else 1.0
-    step = 3.0 * s_x * np.abs(w).max() / 127                # the ADC step of the first read
+    w_max = np.abs(w).max(0) if per_column_scale else np.abs(w).max()
+    step = 3.0 * s_x * w_max / 127                          # the ADC step of the first read
     if dac_range == "fixed":
-        np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=float(np.max(step)) * 1e-3)
+        np.testing.assert_allclose(np.asarray(y) / step, ref / step, rtol=0, atol=1e-3)
     else:
         # with a range per vector, its largest input sits on a DAC rounding tie at the second
         # read (x_max / (2·x_max / 63) = 31.5), which float32 (XLA) and float64 break
@@ -157,8 +176,10 @@ def test_bound_management_matches_an_independent_model_and_reads_only_saturated_
     clip = xb.mvm(jax.random.key(1), D.ideal(), tiles, x, 0.0,
                   config=cfg.replace(bound_management="none"))[0]
     exact = x @ w
-    assert np.abs(np.asarray(clip) - exact)[:, :6].max() > 10 * np.abs(np.asarray(y) - exact)[:, :6].max()
-    np.testing.assert_array_equal(np.asarray(clip)[:, 6:], np.asarray(y)[:, 6:])
+    sat = ~quiet
+    err = lambda a: (np.abs(np.asarray(a) - exact) / step)[:, sat].max()  # noqa: E731
+    assert err(clip) > 10 * err(y)
+    np.testing.assert_array_equal(np.asarray(clip)[:, quiet], np.asarray(y)[:, quiet])
     np.testing.assert_array_equal(np.asarray(clip)[3], np.asarray(y)[3])
 
 
@@ -465,12 +486,15 @@ def _conv_case(ks, c_in, c_out, strides, padding, cfg, seed=0):
                                             bound_management="iterative")),
     ((3, 3), 6, 4, (1, 1), "VALID", 20, dict(adc_bits=8, adc_bound=0.5, out_noise=0.05,
                                              bound_management="iterative")),
+    # column tiles narrower than the layer (7 outputs on 3-column tiles: 3 + 3 + 1)
+    ((3, 3), 5, 7, (1, 1), "SAME", 16, dict(cols=3, dac_bits=7, adc_bits=9, adc_bound=0.5,
+                                            out_noise=0.06, bound_management="iterative")),
 ])
 def test_conv_mvm_equals_mvm_on_im2col_patches(ks, c_in, c_out, strides, padding, rows, extra):
     # the conv path and the patches path share the conductance read (same key) and the
     # output-noise draws (same shape and order), so their outputs agree to float rounding, ADC
     # codes included, and their read counters exactly
-    cfg = xb.TileConfig(rows=rows, cols=8, **extra)
+    cfg = xb.TileConfig(**{"rows": rows, "cols": 8, **extra})
     kern, x, patches, back, (window, st, pad) = _conv_case(ks, c_in, c_out, strides, padding, cfg)
     tiles = xb.program_tiles(jax.random.key(2), D.pcm(), layers.kernel_matrix(kern), config=cfg)
     assert xb.conv_supported(cfg, int(np.prod(ks)))
@@ -481,6 +505,28 @@ def test_conv_mvm_equals_mvm_on_im2col_patches(ks, c_in, c_out, strides, padding
     np.testing.assert_allclose(y_conv, back(y_rows), atol=2e-6 * float(jnp.abs(y_rows).max()))
     np.testing.assert_array_equal(t_conv.reads, t_rows.reads)
     assert int(t_rows.reads[0]) == 0 and int(t_rows.reads[-1]) > 0   # channel 0 never driven
+
+
+@pytest.mark.parametrize("extra", [dict(dac_bits=7, adc_bits=9, adc_bound=0.5, out_noise=0.06,
+                                        bound_management="iterative"), dict(dac_bits=7)])
+def test_conv_mvm_in_blocks_of_images_equals_the_patch_path(monkeypatch, extra):
+    # blocks of 2 of the 3 images (one zero image pads the last block), per-patch DAC range
+    n_tiles = xb.num_row_tiles(5 * 9, xb.TileConfig(rows=16))
+    cols = 7 * n_tiles if len(extra) > 1 else 7
+    monkeypatch.setattr(xb, "CONV_BLOCK_OUTPUTS", 2 * 81 * cols)
+    test_conv_mvm_equals_mvm_on_im2col_patches((3, 3), 5, 7, (1, 1), "SAME", 16, extra)
+
+
+def test_bound_management_runs_with_ir_drop():
+    # re-reads on tiles with wire resistance (the first-order form): finite, and they differ
+    # from clipping where outputs saturate
+    w, x = _w_x(n_in=40, n_out=8, batch=6)
+    cfg = xb.TileConfig(rows=16, cols=8, dac_bits=7, adc_bits=8, adc_bound=0.5,
+                        ir_drop="first_order", r_wire=0.5, bound_management="iterative")
+    tiles = xb.program_tiles(jax.random.key(0), D.pcm(), w, config=cfg)
+    y = jax.jit(lambda c: xb.mvm(jax.random.key(1), D.pcm(), tiles, x, 1.0, config=c)[0])
+    bm, clip = y(cfg), y(cfg.replace(bound_management="none"))
+    assert np.all(np.isfinite(np.asarray(bm))) and float(jnp.max(jnp.abs(bm - clip))) > 0
 
 
 def test_conv_mvm_output_noise_has_the_closed_form_spread_and_refuses_ir_drop():

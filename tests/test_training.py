@@ -123,6 +123,9 @@ def test_train_rejects_solver_ir_and_bad_args(small):
     with pytest.raises(ValueError, match="solver"):
         tr.train(0, model, ds, noise=tr.ChipNoise(dv.ideal(), 0.0, xb.TileConfig(ir_drop="solver")),
                  epochs=1)
+    bm = xb.TileConfig(adc_bits=8, bound_management="iterative")
+    with pytest.raises(ValueError, match="bound_management='iterative' is not reverse"):
+        tr.train(0, model, ds, noise=tr.ChipNoise(dv.ideal(), 0.0, bm), epochs=1)
     with pytest.raises(TypeError, match="noise"):
         tr.train(0, model, ds, noise="pcm", epochs=1)
     with pytest.raises(ValueError, match="epochs"):
