@@ -213,7 +213,8 @@ def train(key, model: nn.Module, data, *, params=None, noise=None,
     if isinstance(noise, ChipNoise) and noise.config.bound_management != "none":
         raise ValueError("train: ChipNoise with bound_management='iterative' is not "
                          "reverse-differentiable (its re-reads are a while_loop); train with "
-                         "TileConfig(bound_management='none') and read the trained model with it")
+                         "TileConfig(bound_management='none'), then read the trained model with "
+                         "bound management on")
     x_train, y_train, steps = train_data(data, batch_size, prefix="train: ")
     key = as_key(key)
     k_init, k_shuffle, k_noise = jax.random.split(key, 3)
