@@ -892,16 +892,27 @@ def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, str
     tiles = tiles.replace(reads=tiles.reads + reads.astype(tiles.reads.dtype))
     w_eff = (gp - gm) / tiles.kappa                                   # [C_in·window, C_out]
     per_vector = config.dac_bits is not None and config.dac_range == "absmax"
-    x_in = x
-    if config.dac_bits is not None and not per_vector:  # 'fixed': one scale for every input
-        x = quantize_symmetric(x, jnp.asarray(config.dac_bound, x.dtype), config.dac_bits)
     tail = config.adc_bits is not None or config.output_noise
-    if not per_vector and not tail:
-        kern = jnp.transpose(w_eff.reshape((c_in,) + kernel_shape[:nd] + (c_out,)),
-                             tuple(range(1, nd + 1)) + (0, nd + 1))   # [*window, C_in, C_out]
-        y = jax.lax.conv_general_dilated(x, kern, window_strides=strides, padding=padding,
-                                         dimension_numbers=dn)
-        return y * alpha, tiles
+    n_tiles = num_row_tiles(c_in * window, config)
+    cols = n_tiles * c_out if tail else c_out
+    if tail:  # a column block per row tile, each masked to its tile's rows: [C_in·window, cols]
+        onehot = np.eye(n_tiles, dtype=np.float32)[np.arange(c_in * window) // config.rows]
+        w_eff = (w_eff[:, None, :] * onehot[:, :, None]).reshape(c_in * window, cols)
+
+    def fixed_dac(m_):  # 'fixed': one scale for every input (× bound management's factor)
+        return quantize_symmetric(x, jnp.asarray(config.dac_bound, x.dtype) * m_,
+                                  config.dac_bits)
+
+    if not per_vector:  # every element enters every patch alike: one convolution
+        kern = jnp.transpose(w_eff.reshape((c_in,) + kernel_shape[:nd] + (cols,)),
+                             tuple(range(1, nd + 1)) + (0, nd + 1))   # [*window, C_in, cols]
+
+        def conv(a):
+            return jax.lax.conv_general_dilated(a, kern, window_strides=strides, padding=padding,
+                                                dimension_numbers=dn)
+
+        if not tail:
+            return conv(x if config.dac_bits is None else fixed_dac(1.0)) * alpha, tiles
     # the DAC's full scale per patch: max|patch|, a max over channels then over the window
     # (from 0, the padding's value: a patch wholly in the padding has scale 0, as in mvm)
     m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
@@ -913,36 +924,16 @@ def conv_mvm(key: Array, device, tiles: Tiles, x: Array, t, *, kernel_shape, str
     elif config.dac_bits is not None:
         s_x = jnp.full_like(s_x, config.dac_bound)
     out_shape = s_x.shape[:-1]
-    n_tiles = num_row_tiles(c_in * window, config)
-    rows = np.arange(c_in * window)
-    if not per_vector:  # every element enters every patch alike: one conv, a column block per tile
-        onehot = np.eye(n_tiles, dtype=np.float32)[rows // config.rows]       # [rows, Ti]
-        w_t = (w_eff[:, None, :] * onehot[:, :, None]).reshape(c_in, *kernel_shape[:nd],
-                                                                 n_tiles * c_out)
-        kern = jnp.transpose(w_t, tuple(range(1, nd + 1)) + (0, nd + 1))
-
-        def conv_parts(a):
-            return jax.lax.conv_general_dilated(a, kern, window_strides=strides, padding=padding,
-                                                dimension_numbers=dn).reshape(-1, n_tiles, c_out)
-
+    if not per_vector:  # each row tile's partial sums from the one convolution
         if config.dac_bits is None:
-            part_of = conv_parts(x)
-        else:  # a fixed DAC range, scaled by bound management's factor m
-            part_of = lambda m_: conv_parts(quantize_symmetric(  # noqa: E731
-                x_in, jnp.asarray(config.dac_bound, x.dtype) * m_, config.dac_bits))
+            part_of = conv(x).reshape(-1, n_tiles, c_out)
+        else:
+            part_of = lambda m_: conv(fixed_dac(m_)).reshape(-1, n_tiles, c_out)  # noqa: E731
         y = _periphery_tail(k_out, device, tiles.kappa, tiles.adc_scale, part_of,
                             s_x.reshape(-1, 1), config)
         return (y * alpha).reshape(out_shape + (c_out,)), tiles
-    # per window offset o, the rows c·K + o (with a column block per row tile where the tail
-    # needs per-tile partial sums): [C_in, Ti·C_out] each
-    cols = n_tiles * c_out if tail else c_out
-    w_offsets = []
-    for o in range(window):
-        w_o = w_eff[o::window]
-        if tail:
-            onehot = np.eye(n_tiles, dtype=np.float32)[rows[o::window] // config.rows]
-            w_o = (w_o[:, None, :] * onehot[:, :, None]).reshape(c_in, cols)
-        w_offsets.append(w_o)
+    # per window offset o, the rows c·K + o of every channel: [C_in, cols] each
+    w_offsets = [w_eff[o::window] for o in range(window)]
 
     def offsets_sum(xs):  # a block of images and their patch scales -> [rows, cols]
         xb_, sb = xs
@@ -995,14 +986,14 @@ def _periphery_mvm(key, device, kappa, adc_scale, partials, ideal, x, config: Ti
     """
     if config.dac_bits is not None:
         s_x = input_scale(x, config=config)
-        if ideal is not None and config.adc_bits is None and not config.output_noise:
-            return ideal(quantize_symmetric(x, s_x, config.dac_bits))
-        part_of = lambda m: partials(quantize_symmetric(x, s_x * m, config.dac_bits))  # noqa: E731
+        dac = lambda m: quantize_symmetric(x, s_x * m, config.dac_bits)  # noqa: E731
     else:
         s_x = jnp.max(jnp.abs(x), axis=1, keepdims=True)
-        if ideal is not None and config.adc_bits is None and not config.output_noise:
-            return ideal(x)
-        part_of = partials(x)
+        dac = lambda m: x  # noqa: E731
+    if ideal is not None and config.adc_bits is None and not config.output_noise:
+        return ideal(dac(1.0))
+    # without a DAC the partial sums do not depend on the scale: computed once
+    part_of = (lambda m: partials(dac(m))) if config.dac_bits is not None else partials(x)
     return _periphery_tail(key, device, kappa, adc_scale, part_of, s_x, config)
 
 
@@ -1059,10 +1050,12 @@ def _periphery_tail(key, device, kappa, adc_scale, part_of, s_x, config: TileCon
     [B, n_out]. ``part_of`` is the partial sums [B, Ti, n_out] at the DAC full scale ``s_x``
     [B, 1], or a function of a scale factor m giving them at full scale ``s_x·m`` (needed for
     bound management with a DAC)."""
-    part0 = part_of(1.0) if callable(part_of) else part_of
+    if not callable(part_of):
+        fixed_part = part_of
+        part_of = lambda m: fixed_part  # noqa: E731
     if config.adc_bits is None and not config.output_noise:
-        return jnp.sum(part0, axis=1)
-    part, saturated = _tail_parts(key, device, kappa, adc_scale, part0, s_x, config)
+        return jnp.sum(part_of(1.0), axis=1)
+    part, saturated = _tail_parts(key, device, kappa, adc_scale, part_of(1.0), s_x, config)
     passes = bound_management_passes(config)
     if passes == 1:
         return jnp.sum(part, axis=1)
@@ -1081,9 +1074,8 @@ def _periphery_tail(key, device, kappa, adc_scale, part_of, s_x, config: TileCon
     def read_again(carry):  # the vectors of unfinished tiles, at twice the previous scale
         j, part, done = carry
         m = jnp.exp2(j.astype(part.dtype))
-        p_j = part_of(m) if callable(part_of) else part_of
-        part_j, sat_j = _tail_parts(jax.random.fold_in(key, j), device, kappa, adc_scale, p_j,
-                                    s_x * m, config)
+        part_j, sat_j = _tail_parts(jax.random.fold_in(key, j), device, kappa, adc_scale,
+                                    part_of(m), s_x * m, config)
         part = jnp.where(done, part, part_j)
         return j + 1, part, done | passed(sat_j) | (j == passes - 1)
 
