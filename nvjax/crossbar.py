@@ -1022,19 +1022,14 @@ def bound_management_passes(config: TileConfig) -> int:
 
 def _tail_parts(key, device, kappa, adc_scale, part, s_x, config: TileConfig):
     """Output noise and ADC on per-row-tile partial sums ``part`` [B, Ti, n_out]; ``s_x`` [B, 1]
-    is the DAC's full scale of each input vector. Returns (part, saturated): ``saturated``
-    marks the outputs beyond the fixed ADC range by more than half a step (None without a
-    fixed-range ADC)."""
+    is the DAC's full scale of each input vector."""
     g_min, g_max = dev_mod.g_range(device)
     unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
     if config.output_noise:
         part = part + config.out_noise * unit * jax.random.normal(key, part.shape, part.dtype)
-    saturated = None
     if config.adc_bits is not None:
         if config.adc_range == "fixed":
             bound = config.adc_bound * unit
-            steps = 2 ** (config.adc_bits - 1) - 1
-            saturated = jnp.abs(part) * steps >= (steps + 0.5) * jnp.maximum(bound, 1e-12)
         elif adc_scale is not None:
             bound = adc_scale[None]
         elif config.adc_range == "max":
@@ -1042,7 +1037,25 @@ def _tail_parts(key, device, kappa, adc_scale, part, s_x, config: TileConfig):
         else:
             bound = jnp.percentile(jnp.abs(part), config.adc_percentile, axis=0, keepdims=True)
         part = quantize_symmetric(part, jnp.maximum(bound, 1e-12), config.adc_bits)
-    return part, saturated
+    return part
+
+
+def _bm_read(key, device, kappa, part, s_x, config: TileConfig):
+    """One bound-management read: output noise, then the fixed-range ADC's rounding *without*
+    its clip. Returns (codes [B, Ti, n_out], the ADC bound [B, 1, 1 or n_out]): the integer ADC
+    codes round(y / step), step = bound / (2^(b−1) − 1); a code beyond ±(2^(b−1) − 1) marks an
+    output that saturated by more than half a step (the steps count is odd, so round-half-even
+    takes ±(steps + 0.5) outward), and clipping the codes gives the ADC's output. Keeping the
+    codes unclipped lets the saturation test and the output share one array, so that XLA draws
+    the output noise once (two consumers of the noisy sums made it recompute the normal's
+    inverse CDF in each)."""
+    g_min, g_max = dev_mod.g_range(device)
+    unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
+    if config.output_noise:
+        part = part + config.out_noise * unit * jax.random.normal(key, part.shape, part.dtype)
+    bound = jnp.maximum(config.adc_bound * unit, 1e-12)
+    steps = 2 ** (config.adc_bits - 1) - 1
+    return jnp.round(part / (bound / steps)), bound
 
 
 def _periphery_tail(key, device, kappa, adc_scale, part_of, s_x, config: TileConfig):
@@ -1055,30 +1068,45 @@ def _periphery_tail(key, device, kappa, adc_scale, part_of, s_x, config: TileCon
         part_of = lambda m: fixed_part  # noqa: E731
     if config.adc_bits is None and not config.output_noise:
         return jnp.sum(part_of(1.0), axis=1)
-    part, saturated = _tail_parts(key, device, kappa, adc_scale, part_of(1.0), s_x, config)
     passes = bound_management_passes(config)
     if passes == 1:
-        return jnp.sum(part, axis=1)
-    n_out, cols = part.shape[-1], config.cols
+        return jnp.sum(_tail_parts(key, device, kappa, adc_scale, part_of(1.0), s_x, config),
+                       axis=1)
+    # Bound management (fixed-range ADC). The loop carries the unclipped ADC codes of each
+    # output and the read (pass) they come from per row × column tile; a tile is read again
+    # while its latest read saturated some output, up to ``passes`` reads.
+    steps = 2 ** (config.adc_bits - 1) - 1
+    codes, bound = _bm_read(key, device, kappa, part_of(1.0), s_x, config)
+    n_out, cols = codes.shape[-1], config.cols
     n_col_tiles = -(-n_out // cols)
 
-    def passed(sat):  # [B, Ti, n_out]: no output of the row × column tile saturated
-        sat = jnp.pad(sat, ((0, 0), (0, 0), (0, n_col_tiles * cols - n_out)))
-        bad = jnp.any(sat.reshape(sat.shape[:2] + (n_col_tiles, cols)), axis=-1)
-        return ~jnp.repeat(bad, cols, axis=-1)[..., :n_out]
+    def tile_any(flag):  # [B, Ti, n_out] -> [B, Ti, n_col_tiles]
+        if n_col_tiles * cols != n_out:
+            flag = jnp.pad(flag, ((0, 0), (0, 0), (0, n_col_tiles * cols - n_out)))
+        return jnp.any(flag.reshape(flag.shape[:2] + (n_col_tiles, cols)), axis=-1)
+
+    def per_output(a):  # [B, Ti, n_col_tiles] -> [B, Ti, n_out]
+        full = jnp.broadcast_to(a[..., None], a.shape + (cols,))
+        return full.reshape(a.shape[:2] + (n_col_tiles * cols,))[..., :n_out]
+
+    def unfinished(j, codes, last):  # tiles whose latest read (pass j − 1) saturated
+        return (tile_any(jnp.abs(codes) > steps) & (last == j - 1)) & (j < passes)
 
     def more(carry):
-        j, _, done = carry
-        return (j < passes) & ~jnp.all(done)
+        j, codes, last = carry
+        return jnp.any(unfinished(j, codes, last))
 
     def read_again(carry):  # the vectors of unfinished tiles, at twice the previous scale
-        j, part, done = carry
-        m = jnp.exp2(j.astype(part.dtype))
-        part_j, sat_j = _tail_parts(jax.random.fold_in(key, j), device, kappa, adc_scale,
-                                    part_of(m), s_x * m, config)
-        part = jnp.where(done, part, part_j)
-        return j + 1, part, done | passed(sat_j) | (j == passes - 1)
+        j, codes, last = carry
+        redo = unfinished(j, codes, last)
+        m = jnp.exp2(j.astype(codes.dtype))
+        codes_j, _ = _bm_read(jax.random.fold_in(key, j), device, kappa, part_of(m), s_x * m,
+                              config)
+        return (j + 1, jnp.where(per_output(redo), codes_j, codes),
+                jnp.where(redo, j, last))
 
-    _, part, _ = jax.lax.while_loop(more, read_again,
-                                    (jnp.asarray(1, jnp.int32), part, passed(saturated)))
-    return jnp.sum(part, axis=1)
+    last0 = jnp.zeros(codes.shape[:2] + (n_col_tiles,), jnp.int32)
+    _, codes, last = jax.lax.while_loop(more, read_again,
+                                        (jnp.asarray(1, jnp.int32), codes, last0))
+    scale = bound / steps * jnp.exp2(per_output(last).astype(codes.dtype))
+    return jnp.sum(jnp.clip(codes, -steps, steps) * scale, axis=1)
