@@ -96,11 +96,12 @@ WORKLOADS = {
 NETWORK_WORKLOADS = {f"{net}-{io}": (net, io) for net in ("resnet", "transformer")
                      for io in WORKLOADS}
 #: Batch of the network workloads, and instances per compiled chunk (the ResNet one at a time:
-#: its activations, not random numbers, fill the cache).
+#: its activations, not random numbers, fill the cache; the transformer four at a time, about 2×
+#: the rate of 32 at a time on 2 cores, 187 against 83 /s on pcm-ideal-io, 2026-12-08).
 NETWORK_BATCH = 256
-NETWORK_CHUNK_SIZES = {"resnet": 1, "transformer": 32}
-#: Timed instances per network workload in ``nvjax bench`` (the transformer's: four chunks, so
-#: that its chunk size is the one timed; with fewer instances the chunk shrinks to their count).
+NETWORK_CHUNK_SIZES = {"resnet": 1, "transformer": 4}
+#: Timed instances per network workload in ``nvjax bench`` (the transformer's: 32 chunks, so
+#: that its chunk size is the one timed and the run lasts about a second).
 NETWORK_INSTANCES = {"resnet": 8, "transformer": 128}
 #: Generators timed (names of :data:`nvjax.prng.IMPLS`).
 GENERATORS = tuple(prng.IMPLS)
@@ -650,7 +651,7 @@ def run(*, instances: int = 64, chunk_size: Optional[int] = None,
         aihwkit_python: a Python with aihwkit to run beside (same run), or None.
         aihwkit_threads: torch thread counts tried for aihwkit (its fastest is kept).
         network_instances: timed instances per network workload (None:
-            :data:`NETWORK_INSTANCES` of the network, four chunks of the transformer).
+            :data:`NETWORK_INSTANCES` of the network).
 
     Returns:
         Per workload: ``instances_per_s``, ``limit_instances_per_s``, ``fraction_of_limit`` and

@@ -344,11 +344,11 @@ def test_network_workloads_are_routed_with_aihwkit_beside(monkeypatch):
     text = bench.format_report(res)
     assert "network workload" in text and "transformer-pcm-default-io" in text
     assert "pcm-ideal-io" in text.split("network workload")[1]      # the MLP table follows
-    # without network_instances, the transformer is timed on four of its chunks
+    # without network_instances, the transformer is timed on NETWORK_INSTANCES instances
     calls.clear()
     bench.run(instances=8, workloads=("transformer-pcm-default-io",), numpy_baseline=False,
               generators=("philox",), log=lambda s: None)
-    assert calls[0][1] == 4 * bench.NETWORK_CHUNK_SIZES["transformer"]
+    assert calls[0][1] == bench.NETWORK_INSTANCES["transformer"]
 
 
 def test_network_workload_inputs():
