@@ -341,7 +341,7 @@ def main(argv=None) -> int:
                         "CNN and transformer encoder, batch 256)")
     b.add_argument("--network-instances", type=_positive_int, default=None,
                    help="timed instances per network workload (default 8 for the ResNet, 128 "
-                        "for the transformer: four of its chunks of 32)")
+                        "for the transformer: 32 of its chunks of 4)")
     b.add_argument("--generators", nargs="+", default=None,
                    help="generators to time (default: all of nvjax.prng.IMPLS); the fastest one "
                         "gives the headline numbers")
