@@ -1042,10 +1042,13 @@ def _tail_parts(key, device, kappa, adc_scale, part, s_x, config: TileConfig):
 
 def _bm_read(key, device, kappa, part, s_x, config: TileConfig):
     """One bound-management read: output noise, then the fixed-range ADC's rounding *without*
-    its clip. Returns (codes [B, Ti, n_out], the ADC bound [B, 1, 1 or n_out]): the integer ADC
-    codes round(y / step), step = bound / (2^(b−1) − 1); a code beyond ±(2^(b−1) − 1) marks an
-    output that saturated by more than half a step (the steps count is odd, so round-half-even
-    takes ±(steps + 0.5) outward), and clipping the codes gives the ADC's output. Keeping the
+    its clip. Returns (codes [B, Ti, n_out], the ADC bound [B, 1, 1 or n_out] before its floor
+    of 1e-12): the integer ADC codes round(y / step), step = max(bound, 1e-12) / (2^(b−1) − 1),
+    rounded straight-through (forward-mode derivatives pass the ADC as in :func:`mvm` without
+    bound management); a code beyond ±(2^(b−1) − 1) marks an output that saturated by more than
+    half a step (the steps count is odd, so round-half-even takes ±(steps + 0.5) outward; the
+    test is on the code itself, so it agrees with the ADC's output to the last bit), and
+    clipping the codes gives the ADC's output. Keeping the
     codes unclipped lets the saturation test and the output share one array, so that XLA draws
     the output noise once (two consumers of the noisy sums made it recompute the normal's
     inverse CDF in each)."""
@@ -1053,9 +1056,9 @@ def _bm_read(key, device, kappa, part, s_x, config: TileConfig):
     unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
     if config.output_noise:
         part = part + config.out_noise * unit * jax.random.normal(key, part.shape, part.dtype)
-    bound = jnp.maximum(config.adc_bound * unit, 1e-12)
+    bound = config.adc_bound * unit
     steps = 2 ** (config.adc_bits - 1) - 1
-    return jnp.round(part / (bound / steps)), bound
+    return round_ste(part / (jnp.maximum(bound, 1e-12) / steps)), bound
 
 
 def _periphery_tail(key, device, kappa, adc_scale, part_of, s_x, config: TileConfig):
@@ -1108,5 +1111,6 @@ def _periphery_tail(key, device, kappa, adc_scale, part_of, s_x, config: TileCon
     last0 = jnp.zeros(codes.shape[:2] + (n_col_tiles,), jnp.int32)
     _, codes, last = jax.lax.while_loop(more, read_again,
                                         (jnp.asarray(1, jnp.int32), codes, last0))
-    scale = bound / steps * jnp.exp2(per_output(last).astype(codes.dtype))
+    # the bound of each tile's last read (2^last × the first's, exact), floored as in each read
+    scale = jnp.maximum(bound * jnp.exp2(per_output(last).astype(codes.dtype)), 1e-12) / steps
     return jnp.sum(jnp.clip(codes, -steps, steps) * scale, axis=1)

@@ -205,6 +205,25 @@ def test_bound_management_keeps_the_draws_where_nothing_saturates_and_vmaps():
     assert float(jnp.max(jnp.abs(clipped))) < float(jnp.max(jnp.abs(batched[0])))  # re-read
 
 
+def test_bound_management_on_inputs_below_the_adc_floor():
+    # inputs of 1e-14 on unit weights: the ADC bound 12·max|x|·w_max = 1.2e-13 is under its
+    # 1e-12 floor, so the first reads saturate; the 5th re-read (bound 2^5·1.2e-13 = 3.84e-12)
+    # holds x@W = 2.56e-12, which it resolves to one ADC step of that bound
+    w = np.ones((256, 4), np.float32)
+    x = np.full((2, 256), 1e-14, np.float32)
+    cfg = xb.TileConfig(adc_bits=8, adc_bound=12.0, drift_compensation=False,
+                        bound_management="iterative")
+    tiles = xb.program_tiles(jax.random.key(0), D.ideal(), w, config=cfg)
+    y = jax.jit(lambda k: xb.mvm(k, D.ideal(), tiles, x, 0.0, config=cfg)[0])(jax.random.key(1))
+    np.testing.assert_allclose(np.asarray(y, np.float64), 2.56e-12, rtol=0, atol=3.84e-12 / 127)
+    # forward-mode derivatives pass the ADC straight through, re-read tiles included: dy = dx @ W
+    # up to the rounding error's share (the ADC step scales with max|x|: (round(q) - q)·d step)
+    dx = np.linspace(-1.0, 1.0, 512, dtype=np.float32).reshape(2, 256)
+    _, dy = jax.jvp(lambda a: xb.mvm(jax.random.key(1), D.ideal(), tiles, a, 0.0, config=cfg)[0],
+                    (jnp.asarray(x),), (jnp.asarray(dx),))
+    np.testing.assert_allclose(dy, dx @ w, rtol=1e-2)
+
+
 def test_output_noise_statistics():
     # Ideal device, only output noise: y - x@W has σ = out_noise·s_x·w_max·sqrt(Ti).
     w, x = _w_x(n_in=200, n_out=50, batch=400)
