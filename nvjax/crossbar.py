@@ -516,10 +516,21 @@ def reference_sum(g_diff, kappa, *, device=None):
 
 
 def _row_tile_partials(x, w, config: TileConfig):
-    """Partial sums of each row tile, [B, Ti, n_out]: x[:, tile rows] @ w[tile rows] (no padding)."""
-    n = w.shape[0]
-    parts = [x[:, r0:r0 + config.rows] @ w[r0:r0 + config.rows] for r0 in range(0, n, config.rows)]
-    return jnp.stack(parts, axis=1)
+    """Partial sums of each row tile, [B, Ti, n_out]: x[:, tile rows] @ w[tile rows].
+
+    One batched matmul over the row tiles, the last tile's missing rows padded with zeros (which
+    add nothing), not one matmul per tile stacked: XLA:CPU fused the stack (a concatenate) into
+    the consumer's elementwise loop, which then ran unvectorized, and with the philox generator
+    the output-noise draws fused there with it (MLP pcm-default-io chip forward, 784-row layer
+    on 512-row tiles: 47 → 11 ms; threefry's bits are drawn in a loop of their own)."""
+    n, rows = w.shape[0], config.rows
+    n_tiles = -(-n // rows)
+    if n_tiles == 1:
+        return (x @ w)[:, None]
+    pad = n_tiles * rows - n
+    xp = jnp.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], n_tiles, rows)
+    wp = jnp.pad(w, ((0, pad), (0, 0))).reshape(n_tiles, rows, w.shape[1])
+    return jnp.einsum("btr,tro->bto", xp, wp)
 
 
 def _calibrate_adc(w, x, config: TileConfig):
