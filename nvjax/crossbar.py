@@ -524,7 +524,7 @@ def _row_tile_partials(x, w, config: TileConfig):
     the output-noise draws fused there with it (MLP pcm-default-io chip forward, 784-row layer
     on 512-row tiles: 47 → 11 ms; threefry's bits are drawn in a loop of their own)."""
     n, rows = w.shape[0], config.rows
-    n_tiles = -(-n // rows)
+    n_tiles = num_row_tiles(n, config)
     if n_tiles == 1:
         return (x @ w)[:, None]
     pad = n_tiles * rows - n
@@ -1031,13 +1031,21 @@ def bound_management_passes(config: TileConfig) -> int:
     return j + 1
 
 
+def _with_output_noise(key, device, kappa, part, s_x, config: TileConfig):
+    """(partial sums ``part`` [B, Ti, n_out] with their output noise, the output unit
+    [B, 1, 1 or n_out]: input full scale ``s_x`` [B, 1] × the conductance range in weight
+    units)."""
+    g_min, g_max = dev_mod.g_range(device)
+    unit = s_x[:, :, None] * ((g_max - g_min) / kappa)
+    if config.output_noise:
+        part = part + config.out_noise * unit * jax.random.normal(key, part.shape, part.dtype)
+    return part, unit
+
+
 def _tail_parts(key, device, kappa, adc_scale, part, s_x, config: TileConfig):
     """Output noise and ADC on per-row-tile partial sums ``part`` [B, Ti, n_out]; ``s_x`` [B, 1]
     is the DAC's full scale of each input vector."""
-    g_min, g_max = dev_mod.g_range(device)
-    unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
-    if config.output_noise:
-        part = part + config.out_noise * unit * jax.random.normal(key, part.shape, part.dtype)
+    part, unit = _with_output_noise(key, device, kappa, part, s_x, config)
     if config.adc_bits is not None:
         if config.adc_range == "fixed":
             bound = config.adc_bound * unit
@@ -1059,14 +1067,10 @@ def _bm_read(key, device, kappa, part, s_x, config: TileConfig):
     bound management); a code beyond ±(2^(b−1) − 1) marks an output that saturated by more than
     half a step (the steps count is odd, so round-half-even takes ±(steps + 0.5) outward; the
     test is on the code itself, so it agrees with the ADC's output to the last bit), and
-    clipping the codes gives the ADC's output. Keeping the
-    codes unclipped lets the saturation test and the output share one array, so that XLA draws
-    the output noise once (two consumers of the noisy sums made it recompute the normal's
-    inverse CDF in each)."""
-    g_min, g_max = dev_mod.g_range(device)
-    unit = s_x[:, :, None] * ((g_max - g_min) / kappa)          # [B, 1, 1 or n_out]
-    if config.output_noise:
-        part = part + config.out_noise * unit * jax.random.normal(key, part.shape, part.dtype)
+    clipping the codes gives the ADC's output. Keeping the codes unclipped lets the saturation
+    test and the output share one array, so that XLA draws the output noise once (two consumers
+    of the noisy sums made it recompute the normal's inverse CDF in each)."""
+    part, unit = _with_output_noise(key, device, kappa, part, s_x, config)
     bound = config.adc_bound * unit
     steps = 2 ** (config.adc_bits - 1) - 1
     return round_ste(part / (jnp.maximum(bound, 1e-12) / steps)), bound
@@ -1103,7 +1107,10 @@ def _periphery_tail(key, device, kappa, adc_scale, part_of, s_x, config: TileCon
         full = jnp.broadcast_to(a[..., None], a.shape + (cols,))
         return full.reshape(a.shape[:2] + (n_col_tiles * cols,))[..., :n_out]
 
-    def unfinished(j, codes, last):  # tiles whose latest read (pass j − 1) saturated
+    # tiles whose latest read (pass j − 1) saturated. Recomputed from the carried codes in the
+    # loop's condition and body (a cheap compare) rather than carried: a mask computed beside
+    # the first read's codes would be their second consumer, the duplication this loop avoids.
+    def unfinished(j, codes, last):
         return (tile_any(jnp.abs(codes) > steps) & (last == j - 1)) & (j < passes)
 
     def more(carry):
